@@ -1,0 +1,73 @@
+//! Names of the JetStream stream, subjects and consumers, all derived from
+//! `LEDGER_NATS_PREFIX` so several ledgers can share one NATS server.
+
+#[derive(Clone, Debug)]
+pub struct NatsNames {
+    prefix: String,
+}
+
+pub const HEADER_POSITION: &str = "Ledger-Position";
+pub const HEADER_TRANSACTION_ID: &str = "Ledger-Transaction-Id";
+pub const HEADER_EVENT_TYPE: &str = "Ledger-Event-Type";
+
+impl NatsNames {
+    /// The prefix is reduced to letters, digits, `-` and `_`, which every
+    /// JetStream name and subject token accepts.
+    pub fn new(prefix: &str) -> NatsNames {
+        let clean: String = prefix
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        NatsNames {
+            prefix: if clean.is_empty() { "ledger".into() } else { clean },
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn stream(&self) -> String {
+        format!("{}_events", self.prefix)
+    }
+
+    pub fn subjects(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    pub fn subject(&self, event_type: &str) -> String {
+        format!("{}.events.{}", self.prefix, event_type)
+    }
+
+    pub fn consumer(&self, projection: &str) -> String {
+        format!("{}_{}", self.prefix, projection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_safe_for_jetstream() {
+        let n = super::NatsNames::new("my.ledger *1");
+        assert_eq!(n.stream(), "my_ledger__1_events");
+        assert_eq!(n.subject("TransferRecorded"), "my_ledger__1.events.TransferRecorded");
+        assert_eq!(n.consumer("balances"), "my_ledger__1_balances");
+    }
+}
+
+/// Creates the ledger's stream if it is missing: file storage, so NATS
+/// restarts lose nothing, and a deduplication window for `Nats-Msg-Id`.
+pub async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    names: &NatsNames,
+) -> Result<async_nats::jetstream::stream::Stream, async_nats::jetstream::context::CreateStreamError> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    js.get_or_create_stream(Config {
+        name: names.stream(),
+        subjects: vec![names.subjects()],
+        storage: StorageType::File,
+        duplicate_window: std::time::Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+}

@@ -1,0 +1,177 @@
+//! The relay: publishes the event log, in tailing order, to JetStream.
+//!
+//! One relay leads at a time (a PostgreSQL session advisory lock); the others
+//! stand by. Its checkpoint lives in PostgreSQL and advances only after
+//! JetStream acknowledged every event of a batch, so a crash republishes at
+//! most one batch, which `Nats-Msg-Id` deduplication drops.
+
+use crate::nats::{ensure_stream, NatsNames, HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_TRANSACTION_ID};
+use crate::store::{self, LogPoint, RecordedEvent};
+use async_nats::jetstream;
+use sqlx::{PgConnection, PgPool, Row};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("publish: {0}")]
+    Publish(String),
+}
+
+pub struct Relay {
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub names: NatsNames,
+    /// Woken by local appends; remote appends are found by polling.
+    pub wake: Arc<Notify>,
+    pub batch_size: i64,
+    pub idle_poll: Duration,
+}
+
+impl Relay {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.lead() => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "relay interrupted; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn lock_key(&self) -> i64 {
+        // Stable across processes: FNV-1a of the stream name.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.names.stream().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h as i64
+    }
+
+    /// Waits to become the leader, then publishes until an error.
+    async fn lead(&self) -> Result<(), RelayError> {
+        // A dedicated connection: the session lock lives and dies with it.
+        let mut conn = self.pool.acquire().await?.detach();
+        loop {
+            let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.lock_key())
+                .fetch_one(&mut conn)
+                .await?;
+            if leader {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tracing::info!(stream = %self.names.stream(), "relay is leading");
+        let mut checkpoint = self.load_checkpoint(&mut conn).await?;
+        let mut publish_backoff = Duration::from_millis(50);
+        loop {
+            let events = store::read_settled_after(&mut conn, checkpoint, self.batch_size).await?;
+            let Some(last) = events.last().map(RecordedEvent::point) else {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.idle_poll) => {}
+                }
+                continue;
+            };
+            if let Err(e) = self.publish(&events).await {
+                tracing::warn!(error = %e, "publishing to JetStream failed; will retry");
+                tokio::time::sleep(publish_backoff).await;
+                publish_backoff = (publish_backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            publish_backoff = Duration::from_millis(50);
+            self.save_checkpoint(&mut conn, last).await?;
+            tracing::debug!(count = events.len(), position = last.position, "relayed");
+            checkpoint = last;
+        }
+    }
+
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<(), RelayError> {
+        let fail = |e: &dyn std::fmt::Display| RelayError::Publish(e.to_string());
+        ensure_stream(&self.js, &self.names).await.map_err(|e| fail(&e))?;
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string().as_str());
+            headers.insert(HEADER_POSITION, event.position.to_string().as_str());
+            headers.insert(HEADER_TRANSACTION_ID, event.transaction_id.to_string().as_str());
+            headers.insert(HEADER_EVENT_TYPE, event.event_type.as_str());
+            let payload = serde_json::to_vec(event).map_err(|e| fail(&e))?;
+            let ack = self
+                .js
+                .publish_with_headers(self.names.subject(&event.event_type), headers, payload.into())
+                .await
+                .map_err(|e| fail(&e))?;
+            acks.push(ack);
+        }
+        // Every ack is awaited before the checkpoint moves.
+        let all = futures::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
+        match tokio::time::timeout(Duration::from_secs(10), all).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(fail(&e)),
+            Err(_) => Err(RelayError::Publish("timed out waiting for JetStream acks".into())),
+        }
+    }
+
+    async fn load_checkpoint(&self, conn: &mut PgConnection) -> Result<LogPoint, RelayError> {
+        let row = sqlx::query("SELECT transaction_id::text AS t, position FROM relay_checkpoints WHERE stream = $1")
+            .bind(self.names.stream())
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(match row {
+            None => LogPoint::START,
+            Some(row) => LogPoint {
+                transaction_id: row.try_get::<String, _>("t")?.parse().unwrap_or(0),
+                position: row.try_get("position")?,
+            },
+        })
+    }
+
+    async fn save_checkpoint(&self, conn: &mut PgConnection, point: LogPoint) -> Result<(), RelayError> {
+        sqlx::query(
+            "INSERT INTO relay_checkpoints (stream, transaction_id, position) VALUES ($1, $2::text::xid8, $3)
+             ON CONFLICT (stream) DO UPDATE
+             SET transaction_id = excluded.transaction_id, position = excluded.position, updated_at = now()",
+        )
+        .bind(self.names.stream())
+        .bind(point.transaction_id.to_string())
+        .bind(point.position)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// How many events the relay has not published yet (capped, for health checks).
+pub async fn relay_lag(pool: &PgPool, names: &NatsNames) -> Result<i64, RelayError> {
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query("SELECT transaction_id::text AS t, position FROM relay_checkpoints WHERE stream = $1")
+        .bind(names.stream())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let after = match row {
+        None => LogPoint::START,
+        Some(row) => LogPoint {
+            transaction_id: row.try_get::<String, _>("t")?.parse().unwrap_or(0),
+            position: row.try_get("position")?,
+        },
+    };
+    Ok(store::count_after(&mut conn, after, 1_000_000).await?)
+}

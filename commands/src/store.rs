@@ -1,0 +1,359 @@
+//! The event store: one append-only `events` table in PostgreSQL.
+
+use chrono::{DateTime, Utc};
+use ledger_domain::events::EventDecodeError;
+use ledger_domain::Event;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+/// A point in the log's tailing order: (transaction id, position).
+///
+/// Positions come from an identity column and can commit out of order, so the
+/// read side orders by the writing transaction's id first; see ARCHITECTURE.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LogPoint {
+    pub transaction_id: u64,
+    pub position: i64,
+}
+
+impl LogPoint {
+    pub const START: LogPoint = LogPoint {
+        transaction_id: 0,
+        position: 0,
+    };
+}
+
+/// Who and what caused an append; stored on every event of the command.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    pub command_id: Option<Uuid>,
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    pub actor_id: Option<Uuid>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// An event as stored in the log and as published on JetStream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub position: i64,
+    /// xid8 of the appending transaction, as a decimal string on the wire.
+    #[serde(with = "u64_string")]
+    pub transaction_id: u64,
+    pub event_id: Uuid,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub payload: serde_json::Value,
+    pub metadata: EventMetadata,
+}
+
+impl RecordedEvent {
+    pub fn point(&self) -> LogPoint {
+        LogPoint {
+            transaction_id: self.transaction_id,
+            position: self.position,
+        }
+    }
+
+    pub fn decode(&self) -> Result<Event, EventDecodeError> {
+        Event::from_stored(&self.event_type, self.schema_version, self.payload.clone())
+    }
+}
+
+mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Events to append to one stream, which must be at `expected_version` now.
+#[derive(Clone, Debug)]
+pub struct StreamAppend {
+    pub stream_id: String,
+    pub expected_version: i64,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to one of the streams first.
+    #[error("stream version conflict")]
+    Conflict,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Decode(#[from] EventDecodeError),
+}
+
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+/// Appends the events in one statement, inside the caller's transaction.
+/// Returns the highest position written.
+pub async fn append(
+    conn: &mut PgConnection,
+    appends: &[StreamAppend],
+    metadata: &EventMetadata,
+) -> Result<Option<i64>, StoreError> {
+    let mut ids = Vec::new();
+    let mut streams = Vec::new();
+    let mut versions = Vec::new();
+    let mut types = Vec::new();
+    let mut schema_versions = Vec::new();
+    let mut payloads = Vec::new();
+    for append in appends {
+        for (i, event) in append.events.iter().enumerate() {
+            ids.push(Uuid::now_v7());
+            streams.push(append.stream_id.clone());
+            versions.push(append.expected_version + 1 + i as i64);
+            types.push(event.event_type().to_owned());
+            schema_versions.push(event.schema_version());
+            payloads.push(event.payload());
+        }
+    }
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let result = sqlx::query_scalar::<_, Option<i64>>(
+        "WITH appended AS (
+             INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
+                                 payload, command_id, correlation_id, causation_id, actor_id, recorded_at)
+             SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version,
+                    e.payload, $7, $8, $9, $10, $11
+             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[])
+                  AS e(event_id, stream_id, stream_version, event_type, schema_version, payload)
+             RETURNING position)
+         SELECT max(position) FROM appended",
+    )
+    .bind(&ids)
+    .bind(&streams)
+    .bind(&versions)
+    .bind(&types)
+    .bind(&schema_versions)
+    .bind(&payloads)
+    .bind(metadata.command_id)
+    .bind(metadata.correlation_id)
+    .bind(metadata.causation_id)
+    .bind(metadata.actor_id)
+    .bind(metadata.recorded_at)
+    .fetch_one(&mut *conn)
+    .await;
+    match result {
+        Ok(position) => Ok(position),
+        Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+const RECORDED_COLUMNS: &str = "position, transaction_id::text AS transaction_id, event_id, stream_id,
+     stream_version, event_type, schema_version, payload, command_id, correlation_id, causation_id,
+     actor_id, recorded_at";
+
+fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    let txid: String = row.try_get("transaction_id")?;
+    Ok(RecordedEvent {
+        position: row.try_get("position")?,
+        transaction_id: txid.parse().map_err(|e| sqlx::Error::ColumnDecode {
+            index: "transaction_id".into(),
+            source: Box::new(e),
+        })?,
+        event_id: row.try_get("event_id")?,
+        stream_id: row.try_get("stream_id")?,
+        stream_version: row.try_get("stream_version")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        metadata: EventMetadata {
+            command_id: row.try_get("command_id")?,
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            actor_id: row.try_get("actor_id")?,
+            recorded_at: row.try_get("recorded_at")?,
+        },
+    })
+}
+
+/// Events of one stream, in version order, and the stream's current version.
+pub async fn load_stream(conn: &mut PgConnection, stream_id: &str) -> Result<(Vec<Event>, i64), StoreError> {
+    let rows = sqlx::query(
+        "SELECT event_type, schema_version, payload, stream_version FROM events
+         WHERE stream_id = $1 ORDER BY stream_version",
+    )
+    .bind(stream_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut version = 0;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        version = row.try_get("stream_version")?;
+        events.push(Event::from_stored(
+            row.try_get::<&str, _>("event_type")?,
+            row.try_get("schema_version")?,
+            row.try_get("payload")?,
+        )?);
+    }
+    Ok((events, version))
+}
+
+/// The events that make an account's state: its own stream plus every
+/// movement that names it, in log order; and its own stream's version.
+///
+/// Read in one statement, so the version and the balance are of one snapshot.
+pub async fn load_account(conn: &mut PgConnection, account_id: Uuid) -> Result<(Vec<Event>, i64), StoreError> {
+    let stream_id = account_stream(account_id);
+    let rows = sqlx::query(
+        "SELECT event_type, schema_version, payload, stream_id, stream_version FROM events
+         WHERE stream_id = $1
+            OR (event_type = 'TransferRecorded' AND payload->>'to_account' = $2)
+            OR (event_type = 'TransferRecorded' AND payload->>'from_account' = $2)
+         ORDER BY position",
+    )
+    .bind(&stream_id)
+    .bind(account_id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut version = 0;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.try_get::<&str, _>("stream_id")? == stream_id {
+            version = version.max(row.try_get("stream_version")?);
+        }
+        events.push(Event::from_stored(
+            row.try_get::<&str, _>("event_type")?,
+            row.try_get("schema_version")?,
+            row.try_get("payload")?,
+        )?);
+    }
+    Ok((events, version))
+}
+
+/// Reads the next events after `after`, in tailing order, up to the oldest
+/// transaction still in progress: nothing below that bound can appear later.
+pub async fn read_settled_after(
+    conn: &mut PgConnection,
+    after: LogPoint,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {RECORDED_COLUMNS} FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id, position
+         LIMIT $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.iter().map(recorded_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Reads the events in the half-open range (after, through], in tailing order.
+pub async fn read_range(
+    conn: &mut PgConnection,
+    after: LogPoint,
+    through: LogPoint,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!(
+        "SELECT {RECORDED_COLUMNS} FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+           AND (transaction_id, position) <= ($3::text::xid8, $4)
+         ORDER BY transaction_id, position"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(through.transaction_id.to_string())
+        .bind(through.position)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.iter().map(recorded_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Counts the events in the half-open range (after, through].
+pub async fn count_range(conn: &mut PgConnection, after: LogPoint, through: LogPoint) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+           AND (transaction_id, position) <= ($3::text::xid8, $4)",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(through.transaction_id.to_string())
+    .bind(through.position)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// The tailing point of the event at `position`, if that event exists.
+pub async fn point_of(conn: &mut PgConnection, position: i64) -> Result<Option<LogPoint>, StoreError> {
+    let txid: Option<String> = sqlx::query_scalar("SELECT transaction_id::text FROM events WHERE position = $1")
+        .bind(position)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(txid.and_then(|t| t.parse().ok()).map(|transaction_id| LogPoint {
+        transaction_id,
+        position,
+    }))
+}
+
+pub fn account_stream(account_id: Uuid) -> String {
+    format!("account-{account_id}")
+}
+
+pub fn user_stream(user_id: Uuid) -> String {
+    format!("user-{user_id}")
+}
+
+pub fn transfer_stream(transfer_id: Uuid) -> String {
+    format!("transfer-{transfer_id}")
+}
+
+/// Only the opening of an account: enough for the credit side of a movement,
+/// which has no invariant to check, and for system accounts, whose balance
+/// may go anywhere.
+pub async fn load_account_opening(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<Event>, StoreError> {
+    let row = sqlx::query(
+        "SELECT event_type, schema_version, payload FROM events
+         WHERE stream_id = $1 AND stream_version = 1",
+    )
+    .bind(account_stream(account_id))
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok(vec![]),
+        Some(row) => Ok(vec![Event::from_stored(
+            row.try_get::<&str, _>("event_type")?,
+            row.try_get("schema_version")?,
+            row.try_get("payload")?,
+        )?]),
+    }
+}
+
+/// Counts the events after `after`, stopping at `cap` (health checks stay cheap).
+pub async fn count_after(conn: &mut PgConnection, after: LogPoint, cap: i64) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) LIMIT $3
+         ) lagging",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(cap)
+    .fetch_one(&mut *conn)
+    .await?)
+}

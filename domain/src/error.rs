@@ -1,0 +1,39 @@
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+/// Why a command was refused. Each variant is a business answer, not a fault.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DomainError {
+    #[error("{field} {message}")]
+    Validation { field: String, message: String },
+    #[error("account {0} does not exist or is not yours")]
+    AccountNotFound(Uuid),
+    #[error("account {0} is already open")]
+    AccountAlreadyOpened(Uuid),
+    #[error("user {0} is already registered")]
+    UserAlreadyRegistered(Uuid),
+    #[error("account {account} has {available} available, {requested} requested")]
+    InsufficientFunds {
+        account: Uuid,
+        available: Decimal,
+        requested: Decimal,
+    },
+    #[error("account {from_account} is in {from_currency}, account {to_account} is in {to_currency}")]
+    CurrencyMismatch {
+        from_account: Uuid,
+        from_currency: String,
+        to_account: Uuid,
+        to_currency: String,
+    },
+    #[error("a transfer needs two different accounts")]
+    SameAccount,
+}
+
+impl DomainError {
+    pub fn validation(field: &str, message: impl Into<String>) -> DomainError {
+        DomainError::Validation {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}

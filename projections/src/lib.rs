@@ -1,0 +1,70 @@
+//! The read side: projectors that follow JetStream, the read-model tables
+//! they maintain, their checkpoints, and replay from the event log.
+
+pub mod balances;
+pub mod checkpoint;
+pub mod projector;
+pub mod read_side;
+pub mod replay;
+pub mod statements;
+
+use ledger_commands::store::RecordedEvent;
+use sqlx::PgConnection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event store: {0}")]
+    Store(#[from] ledger_commands::store::StoreError),
+    #[error("event {position} cannot be read: {source}")]
+    Decode {
+        position: i64,
+        source: ledger_domain::events::EventDecodeError,
+    },
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// A read model built from the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Balances,
+    Statements,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 2] = [Projection::Balances, Projection::Statements];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Balances => "balances",
+            Projection::Statements => "statements",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The tables this projection owns; replay empties them first.
+    pub fn tables(self) -> &'static [&'static str] {
+        match self {
+            Projection::Balances => balances::TABLES,
+            Projection::Statements => statements::TABLES,
+        }
+    }
+
+    /// Applies one event; the caller advances the checkpoint in the same transaction.
+    pub async fn apply(self, conn: &mut PgConnection, recorded: &RecordedEvent) -> Result<(), ProjectionError> {
+        let event = recorded.decode().map_err(|source| ProjectionError::Decode {
+            position: recorded.position,
+            source,
+        })?;
+        match self {
+            Projection::Balances => balances::apply(conn, recorded, &event).await?,
+            Projection::Statements => statements::apply(conn, recorded, &event).await?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! Read-your-writes: wait until every projection has applied a position.
+
+use crate::{checkpoint, Projection};
+use ledger_commands::store;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("the read side has not applied position {0} yet")]
+    Lag(i64),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event store: {0}")]
+    Store(#[from] store::StoreError),
+}
+
+/// Waits, up to `timeout`, until every projection has applied the event at
+/// `position` (and so everything before it in tailing order).
+pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result<(), WaitError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    let mut conn = pool.acquire().await?;
+    let target = loop {
+        if let Some(point) = store::point_of(&mut conn, position).await? {
+            break point;
+        }
+        if Instant::now() + pause > deadline {
+            return Err(WaitError::Lag(position));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    loop {
+        let checkpoints = checkpoint::all(&mut conn).await?;
+        let caught_up = Projection::ALL.iter().all(|p| {
+            checkpoints
+                .iter()
+                .any(|(name, point)| name == p.name() && *point >= target)
+        });
+        if caught_up {
+            return Ok(());
+        }
+        if Instant::now() + pause > deadline {
+            return Err(WaitError::Lag(position));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// Events each projection still has to apply (capped), for `/readyz`.
+pub async fn lags(pool: &PgPool) -> Result<Vec<(&'static str, i64)>, WaitError> {
+    let mut conn = pool.acquire().await?;
+    let checkpoints = checkpoint::all(&mut conn).await?;
+    let mut out = Vec::new();
+    for p in Projection::ALL {
+        let at = checkpoints
+            .iter()
+            .find(|(n, _)| n == p.name())
+            .map(|(_, point)| *point)
+            .unwrap_or_default();
+        out.push((p.name(), store::count_after(&mut conn, at, 1_000_000).await?));
+    }
+    Ok(out)
+}
