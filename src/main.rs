@@ -1,1 +1,103 @@
-fn main() {}
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ledger::config::{Config, Roles};
+use ledger_commands::db;
+use ledger_projections::Projection;
+
+#[derive(Parser)]
+#[command(name = "ledger", about = "Event-sourced ledger", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: command API, query API, relay and projectors.
+    Serve {
+        /// Comma-separated subset of command-api,query-api,relay,projectors.
+        #[arg(long, default_value = "command-api,query-api,relay,projectors")]
+        roles: Roles,
+    },
+    /// Apply database migrations (serve also does this at start-up).
+    Migrate,
+    /// Rebuild read models from the event log.
+    Replay {
+        /// The projection to rebuild: balances or statements.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        projection: Option<String>,
+        /// Rebuild every projection.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    let config = Config::from_env()?;
+    match cli.command {
+        Command::Serve { roles } => {
+            let running = ledger::start(config, roles).await?;
+            let shutdown = running.shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("shutting down");
+                shutdown.cancel();
+            });
+            running.wait().await;
+        }
+        Command::Migrate => {
+            let pool = db::connect(&config.database_url, 2).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("applying migrations")?;
+            tracing::info!("migrations applied");
+        }
+        Command::Replay { projection, all } => {
+            let projections = match (projection, all) {
+                (_, true) => Projection::ALL.to_vec(),
+                (Some(name), false) => vec![Projection::from_name(&name).with_context(|| {
+                    format!("unknown projection {name:?}; known: balances, statements")
+                })?],
+                (None, false) => anyhow::bail!("name --projection NAME or --all"),
+            };
+            let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("applying migrations")?;
+            for projection in projections {
+                let bar = ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
+                    )?
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(projection.name());
+                let started = std::time::Instant::now();
+                let applied = ledger_projections::replay::replay(&pool, projection, |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })
+                .await?;
+                bar.finish();
+                tracing::info!(
+                    projection = projection.name(),
+                    events = applied,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "replayed"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LEDGER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LEDGER_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

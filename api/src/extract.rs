@@ -1,0 +1,242 @@
+//! Request extractors that answer bad input with problem+json.
+
+use crate::auth::AuthUser;
+use crate::problem::Problem;
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use ledger_commands::idempotency;
+use ledger_projections::read_side::{self, WaitError};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads a JSON body: 413 past the limit, 415 for another media type, 400
+/// for broken JSON, 422 naming the field for wrong shapes or types.
+async fn json_body(headers: &HeaderMap, bytes: Result<Bytes, Problem>) -> Result<Value, Problem> {
+    let bytes = bytes?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Default::default()));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Problem::new(StatusCode::BAD_REQUEST, "malformed-json", format!("the body is not valid JSON: {e}"))
+    })
+}
+
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, Problem> {
+    if !value.is_object() {
+        return Err(Problem::validation("body", "must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        Problem::validation(&field, strip_position(&e.inner().to_string()))
+    })
+}
+
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+async fn body_bytes(req: Request, state: &AppState) -> Result<Bytes, Problem> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!("the body must be at most {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "the body could not be read")
+        }
+    })
+}
+
+/// A JSON body for routes without idempotency (register, login).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let value = json_body(&headers, body_bytes(req, state).await).await?;
+        Ok(JsonBody(typed(value)?))
+    }
+}
+
+/// Everything a command route needs: the caller, the Idempotency-Key, the
+/// request's fingerprint and the typed body.
+pub struct CommandRequest<T> {
+    pub user: AuthUser,
+    pub idempotency_key: String,
+    pub request_hash: Vec<u8>,
+    pub correlation_id: Option<Uuid>,
+    pub body: T,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let user = AuthUser::from_request_parts(&mut parts, state).await?;
+        let key = match parts.headers.get(IDEMPOTENCY_KEY) {
+            None => {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "idempotency-key-required",
+                    "every POST needs an Idempotency-Key header, unique per intended operation",
+                ))
+            }
+            Some(v) => v.to_str().ok().filter(|k| idempotency::key_is_valid(k)).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "idempotency-key-invalid",
+                    format!("the Idempotency-Key must be 1 to {} printable ASCII characters", idempotency::MAX_KEY_LEN),
+                )
+            })?,
+        }
+        .to_owned();
+        let correlation_id = parts
+            .headers
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Uuid::parse_str(v).ok());
+        let method = parts.method.to_string();
+        let path = parts.uri.path().to_owned();
+        let headers = parts.headers.clone();
+        let value = json_body(&headers, body_bytes(Request::from_parts(parts, body), state).await).await?;
+        let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
+        Ok(CommandRequest {
+            user,
+            idempotency_key: key,
+            request_hash,
+            correlation_id,
+            body: typed(value)?,
+        })
+    }
+}
+
+/// JSON with object keys sorted at every level, so that two bodies that mean
+/// the same thing fingerprint the same.
+pub fn canonical_json(value: &Value) -> String {
+    // Sorted explicitly, so it stays canonical even if a dependency turns on
+    // serde_json's `preserve_order`.
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Query parameters; a bad one is a 422 naming it.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequestParts<AppState> for QueryParams<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(QueryParams).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "query".to_owned() } else { path };
+            Problem::validation(&field, e.inner())
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct MinPosition {
+    min_position: Option<String>,
+}
+
+/// Read-your-writes: with `?min_position=N`, waits (about 5 s at most) until
+/// the read side has applied position N; 504 `projection-lag` past that.
+pub struct ReadAfter;
+
+impl FromRequestParts<AppState> for ReadAfter {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let params: MinPosition = serde_urlencoded::from_str(query).unwrap_or(MinPosition { min_position: None });
+        let Some(raw) = params.min_position else {
+            return Ok(ReadAfter);
+        };
+        let position: i64 = raw
+            .parse()
+            .ok()
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| Problem::validation("min_position", "must be a non-negative integer"))?;
+        if position == 0 {
+            return Ok(ReadAfter);
+        }
+        match read_side::wait_for(&state.pool, position, state.read_wait).await {
+            Ok(()) => Ok(ReadAfter),
+            Err(WaitError::Lag(p)) => Err(Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "projection-lag",
+                format!("the read side has not applied position {p} yet; retry shortly"),
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "waiting for the read side failed");
+                Err(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service-unavailable",
+                    "the ledger cannot reach its database; retry later",
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+use super::{account_not_found, money, outcome_response, path_id};
+use crate::auth::AuthUser;
+use crate::extract::{CommandRequest, QueryParams, ReadAfter};
+use crate::problem::{render_rejection, Problem};
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Json;
+use ledger_commands::{CommandEnvelope, LedgerCommand};
+use ledger_domain::money::Amount;
+use ledger_projections::{balances, statements};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccountRequest {
+    /// ISO 4217 code, e.g. "USD".
+    pub currency: String,
+    pub name: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct OpenAccountResponse {
+    pub account_id: Uuid,
+    pub currency: String,
+    pub name: Option<String>,
+    pub position: i64,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyRequest {
+    /// Decimal string with at most the currency's minor-unit digits, e.g. "12.30".
+    pub amount: String,
+    pub reference: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MovementResponse {
+    pub transfer_id: Uuid,
+    pub position: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountResponse {
+    pub account_id: Uuid,
+    pub currency: String,
+    pub name: Option<String>,
+    pub balance: String,
+    pub available: String,
+    pub version: i64,
+    pub position: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountList {
+    pub items: Vec<AccountResponse>,
+}
+
+impl From<balances::AccountView> for AccountResponse {
+    fn from(a: balances::AccountView) -> Self {
+        AccountResponse {
+            balance: money(a.balance, &a.currency),
+            available: money(a.available, &a.currency),
+            account_id: a.account_id,
+            name: a.name,
+            version: a.version,
+            position: a.last_position,
+            currency: a.currency,
+        }
+    }
+}
+
+fn envelope<T>(request: &CommandRequest<T>) -> CommandEnvelope {
+    CommandEnvelope {
+        actor: request.user.user_id,
+        idempotency_key: request.idempotency_key.clone(),
+        request_hash: request.request_hash.clone(),
+        correlation_id: request.correlation_id,
+    }
+}
+
+pub(crate) async fn run(
+    state: &AppState,
+    envelope: CommandEnvelope,
+    command: LedgerCommand,
+) -> Result<Response, Problem> {
+    Ok(outcome_response(state.ledger.execute(&envelope, command, render_rejection).await?))
+}
+
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = OpenAccountRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = OpenAccountResponse), (status = 422, description = "validation")))]
+pub async fn open(State(state): State<AppState>, request: CommandRequest<OpenAccountRequest>) -> Result<Response, Problem> {
+    let envelope = envelope(&request);
+    let OpenAccountRequest { currency, name } = request.body;
+    run(&state, envelope, LedgerCommand::OpenAccount { currency, name }).await
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/deposits", tag = "accounts", request_body = MoneyRequest,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = MovementResponse), (status = 404, description = "account-not-found"), (status = 422, description = "validation")))]
+pub async fn deposit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest<MoneyRequest>,
+) -> Result<Response, Problem> {
+    let account_id = path_id(&id, account_not_found)?;
+    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
+    let envelope = envelope(&request);
+    let reference = request.body.reference;
+    run(&state, envelope, LedgerCommand::Deposit { account_id, amount, reference }).await
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/withdrawals", tag = "accounts", request_body = MoneyRequest,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = MovementResponse), (status = 404, description = "account-not-found"), (status = 422, description = "insufficient-funds or validation")))]
+pub async fn withdraw(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest<MoneyRequest>,
+) -> Result<Response, Problem> {
+    let account_id = path_id(&id, account_not_found)?;
+    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
+    let envelope = envelope(&request);
+    let reference = request.body.reference;
+    run(&state, envelope, LedgerCommand::Withdraw { account_id, amount, reference }).await
+}
+
+pub(crate) fn command_envelope<T>(request: &CommandRequest<T>) -> CommandEnvelope {
+    envelope(request)
+}
+
+#[utoipa::path(get, path = "/v1/accounts", tag = "accounts",
+    params(("min_position" = Option<i64>, Query)),
+    responses((status = 200, body = AccountList)))]
+pub async fn list(State(state): State<AppState>, user: AuthUser, _: ReadAfter) -> Result<Json<AccountList>, Problem> {
+    let items = balances::accounts_of(&state.pool, user.user_id).await?;
+    Ok(Json(AccountList {
+        items: items.into_iter().map(AccountResponse::from).collect(),
+    }))
+}
+
+/// The account if the caller owns it.
+async fn owned_account(state: &AppState, user: AuthUser, id: &str) -> Result<balances::AccountView, Problem> {
+    let account_id = path_id(id, account_not_found)?;
+    match balances::account(&state.pool, account_id).await? {
+        Some(a) if a.owner_id == Some(user.user_id) => Ok(a),
+        _ => Err(account_not_found()),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts",
+    params(("id" = Uuid, Path), ("min_position" = Option<i64>, Query)),
+    responses((status = 200, body = AccountResponse), (status = 404, description = "account-not-found"), (status = 504, description = "projection-lag")))]
+pub async fn get(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    _: ReadAfter,
+) -> Result<Json<AccountResponse>, Problem> {
+    Ok(Json(owned_account(&state, user, &id).await?.into()))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct TransactionsQuery {
+    /// 1 to 200, default 50.
+    pub limit: Option<i64>,
+    /// `next_cursor` from the previous page.
+    pub cursor: Option<String>,
+    /// Read-your-writes; consumed by the `ReadAfter` extractor, listed here for the docs.
+    #[allow(dead_code)]
+    pub min_position: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransactionItem {
+    pub transfer_id: Uuid,
+    /// "debit" or "credit".
+    pub direction: String,
+    pub amount: String,
+    pub balance_after: String,
+    pub counterparty_account: Uuid,
+    pub kind: String,
+    pub reference: Option<String>,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub position: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransactionPage {
+    pub items: Vec<TransactionItem>,
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "accounts",
+    params(("id" = Uuid, Path), TransactionsQuery),
+    responses((status = 200, body = TransactionPage), (status = 404, description = "account-not-found")))]
+pub async fn transactions(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    QueryParams(query): QueryParams<TransactionsQuery>,
+    _: ReadAfter,
+) -> Result<Json<TransactionPage>, Problem> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(Problem::validation("limit", "must be between 1 and 200"));
+    }
+    let before = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| Problem::validation("cursor", "is not a cursor this API returned"))?,
+        ),
+    };
+    let account = owned_account(&state, user, &id).await?;
+    let entries = statements::entries(&state.pool, account.account_id, limit, before).await?;
+    let next_cursor = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(|e| e.entry_no.to_string()))
+        .flatten();
+    let currency = account.currency;
+    Ok(Json(TransactionPage {
+        items: entries
+            .into_iter()
+            .map(|e| TransactionItem {
+                transfer_id: e.transfer_id,
+                direction: e.direction,
+                amount: money(e.amount, &currency),
+                balance_after: money(e.balance_after, &currency),
+                counterparty_account: e.counterparty_account,
+                kind: e.kind,
+                reference: e.reference,
+                recorded_at: e.recorded_at,
+                position: e.position,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}

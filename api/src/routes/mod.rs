@@ -1,0 +1,52 @@
+pub mod accounts;
+pub mod auth;
+pub mod commands;
+pub mod health;
+pub mod transfers;
+
+use crate::problem::Problem;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ledger_commands::Outcome;
+use ledger_domain::Currency;
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+/// A command's outcome as HTTP: the recorded status and body, marked when replayed.
+pub fn outcome_response(outcome: Outcome) -> Response {
+    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(outcome.body)).into_response();
+    if status.is_client_error() || status.is_server_error() {
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::problem::PROBLEM_CONTENT_TYPE),
+        );
+    }
+    if outcome.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Formats an amount with exactly its currency's minor-unit digits.
+pub fn money(value: Decimal, currency: &str) -> String {
+    match Currency::from_code(currency) {
+        Some(c) => ledger_domain::money::to_minor_units(value, c).to_string(),
+        None => value.normalize().to_string(),
+    }
+}
+
+/// Parses an id from the path; a malformed one names nothing that exists.
+pub fn path_id(raw: &str, not_found: fn() -> Problem) -> Result<Uuid, Problem> {
+    Uuid::parse_str(raw).map_err(|_| not_found())
+}
+
+pub fn account_not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "account-not-found", "no such account is visible to you")
+}
+
+pub fn transfer_not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "transfer-not-found", "no such transfer is visible to you")
+}

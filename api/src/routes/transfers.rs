@@ -1,0 +1,92 @@
+use super::accounts::{command_envelope, run, MovementResponse};
+use super::{money, path_id, transfer_not_found};
+use crate::auth::AuthUser;
+use crate::extract::{CommandRequest, ReadAfter};
+use crate::problem::Problem;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::Json;
+use ledger_commands::LedgerCommand;
+use ledger_domain::money::Amount;
+use ledger_projections::statements;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub from_account: Uuid,
+    pub to_account: Uuid,
+    /// Decimal string, e.g. "12.30".
+    pub amount: String,
+    pub reference: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TransferResponse {
+    pub transfer_id: Uuid,
+    pub from_account: Uuid,
+    pub to_account: Uuid,
+    pub amount: String,
+    pub currency: String,
+    pub kind: String,
+    pub reference: Option<String>,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub position: i64,
+}
+
+#[utoipa::path(post, path = "/v1/transfers", tag = "transfers", request_body = TransferRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = MovementResponse),
+        (status = 404, description = "account-not-found"),
+        (status = 422, description = "insufficient-funds, currency-mismatch, same-account or validation")))]
+pub async fn create(State(state): State<AppState>, request: CommandRequest<TransferRequest>) -> Result<Response, Problem> {
+    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
+    let envelope = command_envelope(&request);
+    let TransferRequest {
+        from_account,
+        to_account,
+        reference,
+        ..
+    } = request.body;
+    run(
+        &state,
+        envelope,
+        LedgerCommand::Transfer {
+            from_account,
+            to_account,
+            amount,
+            reference,
+        },
+    )
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers",
+    params(("id" = Uuid, Path), ("min_position" = Option<i64>, Query)),
+    responses((status = 200, body = TransferResponse), (status = 404, description = "transfer-not-found")))]
+pub async fn get(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    _: ReadAfter,
+) -> Result<Json<TransferResponse>, Problem> {
+    let transfer_id = path_id(&id, transfer_not_found)?;
+    let t = statements::transfer(&state.pool, transfer_id)
+        .await?
+        .filter(|t| t.from_owner == Some(user.user_id) || t.to_owner == Some(user.user_id))
+        .ok_or_else(transfer_not_found)?;
+    Ok(Json(TransferResponse {
+        amount: money(t.amount, &t.currency),
+        transfer_id: t.transfer_id,
+        from_account: t.from_account,
+        to_account: t.to_account,
+        currency: t.currency,
+        kind: t.kind,
+        reference: t.reference,
+        recorded_at: t.recorded_at,
+        position: t.position,
+    }))
+}

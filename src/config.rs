@@ -1,0 +1,117 @@
+//! Configuration, read once from the environment at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub const DEV_JWT_SECRET: &str = "ledger-development-secret-do-not-use-in-production";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: String,
+    pub nats_url: String,
+    pub http_addr: SocketAddr,
+    pub nats_prefix: String,
+    pub jwt_secret: Vec<u8>,
+    pub jwt_secret_is_default: bool,
+    pub db_max_connections: u32,
+    pub read_wait: Duration,
+    pub relay_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is not valid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parsed<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+            name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let secret = var("LEDGER_JWT_SECRET");
+        if secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::Invalid {
+                name: "LEDGER_JWT_SECRET",
+                reason: "must be at least 32 bytes".into(),
+            });
+        }
+        Ok(Config {
+            database_url: var("LEDGER_DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger".into()),
+            nats_url: var("LEDGER_NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            http_addr: parsed("LEDGER_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            nats_prefix: var("LEDGER_NATS_PREFIX").unwrap_or_else(|| "ledger".into()),
+            jwt_secret_is_default: secret.is_none(),
+            jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()).into_bytes(),
+            db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
+            read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
+            relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
+        })
+    }
+}
+
+/// The parts of the service one process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub command_api: bool,
+    pub query_api: bool,
+    pub relay: bool,
+    pub projectors: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        command_api: true,
+        query_api: true,
+        relay: true,
+        projectors: true,
+    };
+
+    pub fn http(&self) -> bool {
+        self.command_api || self.query_api
+    }
+}
+
+impl std::str::FromStr for Roles {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Roles, String> {
+        let mut roles = Roles {
+            command_api: false,
+            query_api: false,
+            relay: false,
+            projectors: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "command-api" => roles.command_api = true,
+                "query-api" => roles.query_api = true,
+                "relay" => roles.relay = true,
+                "projectors" => roles.projectors = true,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?}; roles are command-api, query-api, relay, projectors"
+                    ))
+                }
+            }
+        }
+        if roles == (Roles { command_api: false, query_api: false, relay: false, projectors: false }) {
+            return Err("name at least one role".into());
+        }
+        Ok(roles)
+    }
+}

@@ -1,0 +1,123 @@
+//! The `ledger` service: wires the command API, query API, relay and
+//! projectors into one process (or a subset of them, by role).
+
+pub mod config;
+
+use anyhow::Context;
+use config::{Config, Roles};
+use ledger_api::auth::JwtKeys;
+use ledger_api::AppState;
+use ledger_commands::nats::NatsNames;
+use ledger_commands::relay::Relay;
+use ledger_commands::{db, Ledger};
+use ledger_projections::projector::Projector;
+use ledger_projections::Projection;
+use ledger_commands::store::LogPoint;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A running ledger: its HTTP address and the handle that stops it.
+pub struct Running {
+    pub addr: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Waits until every part has stopped (after `shutdown` is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
+    // Connects in the background and keeps reconnecting: commands must not
+    // depend on NATS being up.
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// Migrates, then starts the selected roles. Returns once everything is listening.
+pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
+    if config.jwt_secret_is_default {
+        tracing::warn!(
+            "LEDGER_JWT_SECRET is not set: using the built-in DEVELOPMENT secret. Anyone can forge tokens. Set LEDGER_JWT_SECRET in production."
+        );
+    }
+    let pool = db::connect(&config.database_url, config.db_max_connections)
+        .await
+        .context("connecting to PostgreSQL")?;
+    db::migrate(&pool).await.context("applying migrations")?;
+    let names = NatsNames::new(&config.nats_prefix);
+    let needs_nats = roles.relay || roles.projectors || roles.http();
+    let nats = if needs_nats {
+        Some(connect_nats(&config.nats_url).await?)
+    } else {
+        None
+    };
+    let ledger = Ledger::new(pool.clone());
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    if let (true, Some(client)) = (roles.relay, &nats) {
+        let relay = Relay {
+            pool: pool.clone(),
+            js: async_nats::jetstream::new(client.clone()),
+            names: names.clone(),
+            wake: ledger.appended(),
+            batch_size: 1_000,
+            idle_poll: config.relay_poll,
+        };
+        tasks.spawn(relay.run(shutdown.clone()));
+    }
+    if let (true, Some(client)) = (roles.projectors, &nats) {
+        for projection in Projection::ALL {
+            let projector = Projector {
+                pool: pool.clone(),
+                js: async_nats::jetstream::new(client.clone()),
+                names: names.clone(),
+                projection,
+                applied: tokio::sync::watch::channel(LogPoint::START).0,
+            };
+            tasks.spawn(projector.run(shutdown.clone()));
+        }
+    }
+    let mut addr = None;
+    if roles.http() {
+        let state = AppState {
+            ledger,
+            pool: pool.clone(),
+            jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
+            nats: nats.clone(),
+            names: names.clone(),
+            read_wait: config.read_wait,
+        };
+        let app = ledger_api::app(state, roles.command_api, roles.query_api);
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        addr = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    Ok(Running { addr, shutdown, tasks })
+}
