@@ -1,0 +1,219 @@
+//! A real ledger per test: its own PostgreSQL database and NATS prefix on the
+//! machine's services, served in-process on an ephemeral port.
+
+use ledger::config::{Config, Roles};
+use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_domain::{fold_balances, FoldedBalance};
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Method, StatusCode};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
+    Config {
+        database_url: format!("postgres://postgres@127.0.0.1:5432/{db}"),
+        nats_url: nats_url.to_owned(),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        nats_prefix: prefix.to_owned(),
+        jwt_secret: b"integration-test-secret-integration-test".to_vec(),
+        jwt_secret_is_default: false,
+        db_max_connections: 32,
+        read_wait: Duration::from_secs(5),
+        relay_poll: Duration::from_millis(20),
+    }
+}
+
+pub struct TestLedger {
+    pub base: String,
+    pub http: Client,
+    pub pool: PgPool,
+    pub config: Config,
+    pub db: String,
+    running: Option<ledger::Running>,
+}
+
+impl TestLedger {
+    pub async fn start() -> TestLedger {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestLedger {
+        let id = Uuid::new_v4().simple().to_string();
+        let db = format!("ledger_test_{}", &id[..16]);
+        let mut config = test_config(&db, &format!("t{}", &id[..16]), "nats://127.0.0.1:4222");
+        adjust(&mut config);
+        let running = ledger::start(config.clone(), Roles::ALL).await.expect("ledger starts");
+        let addr = running.addr.expect("http role listens");
+        let pool = PgPool::connect(&config.database_url).await.expect("test pool");
+        TestLedger {
+            base: format!("http://{addr}"),
+            http: Client::new(),
+            pool,
+            config,
+            db,
+            running: Some(running),
+        }
+    }
+
+    /// Stops the service and removes its database and JetStream stream.
+    pub async fn cleanup(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        self.pool.close().await;
+        if let Ok(client) = async_nats::connect(&self.config.nats_url).await {
+            let js = async_nats::jetstream::new(client);
+            let names = ledger_commands::nats::NatsNames::new(&self.config.nats_prefix);
+            let _ = js.delete_stream(names.stream()).await;
+        }
+        if let Ok(admin) = PgPool::connect(PG_ADMIN).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
+                .execute(&admin)
+                .await;
+        }
+    }
+
+    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value, HeaderMap) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let response = req.send().await.expect("request sent");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body read");
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, value, headers)
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let key = Uuid::new_v4().to_string();
+        let (s, v, _) = self.request(Method::POST, path, Some(token), Some(&key), Some(body)).await;
+        (s, v)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        let (s, v, _) = self.request(Method::GET, path, Some(token), None, None).await;
+        (s, v)
+    }
+
+    /// Registers a fresh user and returns (user_id, access token).
+    pub async fn user(&self) -> (String, String) {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let (s, v, _) = self
+            .request(Method::POST, "/v1/auth/register", None, None, Some(json!({"email": email, "password": "correct horse battery"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let user_id = v["user_id"].as_str().expect("user_id").to_owned();
+        let (s, v, _) = self
+            .request(Method::POST, "/v1/auth/login", None, None, Some(json!({"email": email, "password": "correct horse battery"})))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        (user_id, v["access_token"].as_str().expect("token").to_owned())
+    }
+
+    pub async fn account(&self, token: &str, currency: &str) -> String {
+        let (s, v) = self.post("/v1/accounts", token, json!({"currency": currency})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["account_id"].as_str().expect("account_id").to_owned()
+    }
+
+    pub async fn deposit(&self, token: &str, account: &str, amount: &str) -> i64 {
+        let (s, v) = self.post(&format!("/v1/accounts/{account}/deposits"), token, json!({"amount": amount})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["position"].as_i64().expect("position")
+    }
+
+    /// The balance as the query API shows it, after the read side applied `position`.
+    pub async fn balance(&self, token: &str, account: &str, position: i64) -> String {
+        let (s, v) = self.get(&format!("/v1/accounts/{account}?min_position={position}"), token).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["balance"].as_str().expect("balance").to_owned()
+    }
+
+    pub async fn log(&self) -> Vec<RecordedEvent> {
+        let mut conn = self.pool.acquire().await.expect("conn");
+        store::read_range(&mut conn, LogPoint::START, LogPoint { transaction_id: u64::MAX >> 1, position: i64::MAX })
+            .await
+            .expect("log")
+    }
+
+    pub async fn head(&self) -> i64 {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT max(position) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("head")
+            .unwrap_or(0)
+    }
+
+    /// Waits until every projection has applied the whole log.
+    pub async fn settle(&self) {
+        let head = self.head().await;
+        if head > 0 {
+            ledger_projections::read_side::wait_for(&self.pool, head, Duration::from_secs(30))
+                .await
+                .expect("read side catches up");
+        }
+    }
+
+    /// Checks every money invariant against the log and the read models.
+    pub async fn assert_invariants(&self) {
+        self.settle().await;
+        let events: Vec<_> = self.log().await.iter().map(|e| e.decode().expect("decodes")).collect();
+        let folded = fold_balances(&events);
+        let mut sums: BTreeMap<String, Decimal> = BTreeMap::new();
+        for b in folded.values() {
+            *sums.entry(b.currency.clone()).or_default() += b.balance;
+            if b.kind == ledger_domain::events::AccountKind::User {
+                assert!(b.balance >= Decimal::ZERO, "user balance below zero: {b:?}");
+            }
+        }
+        for (currency, sum) in sums {
+            assert!(sum.is_zero(), "{currency} sums to {sum}");
+        }
+        let mut conn = self.pool.acquire().await.expect("conn");
+        let rows = ledger_projections::balances::all(&mut conn).await.expect("balances");
+        let read: BTreeMap<Uuid, FoldedBalance> = rows
+            .into_iter()
+            .map(|r| {
+                assert_eq!(r.balance, r.available, "no holds yet: available equals balance");
+                (
+                    r.account_id,
+                    FoldedBalance {
+                        currency: r.currency,
+                        kind: if r.kind == "system" { ledger_domain::events::AccountKind::System } else { ledger_domain::events::AccountKind::User },
+                        balance: r.balance,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(read, folded, "balances read model equals a fold of the log");
+        // Every movement appears exactly once on each side of the statements.
+        let transfers = events.iter().filter(|e| matches!(e, ledger_domain::Event::TransferRecorded(_))).count() as i64;
+        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM statement_entries").fetch_one(&self.pool).await.expect("count");
+        assert_eq!(entries, transfers * 2);
+        let broken: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM statement_entries s JOIN balances b USING (account_id)
+             WHERE s.entry_no = (SELECT max(entry_no) FROM statement_entries x WHERE x.account_id = s.account_id)
+               AND s.balance_after <> b.balance",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("running balances");
+        assert_eq!(broken, 0, "each statement's last running balance equals the account balance");
+    }
+}
+

@@ -1,0 +1,71 @@
+use crate::harness::TestLedger;
+use reqwest::{Method, StatusCode};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+fn nats_server_binary() -> String {
+    std::env::var("LEDGER_TEST_NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".into())
+}
+
+/// A NATS server of this test's own, so stopping it disturbs nobody else.
+async fn start_nats(port: u16, dir: &std::path::Path) -> Child {
+    let child = Command::new(nats_server_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nats-server starts (set LEDGER_TEST_NATS_SERVER to its path)");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nats-server did not listen on {port}");
+}
+
+#[tokio::test]
+async fn read_side_converges_after_nats_restarts_mid_stream() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("ledger-nats-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut nats = start_nats(port, &dir).await;
+    let t = TestLedger::start_with(|c| c.nats_url = format!("nats://127.0.0.1:{port}")).await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "1000.00").await;
+
+    // A stream of commands; NATS dies in the middle of it.
+    let mut positions = vec![];
+    for i in 0..60 {
+        if i == 20 {
+            nats.kill().await.unwrap();
+            let _ = nats.wait().await;
+        }
+        let (s, v) = t.post("/v1/transfers", &ann, serde_json::json!({"from_account": a, "to_account": b, "amount": "1.50"})).await;
+        assert_eq!(s, StatusCode::CREATED, "commands succeed while NATS is down: {v}");
+        positions.push(v["position"].as_i64().unwrap());
+        if i == 40 {
+            let (s, v, _) = t.request(Method::GET, "/readyz", None, None, None).await;
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+            assert_eq!(v["nats"], "unreachable");
+        }
+    }
+    nats = start_nats(port, &dir).await;
+    let last = *positions.last().unwrap();
+    t.settle().await;
+    assert_eq!(t.balance(&ann, &a, last).await, "910.00");
+    assert_eq!(t.balance(&bob, &b, last).await, "90.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+    let _ = nats.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
