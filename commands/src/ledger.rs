@@ -236,9 +236,10 @@ impl Ledger {
                 other?;
             }
         }
+        let command_id = Uuid::now_v7();
         let metadata = EventMetadata {
-            command_id: Some(Uuid::now_v7()),
-            correlation_id: None,
+            command_id: Some(command_id),
+            correlation_id: Some(command_id),
             causation_id: None,
             actor_id: Some(user_id),
             recorded_at: Utc::now(),

@@ -12,9 +12,11 @@ use uuid::Uuid;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserRegistered {
+    /// The new user's id; also the stream `user-{user_id}`.
     pub user_id: Uuid,
     /// Normalised (trimmed, lower-case) email address.
     pub email: String,
+    /// Optional name shown to other people.
     pub display_name: Option<String>,
 }
 
@@ -32,12 +34,15 @@ pub enum AccountKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountOpened {
+    /// The account's id; also the stream `account-{account_id}`.
     pub account_id: Uuid,
-    /// The owning user; `None` for system accounts.
+    /// The owning user; null for system accounts.
     pub owner_id: Option<Uuid>,
     /// ISO 4217 code.
     pub currency: String,
+    /// `user` accounts never go below zero; `system` accounts may.
     pub kind: AccountKind,
+    /// The owner's label for the account.
     pub name: Option<String>,
 }
 
@@ -67,15 +72,20 @@ impl TransferKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRecorded {
+    /// The movement's id, answered as `transfer_id` by the API.
     pub transfer_id: Uuid,
+    /// The debited account.
     pub from_account: Uuid,
+    /// The credited account.
     pub to_account: Uuid,
     /// Positive decimal string with the currency's minor-unit digits, e.g. "12.30".
     #[schemars(with = "String")]
     pub amount: Decimal,
     /// ISO 4217 code.
     pub currency: String,
+    /// Deposit, withdrawal or transfer between accounts.
     pub kind: TransferKind,
+    /// The client's free-text reference.
     pub reference: Option<String>,
 }
 

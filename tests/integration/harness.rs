@@ -151,9 +151,12 @@ impl TestLedger {
             .expect("log")
     }
 
+    /// The position of the log's last event in tailing order. Positions can
+    /// commit out of order, so this is not always `max(position)`; waiting
+    /// for it covers every committed event.
     pub async fn head(&self) -> i64 {
-        sqlx::query_scalar::<_, Option<i64>>("SELECT max(position) FROM events")
-            .fetch_one(&self.pool)
+        sqlx::query_scalar::<_, i64>("SELECT position FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1")
+            .fetch_optional(&self.pool)
             .await
             .expect("head")
             .unwrap_or(0)
