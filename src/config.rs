@@ -34,10 +34,7 @@ where
 {
     match var(name) {
         None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
-            name,
-            reason: e.to_string(),
-        }),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid { name, reason: e.to_string() }),
     }
 }
 
@@ -45,13 +42,11 @@ impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         let secret = var("LEDGER_JWT_SECRET");
         if secret.as_ref().is_some_and(|s| s.len() < 32) {
-            return Err(ConfigError::Invalid {
-                name: "LEDGER_JWT_SECRET",
-                reason: "must be at least 32 bytes".into(),
-            });
+            return Err(ConfigError::Invalid { name: "LEDGER_JWT_SECRET", reason: "must be at least 32 bytes".into() });
         }
         Ok(Config {
-            database_url: var("LEDGER_DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger".into()),
+            database_url: var("LEDGER_DATABASE_URL")
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger".into()),
             nats_url: var("LEDGER_NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
             http_addr: parsed("LEDGER_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             nats_prefix: var("LEDGER_NATS_PREFIX").unwrap_or_else(|| "ledger".into()),
@@ -74,12 +69,7 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles {
-        command_api: true,
-        query_api: true,
-        relay: true,
-        projectors: true,
-    };
+    pub const ALL: Roles = Roles { command_api: true, query_api: true, relay: true, projectors: true };
 
     pub fn http(&self) -> bool {
         self.command_api || self.query_api
@@ -90,12 +80,7 @@ impl std::str::FromStr for Roles {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Roles, String> {
-        let mut roles = Roles {
-            command_api: false,
-            query_api: false,
-            relay: false,
-            projectors: false,
-        };
+        let mut roles = Roles { command_api: false, query_api: false, relay: false, projectors: false };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "command-api" => roles.command_api = true,
@@ -103,9 +88,7 @@ impl std::str::FromStr for Roles {
                 "relay" => roles.relay = true,
                 "projectors" => roles.projectors = true,
                 other => {
-                    return Err(format!(
-                        "unknown role {other:?}; roles are command-api, query-api, relay, projectors"
-                    ))
+                    return Err(format!("unknown role {other:?}; roles are command-api, query-api, relay, projectors"))
                 }
             }
         }

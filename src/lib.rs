@@ -9,10 +9,10 @@ use ledger_api::auth::JwtKeys;
 use ledger_api::AppState;
 use ledger_commands::nats::NatsNames;
 use ledger_commands::relay::Relay;
+use ledger_commands::store::LogPoint;
 use ledger_commands::{db, Ledger};
 use ledger_projections::projector::Projector;
 use ledger_projections::Projection;
-use ledger_commands::store::LogPoint;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -55,17 +55,12 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             "LEDGER_JWT_SECRET is not set: using the built-in DEVELOPMENT secret. Anyone can forge tokens. Set LEDGER_JWT_SECRET in production."
         );
     }
-    let pool = db::connect(&config.database_url, config.db_max_connections)
-        .await
-        .context("connecting to PostgreSQL")?;
+    let pool =
+        db::connect(&config.database_url, config.db_max_connections).await.context("connecting to PostgreSQL")?;
     db::migrate(&pool).await.context("applying migrations")?;
     let names = NatsNames::new(&config.nats_prefix);
     let needs_nats = roles.relay || roles.projectors || roles.http();
-    let nats = if needs_nats {
-        Some(connect_nats(&config.nats_url).await?)
-    } else {
-        None
-    };
+    let nats = if needs_nats { Some(connect_nats(&config.nats_url).await?) } else { None };
     let ledger = Ledger::new(pool.clone());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -111,9 +106,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }

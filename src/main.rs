@@ -57,19 +57,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay { projection, all } => {
             let projections = match (projection, all) {
                 (_, true) => Projection::ALL.to_vec(),
-                (Some(name), false) => vec![Projection::from_name(&name).with_context(|| {
-                    format!("unknown projection {name:?}; known: balances, statements")
-                })?],
+                (Some(name), false) => vec![Projection::from_name(&name)
+                    .with_context(|| format!("unknown projection {name:?}; known: balances, statements"))?],
                 (None, false) => anyhow::bail!("name --projection NAME or --all"),
             };
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
             db::migrate(&pool).await.context("applying migrations")?;
             for projection in projections {
                 let bar = ProgressBar::new(0).with_style(
-                    ProgressStyle::with_template(
-                        "{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}",
-                    )?
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")?
+                        .progress_chars("=> "),
                 );
                 bar.set_prefix(projection.name());
                 let started = std::time::Instant::now();

@@ -3,8 +3,8 @@
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header;
+use axum::http::request::Parts;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -27,10 +27,7 @@ struct Claims {
 
 impl JwtKeys {
     pub fn new(secret: &[u8]) -> JwtKeys {
-        JwtKeys {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-        }
+        JwtKeys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret) }
     }
 
     /// An access token for `user_id` and its lifetime in seconds.
@@ -44,11 +41,7 @@ impl JwtKeys {
             typ: "access".into(),
         };
         let token = encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|_| {
-            Problem::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the token could not be issued",
-            )
+            Problem::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "the token could not be issued")
         })?;
         Ok((token, ACCESS_TOKEN_SECONDS))
     }
@@ -76,11 +69,12 @@ impl FromRequestParts<AppState> for AuthUser {
             .headers
             .get(header::AUTHORIZATION)
             .ok_or_else(|| Problem::unauthorized("an Authorization: Bearer <access_token> header is required"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .ok_or_else(|| Problem::unauthorized("the Authorization header must be \"Bearer <access_token>\""))?;
+        let token =
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .ok_or_else(|| Problem::unauthorized("the Authorization header must be \"Bearer <access_token>\""))?;
         let user_id = state
             .jwt
             .verify(token.trim())

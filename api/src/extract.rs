@@ -24,10 +24,7 @@ async fn json_body(headers: &HeaderMap, bytes: Result<Bytes, Problem>) -> Result
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(Default::default()));
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
         return Err(Problem::new(
@@ -119,23 +116,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
             })?,
         }
         .to_owned();
-        let correlation_id = parts
-            .headers
-            .get("x-correlation-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Uuid::parse_str(v).ok());
+        let correlation_id =
+            parts.headers.get("x-correlation-id").and_then(|v| v.to_str().ok()).and_then(|v| Uuid::parse_str(v).ok());
         let method = parts.method.to_string();
         let path = parts.uri.path().to_owned();
         let headers = parts.headers.clone();
         let value = json_body(&headers, body_bytes(Request::from_parts(parts, body), state).await).await?;
         let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
-        Ok(CommandRequest {
-            user,
-            idempotency_key: key,
-            request_hash,
-            correlation_id,
-            body: typed(value)?,
-        })
+        Ok(CommandRequest { user, idempotency_key: key, request_hash, correlation_id, body: typed(value)? })
     }
 }
 

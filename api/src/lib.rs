@@ -43,9 +43,8 @@ pub fn query_routes() -> Router<AppState> {
 
 /// The whole HTTP app for the selected roles, with health, docs and problem+json fallbacks.
 pub fn app(state: AppState, command_api: bool, query_api: bool) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(routes::health::healthz))
-        .route("/readyz", get(routes::health::readyz));
+    let mut router =
+        Router::new().route("/healthz", get(routes::health::healthz)).route("/readyz", get(routes::health::readyz));
     if command_api {
         router = router.merge(command_routes());
     }

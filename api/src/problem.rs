@@ -22,12 +22,7 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Problem {
-        Problem {
-            status,
-            code,
-            detail: detail.into(),
-            extensions: None,
-        }
+        Problem { status, code, detail: detail.into(), extensions: None }
     }
 
     pub fn validation(field: &str, message: impl std::fmt::Display) -> Problem {
@@ -88,9 +83,7 @@ fn title(code: &str) -> &'static str {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
         response
     }
 }
@@ -124,7 +117,9 @@ impl From<CommandError> for Problem {
             CommandError::IdempotencyKeyReuse => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reuse", e.to_string())
             }
-            CommandError::ConcurrencyConflict => Problem::new(StatusCode::CONFLICT, "concurrency-conflict", e.to_string()),
+            CommandError::ConcurrencyConflict => {
+                Problem::new(StatusCode::CONFLICT, "concurrency-conflict", e.to_string())
+            }
             CommandError::EmailTaken => Problem::new(StatusCode::CONFLICT, "email-taken", e.to_string()),
             CommandError::InvalidCredentials => {
                 Problem::new(StatusCode::UNAUTHORIZED, "invalid-credentials", e.to_string())

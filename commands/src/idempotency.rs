@@ -45,10 +45,7 @@ pub async fn lock_key(conn: &mut PgConnection, user_id: Uuid, key: &str) -> Resu
     let digest = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(i64::from_be_bytes(first))
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(i64::from_be_bytes(first)).execute(&mut *conn).await?;
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 
 use crate::idempotency::{self, CommandRecord};
 use crate::passwords;
-use crate::store::{self, account_stream, is_unique_violation, transfer_stream, user_stream, EventMetadata, StoreError, StreamAppend};
+use crate::store::{
+    self, account_stream, is_unique_violation, transfer_stream, user_stream, EventMetadata, StoreError, StreamAppend,
+};
 use chrono::Utc;
 use ledger_domain::account::{self, system_account_id, AccountCommand, AccountState, MoveMoney};
 use ledger_domain::events::{AccountKind, TransferKind};
@@ -47,26 +49,10 @@ impl From<sqlx::Error> for CommandError {
 /// A money or account command from an authenticated user.
 #[derive(Clone, Debug)]
 pub enum LedgerCommand {
-    OpenAccount {
-        currency: String,
-        name: Option<String>,
-    },
-    Deposit {
-        account_id: Uuid,
-        amount: Amount,
-        reference: Option<String>,
-    },
-    Withdraw {
-        account_id: Uuid,
-        amount: Amount,
-        reference: Option<String>,
-    },
-    Transfer {
-        from_account: Uuid,
-        to_account: Uuid,
-        amount: Amount,
-        reference: Option<String>,
-    },
+    OpenAccount { currency: String, name: Option<String> },
+    Deposit { account_id: Uuid, amount: Amount, reference: Option<String> },
+    Withdraw { account_id: Uuid, amount: Amount, reference: Option<String> },
+    Transfer { from_account: Uuid, to_account: Uuid, amount: Amount, reference: Option<String> },
 }
 
 /// Who sends a command and under which key.
@@ -104,10 +90,7 @@ struct Decision {
 
 impl Ledger {
     pub fn new(pool: PgPool) -> Ledger {
-        Ledger {
-            pool,
-            appended: Arc::new(Notify::new()),
-        }
+        Ledger { pool, appended: Arc::new(Notify::new()) }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -184,12 +167,7 @@ impl Ledger {
         if position.is_some() {
             self.appended.notify_one();
         }
-        Ok(Outcome {
-            status,
-            body,
-            replayed: false,
-            position,
-        })
+        Ok(Outcome { status, body, replayed: false, position })
     }
 
     /// The recorded outcome of a key, for a client that lost the answer.
@@ -207,14 +185,7 @@ impl Ledger {
     ) -> Result<(Uuid, i64), CommandError> {
         user::check_password(&password)?;
         let user_id = Uuid::now_v7();
-        let events = user::decide(
-            &UserState::default(),
-            UserCommand::Register {
-                user_id,
-                email,
-                display_name,
-            },
-        )?;
+        let events = user::decide(&UserState::default(), UserCommand::Register { user_id, email, display_name })?;
         let Some(Event::UserRegistered(registered)) = events.first() else {
             return Err(CommandError::Hashing);
         };
@@ -244,11 +215,7 @@ impl Ledger {
             actor_id: Some(user_id),
             recorded_at: Utc::now(),
         };
-        let appends = [StreamAppend {
-            stream_id: user_stream(user_id),
-            expected_version: 0,
-            events,
-        }];
+        let appends = [StreamAppend { stream_id: user_stream(user_id), expected_version: 0, events }];
         let position = store::append(&mut tx, &appends, &metadata).await?.unwrap_or_default();
         tx.commit().await?;
         self.appended.notify_one();
@@ -258,10 +225,11 @@ impl Ledger {
     /// Checks credentials; the same cost whether or not the email is known.
     pub async fn authenticate(&self, email: &str, password: String) -> Result<Uuid, CommandError> {
         let email = email.trim().to_lowercase();
-        let row: Option<(Uuid, String)> = sqlx::query_as("SELECT user_id, password_hash FROM credentials WHERE email = $1")
-            .bind(&email)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT user_id, password_hash FROM credentials WHERE email = $1")
+                .bind(&email)
+                .fetch_optional(&self.pool)
+                .await?;
         let (user_id, stored) = match row {
             Some((id, h)) => (Some(id), Some(h)),
             None => (None, None),
@@ -280,15 +248,14 @@ fn replay(previous: CommandRecord, envelope: &CommandEnvelope) -> Result<Outcome
     if previous.request_hash != envelope.request_hash {
         return Err(CommandError::IdempotencyKeyReuse);
     }
-    Ok(Outcome {
-        status: previous.status as u16,
-        body: previous.response,
-        replayed: true,
-        position: previous.position,
-    })
+    Ok(Outcome { status: previous.status as u16, body: previous.response, replayed: true, position: previous.position })
 }
 
-async fn account_state(conn: &mut PgConnection, account_id: Uuid, with_movements: bool) -> Result<(AccountState, i64), StoreError> {
+async fn account_state(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    with_movements: bool,
+) -> Result<(AccountState, i64), StoreError> {
     let (events, version) = if with_movements {
         store::load_account(conn, account_id).await?
     } else {
@@ -324,12 +291,7 @@ async fn decide(
             let account_id = Uuid::now_v7();
             let decided = account::decide(
                 &AccountState::default(),
-                AccountCommand::Open {
-                    account_id,
-                    owner_id: actor,
-                    currency,
-                    name,
-                },
+                AccountCommand::Open { account_id, owner_id: actor, currency, name },
             );
             Ok(decided.map(|events| {
                 let body = match events.first() {
@@ -341,20 +303,12 @@ async fn decide(
                     _ => json!({ "account_id": account_id }),
                 };
                 Decision {
-                    appends: vec![StreamAppend {
-                        stream_id: account_stream(account_id),
-                        expected_version: 0,
-                        events,
-                    }],
+                    appends: vec![StreamAppend { stream_id: account_stream(account_id), expected_version: 0, events }],
                     body,
                 }
             }))
         }
-        LedgerCommand::Deposit {
-            account_id,
-            amount,
-            reference,
-        } => {
+        LedgerCommand::Deposit { account_id, amount, reference } => {
             let (to, _) = account_state(conn, account_id, false).await?;
             let Some(currency) = to.currency().filter(|_| to.is_owned_by(actor)) else {
                 return Ok(Err(DomainError::AccountNotFound(account_id)));
@@ -379,22 +333,11 @@ async fn decide(
             Ok(decided.map(|events| {
                 // The debit side is a system account: no invariant to guard, so
                 // the movement gets its own stream and never contends.
-                appends.push(StreamAppend {
-                    stream_id: transfer_stream(transfer_id),
-                    expected_version: 0,
-                    events,
-                });
-                Decision {
-                    appends,
-                    body: json!({ "transfer_id": transfer_id }),
-                }
+                appends.push(StreamAppend { stream_id: transfer_stream(transfer_id), expected_version: 0, events });
+                Decision { appends, body: json!({ "transfer_id": transfer_id }) }
             }))
         }
-        LedgerCommand::Withdraw {
-            account_id,
-            amount,
-            reference,
-        } => {
+        LedgerCommand::Withdraw { account_id, amount, reference } => {
             lock_account(conn, account_id).await?;
             let (from, version) = account_state(conn, account_id, true).await?;
             let Some(currency) = from.currency().filter(|_| from.is_owned_by(actor)) else {
@@ -418,23 +361,11 @@ async fn decide(
                 },
             );
             Ok(decided.map(|events| {
-                appends.push(StreamAppend {
-                    stream_id: account_stream(account_id),
-                    expected_version: version,
-                    events,
-                });
-                Decision {
-                    appends,
-                    body: json!({ "transfer_id": transfer_id }),
-                }
+                appends.push(StreamAppend { stream_id: account_stream(account_id), expected_version: version, events });
+                Decision { appends, body: json!({ "transfer_id": transfer_id }) }
             }))
         }
-        LedgerCommand::Transfer {
-            from_account,
-            to_account,
-            amount,
-            reference,
-        } => {
+        LedgerCommand::Transfer { from_account, to_account, amount, reference } => {
             lock_account(conn, from_account).await?;
             let (from, version) = account_state(conn, from_account, true).await?;
             let (to, _) = account_state(conn, to_account, false).await?;
@@ -472,11 +403,7 @@ fn open_system_if_missing(system: &mut AccountState, currency: ledger_domain::Cu
     match account::decide(system, AccountCommand::OpenSystem { currency }) {
         Ok(events) => {
             *system = events.iter().fold(std::mem::take(system), account::evolve);
-            vec![StreamAppend {
-                stream_id: account_stream(system_account_id(currency)),
-                expected_version: 0,
-                events,
-            }]
+            vec![StreamAppend { stream_id: account_stream(system_account_id(currency)), expected_version: 0, events }]
         }
         Err(_) => vec![],
     }

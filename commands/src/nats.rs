@@ -14,13 +14,9 @@ impl NatsNames {
     /// The prefix is reduced to letters, digits, `-` and `_`, which every
     /// JetStream name and subject token accepts.
     pub fn new(prefix: &str) -> NatsNames {
-        let clean: String = prefix
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .collect();
-        NatsNames {
-            prefix: if clean.is_empty() { "ledger".into() } else { clean },
-        }
+        let clean: String =
+            prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        NatsNames { prefix: if clean.is_empty() { "ledger".into() } else { clean } }
     }
 
     pub fn prefix(&self) -> &str {
@@ -44,17 +40,6 @@ impl NatsNames {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn names_are_safe_for_jetstream() {
-        let n = super::NatsNames::new("my.ledger *1");
-        assert_eq!(n.stream(), "my_ledger__1_events");
-        assert_eq!(n.subject("TransferRecorded"), "my_ledger__1.events.TransferRecorded");
-        assert_eq!(n.consumer("balances"), "my_ledger__1_balances");
-    }
-}
-
 /// Creates the ledger's stream if it is missing: file storage, so NATS
 /// restarts lose nothing, and a deduplication window for `Nats-Msg-Id`.
 pub async fn ensure_stream(
@@ -70,4 +55,15 @@ pub async fn ensure_stream(
         ..Default::default()
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_safe_for_jetstream() {
+        let n = super::NatsNames::new("my.ledger *1");
+        assert_eq!(n.stream(), "my_ledger__1_events");
+        assert_eq!(n.subject("TransferRecorded"), "my_ledger__1.events.TransferRecorded");
+        assert_eq!(n.consumer("balances"), "my_ledger__1_balances");
+    }
 }

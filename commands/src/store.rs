@@ -18,10 +18,7 @@ pub struct LogPoint {
 }
 
 impl LogPoint {
-    pub const START: LogPoint = LogPoint {
-        transaction_id: 0,
-        position: 0,
-    };
+    pub const START: LogPoint = LogPoint { transaction_id: 0, position: 0 };
 }
 
 /// Who and what caused an append; stored on every event of the command.
@@ -52,10 +49,7 @@ pub struct RecordedEvent {
 
 impl RecordedEvent {
     pub fn point(&self) -> LogPoint {
-        LogPoint {
-            transaction_id: self.transaction_id,
-            position: self.position,
-        }
+        LogPoint { transaction_id: self.transaction_id, position: self.position }
     }
 
     pub fn decode(&self) -> Result<Event, EventDecodeError> {
@@ -71,9 +65,7 @@ mod u64_string {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -165,10 +157,9 @@ fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx:
     let txid: String = row.try_get("transaction_id")?;
     Ok(RecordedEvent {
         position: row.try_get("position")?,
-        transaction_id: txid.parse().map_err(|e| sqlx::Error::ColumnDecode {
-            index: "transaction_id".into(),
-            source: Box::new(e),
-        })?,
+        transaction_id: txid
+            .parse()
+            .map_err(|e| sqlx::Error::ColumnDecode { index: "transaction_id".into(), source: Box::new(e) })?,
         event_id: row.try_get("event_id")?,
         stream_id: row.try_get("stream_id")?,
         stream_version: row.try_get("stream_version")?,
@@ -305,10 +296,7 @@ pub async fn point_of(conn: &mut PgConnection, position: i64) -> Result<Option<L
         .bind(position)
         .fetch_optional(&mut *conn)
         .await?;
-    Ok(txid.and_then(|t| t.parse().ok()).map(|transaction_id| LogPoint {
-        transaction_id,
-        position,
-    }))
+    Ok(txid.and_then(|t| t.parse().ok()).map(|transaction_id| LogPoint { transaction_id, position }))
 }
 
 pub fn account_stream(account_id: Uuid) -> String {

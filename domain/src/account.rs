@@ -29,15 +29,11 @@ pub struct AccountState {
 
 impl AccountState {
     pub fn is_owned_by(&self, user: Uuid) -> bool {
-        self.opened
-            .as_ref()
-            .is_some_and(|a| a.kind == AccountKind::User && a.owner_id == Some(user))
+        self.opened.as_ref().is_some_and(|a| a.kind == AccountKind::User && a.owner_id == Some(user))
     }
 
     pub fn currency(&self) -> Option<Currency> {
-        self.opened
-            .as_ref()
-            .and_then(|a| Currency::from_code(&a.currency))
+        self.opened.as_ref().and_then(|a| Currency::from_code(&a.currency))
     }
 
     pub fn kind(&self) -> Option<AccountKind> {
@@ -47,40 +43,21 @@ impl AccountState {
 
 #[derive(Clone, Debug)]
 pub enum AccountCommand {
-    Open {
-        account_id: Uuid,
-        owner_id: Uuid,
-        currency: String,
-        name: Option<String>,
-    },
-    OpenSystem {
-        currency: Currency,
-    },
+    Open { account_id: Uuid, owner_id: Uuid, currency: String, name: Option<String> },
+    OpenSystem { currency: Currency },
 }
 
 pub fn decide(state: &AccountState, command: AccountCommand) -> Result<Vec<Event>, DomainError> {
     match command {
-        AccountCommand::Open {
-            account_id,
-            owner_id,
-            currency,
-            name,
-        } => {
+        AccountCommand::Open { account_id, owner_id, currency, name } => {
             if state.opened.is_some() {
                 return Err(DomainError::AccountAlreadyOpened(account_id));
             }
-            let currency = Currency::from_code(&currency).ok_or_else(|| {
-                DomainError::validation("currency", "is not a known ISO 4217 currency code")
-            })?;
+            let currency = Currency::from_code(&currency)
+                .ok_or_else(|| DomainError::validation("currency", "is not a known ISO 4217 currency code"))?;
             let name = name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
-            if name
-                .as_ref()
-                .is_some_and(|n| n.chars().count() > MAX_NAME_CHARS)
-            {
-                return Err(DomainError::validation(
-                    "name",
-                    format!("must be at most {MAX_NAME_CHARS} characters"),
-                ));
+            if name.as_ref().is_some_and(|n| n.chars().count() > MAX_NAME_CHARS) {
+                return Err(DomainError::validation("name", format!("must be at most {MAX_NAME_CHARS} characters")));
             }
             Ok(vec![Event::AccountOpened(AccountOpened {
                 account_id,
@@ -138,31 +115,11 @@ pub struct MoveMoney {
 }
 
 /// Decides a movement against the states of the debit (`from`) and credit (`to`) accounts.
-pub fn decide_transfer(
-    from: &AccountState,
-    to: &AccountState,
-    command: MoveMoney,
-) -> Result<Vec<Event>, DomainError> {
-    let MoveMoney {
-        transfer_id,
-        kind,
-        initiated_by,
-        from_account,
-        to_account,
-        amount,
-        reference,
-    } = command;
-    let reference = reference
-        .map(|r| r.trim().to_owned())
-        .filter(|r| !r.is_empty());
-    if reference
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > MAX_REFERENCE_CHARS)
-    {
-        return Err(DomainError::validation(
-            "reference",
-            format!("must be at most {MAX_REFERENCE_CHARS} characters"),
-        ));
+pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMoney) -> Result<Vec<Event>, DomainError> {
+    let MoveMoney { transfer_id, kind, initiated_by, from_account, to_account, amount, reference } = command;
+    let reference = reference.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+    if reference.as_ref().is_some_and(|r| r.chars().count() > MAX_REFERENCE_CHARS) {
+        return Err(DomainError::validation("reference", format!("must be at most {MAX_REFERENCE_CHARS} characters")));
     }
     // The account the caller acts on must be theirs; anything else looks absent.
     match kind {
@@ -278,7 +235,12 @@ mod tests {
         let (id, owner) = (Uuid::new_v4(), Uuid::new_v4());
         let events = decide(
             &given(&[]),
-            AccountCommand::Open { account_id: id, owner_id: owner, currency: "JPY".into(), name: Some(" Travel ".into()) },
+            AccountCommand::Open {
+                account_id: id,
+                owner_id: owner,
+                currency: "JPY".into(),
+                name: Some(" Travel ".into()),
+            },
         )
         .unwrap();
         assert_eq!(
@@ -297,7 +259,12 @@ mod tests {
     fn opening_with_an_unknown_currency_is_a_validation_error() {
         let err = decide(
             &given(&[]),
-            AccountCommand::Open { account_id: Uuid::new_v4(), owner_id: Uuid::new_v4(), currency: "XYZ".into(), name: None },
+            AccountCommand::Open {
+                account_id: Uuid::new_v4(),
+                owner_id: Uuid::new_v4(),
+                currency: "XYZ".into(),
+                name: None,
+            },
         )
         .unwrap_err();
         assert!(matches!(err, DomainError::Validation { ref field, .. } if field == "currency"));
@@ -337,7 +304,8 @@ mod tests {
         let (user, acc) = (Uuid::new_v4(), Uuid::new_v4());
         let (sys, sys_state) = system(usd());
         let to = given(&[opened(acc, user, "USD")]);
-        let err = decide_transfer(&sys_state, &to, cmd(TransferKind::Deposit, Uuid::new_v4(), sys, acc, "1")).unwrap_err();
+        let err =
+            decide_transfer(&sys_state, &to, cmd(TransferKind::Deposit, Uuid::new_v4(), sys, acc, "1")).unwrap_err();
         assert_eq!(err, DomainError::AccountNotFound(acc));
     }
 
@@ -346,7 +314,8 @@ mod tests {
         let (user, acc) = (Uuid::new_v4(), Uuid::new_v4());
         let (sys, sys_state) = system(usd());
         let from = given(&[opened(acc, user, "USD"), moved(sys, acc, "5.00", TransferKind::Deposit)]);
-        let err = decide_transfer(&from, &sys_state, cmd(TransferKind::Withdrawal, user, acc, sys, "5.01")).unwrap_err();
+        let err =
+            decide_transfer(&from, &sys_state, cmd(TransferKind::Withdrawal, user, acc, sys, "5.01")).unwrap_err();
         assert!(matches!(err, DomainError::InsufficientFunds { account, .. } if account == acc));
         let ok = decide_transfer(&from, &sys_state, cmd(TransferKind::Withdrawal, user, acc, sys, "5")).unwrap();
         assert_eq!(evolve(from, &ok[0]).balance, Decimal::ZERO);
@@ -371,17 +340,39 @@ mod tests {
         let eur = given(&[opened(e, bob, "EUR")]);
         let absent = AccountState::default();
         // Debiting someone else's account.
-        assert_eq!(decide_transfer(&to, &from, cmd(TransferKind::Transfer, ann, b, a, "1")).unwrap_err(), DomainError::AccountNotFound(b));
+        assert_eq!(
+            decide_transfer(&to, &from, cmd(TransferKind::Transfer, ann, b, a, "1")).unwrap_err(),
+            DomainError::AccountNotFound(b)
+        );
         // Unknown source and destination.
-        assert_eq!(decide_transfer(&absent, &to, cmd(TransferKind::Transfer, ann, e, b, "1")).unwrap_err(), DomainError::AccountNotFound(e));
-        assert_eq!(decide_transfer(&from, &absent, cmd(TransferKind::Transfer, ann, a, e, "1")).unwrap_err(), DomainError::AccountNotFound(e));
-        assert_eq!(decide_transfer(&from, &from, cmd(TransferKind::Transfer, ann, a, a, "1")).unwrap_err(), DomainError::SameAccount);
-        assert!(matches!(decide_transfer(&from, &eur, cmd(TransferKind::Transfer, ann, a, e, "1")).unwrap_err(), DomainError::CurrencyMismatch { .. }));
-        assert!(matches!(decide_transfer(&from, &to, cmd(TransferKind::Transfer, ann, a, b, "3.01")).unwrap_err(), DomainError::InsufficientFunds { .. }));
-        assert!(matches!(decide_transfer(&from, &to, cmd(TransferKind::Transfer, ann, a, b, "0.001")).unwrap_err(), DomainError::Validation { ref field, .. } if field == "amount"));
+        assert_eq!(
+            decide_transfer(&absent, &to, cmd(TransferKind::Transfer, ann, e, b, "1")).unwrap_err(),
+            DomainError::AccountNotFound(e)
+        );
+        assert_eq!(
+            decide_transfer(&from, &absent, cmd(TransferKind::Transfer, ann, a, e, "1")).unwrap_err(),
+            DomainError::AccountNotFound(e)
+        );
+        assert_eq!(
+            decide_transfer(&from, &from, cmd(TransferKind::Transfer, ann, a, a, "1")).unwrap_err(),
+            DomainError::SameAccount
+        );
+        assert!(matches!(
+            decide_transfer(&from, &eur, cmd(TransferKind::Transfer, ann, a, e, "1")).unwrap_err(),
+            DomainError::CurrencyMismatch { .. }
+        ));
+        assert!(matches!(
+            decide_transfer(&from, &to, cmd(TransferKind::Transfer, ann, a, b, "3.01")).unwrap_err(),
+            DomainError::InsufficientFunds { .. }
+        ));
+        assert!(
+            matches!(decide_transfer(&from, &to, cmd(TransferKind::Transfer, ann, a, b, "0.001")).unwrap_err(), DomainError::Validation { ref field, .. } if field == "amount")
+        );
         let mut long = cmd(TransferKind::Transfer, ann, a, b, "1");
         long.reference = Some("x".repeat(MAX_REFERENCE_CHARS + 1));
-        assert!(matches!(decide_transfer(&from, &to, long).unwrap_err(), DomainError::Validation { ref field, .. } if field == "reference"));
+        assert!(
+            matches!(decide_transfer(&from, &to, long).unwrap_err(), DomainError::Validation { ref field, .. } if field == "reference")
+        );
     }
 
     #[test]

@@ -41,32 +41,24 @@ const NON_TWO_DIGIT: &[(&str, u32)] = &[
 
 /// Active ISO 4217 codes with two minor-unit digits.
 const TWO_DIGIT: &[&str] = &[
-    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
-    "BGN", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHF",
-    "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR",
-    "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF",
-    "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR", "KPW", "KYD", "KZT", "LAK", "LBP",
-    "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR",
-    "MWK", "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "PAB", "PEN", "PGK",
-    "PHP", "PKR", "PLN", "QAR", "RON", "RSD", "RUB", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD",
-    "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TOP",
-    "TRY", "TTD", "TWD", "TZS", "UAH", "USD", "UYU", "UZS", "VES", "WST", "XCD", "YER", "ZAR",
-    "ZMW", "ZWG",
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN", "BMD", "BND",
+    "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHF", "CNY", "COP", "CRC", "CUP", "CVE", "CZK",
+    "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GTQ", "GYD",
+    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR", "KPW", "KYD", "KZT", "LAK",
+    "LBP", "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN",
+    "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "QAR", "RON",
+    "RSD", "RUB", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP",
+    "SZL", "THB", "TJS", "TMT", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "USD", "UYU", "UZS", "VES", "WST", "XCD",
+    "YER", "ZAR", "ZMW", "ZWG",
 ];
 
 impl Currency {
     /// Looks up an ISO 4217 code; codes are upper-case, exactly three letters.
     pub fn from_code(code: &str) -> Option<Currency> {
         if let Some((c, m)) = NON_TWO_DIGIT.iter().find(|(c, _)| *c == code) {
-            return Some(Currency {
-                code: c,
-                minor_units: *m,
-            });
+            return Some(Currency { code: c, minor_units: *m });
         }
-        TWO_DIGIT.iter().find(|c| **c == code).map(|c| Currency {
-            code: c,
-            minor_units: 2,
-        })
+        TWO_DIGIT.iter().find(|c| **c == code).map(|c| Currency { code: c, minor_units: 2 })
     }
 
     pub fn code(&self) -> &'static str {
@@ -81,14 +73,8 @@ impl Currency {
     pub fn all() -> impl Iterator<Item = Currency> {
         NON_TWO_DIGIT
             .iter()
-            .map(|(c, m)| Currency {
-                code: c,
-                minor_units: *m,
-            })
-            .chain(TWO_DIGIT.iter().map(|c| Currency {
-                code: c,
-                minor_units: 2,
-            }))
+            .map(|(c, m)| Currency { code: c, minor_units: *m })
+            .chain(TWO_DIGIT.iter().map(|c| Currency { code: c, minor_units: 2 }))
     }
 }
 

@@ -13,27 +13,15 @@ pub enum DomainError {
     #[error("user {0} is already registered")]
     UserAlreadyRegistered(Uuid),
     #[error("account {account} has {available} available, {requested} requested")]
-    InsufficientFunds {
-        account: Uuid,
-        available: Decimal,
-        requested: Decimal,
-    },
+    InsufficientFunds { account: Uuid, available: Decimal, requested: Decimal },
     #[error("account {from_account} is in {from_currency}, account {to_account} is in {to_currency}")]
-    CurrencyMismatch {
-        from_account: Uuid,
-        from_currency: String,
-        to_account: Uuid,
-        to_currency: String,
-    },
+    CurrencyMismatch { from_account: Uuid, from_currency: String, to_account: Uuid, to_currency: String },
     #[error("a transfer needs two different accounts")]
     SameAccount,
 }
 
 impl DomainError {
     pub fn validation(field: &str, message: impl Into<String>) -> DomainError {
-        DomainError::Validation {
-            field: field.to_owned(),
-            message: message.into(),
-        }
+        DomainError::Validation { field: field.to_owned(), message: message.into() }
     }
 }

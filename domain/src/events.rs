@@ -101,16 +101,9 @@ pub enum Event {
 #[derive(Debug, thiserror::Error)]
 pub enum EventDecodeError {
     #[error("unknown event type {event_type} v{schema_version}")]
-    UnknownType {
-        event_type: String,
-        schema_version: i32,
-    },
+    UnknownType { event_type: String, schema_version: i32 },
     #[error("event {event_type} v{schema_version} has a malformed payload: {source}")]
-    Payload {
-        event_type: String,
-        schema_version: i32,
-        source: serde_json::Error,
-    },
+    Payload { event_type: String, schema_version: i32, source: serde_json::Error },
 }
 
 /// Static description of one event type and version, for schemas and docs.
@@ -176,25 +169,12 @@ impl Event {
         schema_version: i32,
         payload: serde_json::Value,
     ) -> Result<Event, EventDecodeError> {
-        let wrap = |source| EventDecodeError::Payload {
-            event_type: event_type.to_owned(),
-            schema_version,
-            source,
-        };
+        let wrap = |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
         match (event_type, schema_version) {
-            ("UserRegistered", 1) => serde_json::from_value(payload)
-                .map(Event::UserRegistered)
-                .map_err(wrap),
-            ("AccountOpened", 1) => serde_json::from_value(payload)
-                .map(Event::AccountOpened)
-                .map_err(wrap),
-            ("TransferRecorded", 1) => serde_json::from_value(payload)
-                .map(Event::TransferRecorded)
-                .map_err(wrap),
-            _ => Err(EventDecodeError::UnknownType {
-                event_type: event_type.to_owned(),
-                schema_version,
-            }),
+            ("UserRegistered", 1) => serde_json::from_value(payload).map(Event::UserRegistered).map_err(wrap),
+            ("AccountOpened", 1) => serde_json::from_value(payload).map(Event::AccountOpened).map_err(wrap),
+            ("TransferRecorded", 1) => serde_json::from_value(payload).map(Event::TransferRecorded).map_err(wrap),
+            _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
         }
     }
 }

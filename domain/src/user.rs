@@ -11,11 +11,7 @@ pub struct UserState {
 
 #[derive(Clone, Debug)]
 pub enum UserCommand {
-    Register {
-        user_id: Uuid,
-        email: String,
-        display_name: Option<String>,
-    },
+    Register { user_id: Uuid, email: String, display_name: Option<String> },
 }
 
 pub const MIN_PASSWORD_CHARS: usize = 10;
@@ -46,48 +42,29 @@ pub fn normalize_email(raw: &str) -> Result<String, DomainError> {
 pub fn check_password(password: &str) -> Result<(), DomainError> {
     let n = password.chars().count();
     if n < MIN_PASSWORD_CHARS {
-        return Err(DomainError::validation(
-            "password",
-            format!("must be at least {MIN_PASSWORD_CHARS} characters"),
-        ));
+        return Err(DomainError::validation("password", format!("must be at least {MIN_PASSWORD_CHARS} characters")));
     }
     if n > MAX_PASSWORD_CHARS {
-        return Err(DomainError::validation(
-            "password",
-            format!("must be at most {MAX_PASSWORD_CHARS} characters"),
-        ));
+        return Err(DomainError::validation("password", format!("must be at most {MAX_PASSWORD_CHARS} characters")));
     }
     Ok(())
 }
 
 pub fn decide(state: &UserState, command: UserCommand) -> Result<Vec<Event>, DomainError> {
     match command {
-        UserCommand::Register {
-            user_id,
-            email,
-            display_name,
-        } => {
+        UserCommand::Register { user_id, email, display_name } => {
             if state.registered.is_some() {
                 return Err(DomainError::UserAlreadyRegistered(user_id));
             }
             let email = normalize_email(&email)?;
-            let display_name = display_name
-                .map(|n| n.trim().to_owned())
-                .filter(|n| !n.is_empty());
-            if display_name
-                .as_ref()
-                .is_some_and(|n| n.chars().count() > MAX_DISPLAY_NAME_CHARS)
-            {
+            let display_name = display_name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+            if display_name.as_ref().is_some_and(|n| n.chars().count() > MAX_DISPLAY_NAME_CHARS) {
                 return Err(DomainError::validation(
                     "display_name",
                     format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters"),
                 ));
             }
-            Ok(vec![Event::UserRegistered(UserRegistered {
-                user_id,
-                email,
-                display_name,
-            })])
+            Ok(vec![Event::UserRegistered(UserRegistered { user_id, email, display_name })])
         }
     }
 }
@@ -132,24 +109,12 @@ mod tests {
     #[test]
     fn registering_twice_is_refused() {
         let id = Uuid::new_v4();
-        let first = decide(
-            &given(&[]),
-            UserCommand::Register {
-                user_id: id,
-                email: "a@b.io".into(),
-                display_name: None,
-            },
-        )
-        .unwrap();
-        let err = decide(
-            &given(&first),
-            UserCommand::Register {
-                user_id: id,
-                email: "a@b.io".into(),
-                display_name: None,
-            },
-        )
-        .unwrap_err();
+        let first =
+            decide(&given(&[]), UserCommand::Register { user_id: id, email: "a@b.io".into(), display_name: None })
+                .unwrap();
+        let err =
+            decide(&given(&first), UserCommand::Register { user_id: id, email: "a@b.io".into(), display_name: None })
+                .unwrap_err();
         assert_eq!(err, DomainError::UserAlreadyRegistered(id));
     }
 
@@ -158,11 +123,7 @@ mod tests {
         for bad in ["", "ann", "ann@", "@x.io", "a@b", "a b@c.io", "a@@b.io", "a@.io", "a@b..io"] {
             let err = decide(
                 &given(&[]),
-                UserCommand::Register {
-                    user_id: Uuid::new_v4(),
-                    email: bad.into(),
-                    display_name: None,
-                },
+                UserCommand::Register { user_id: Uuid::new_v4(), email: bad.into(), display_name: None },
             )
             .unwrap_err();
             assert!(matches!(err, DomainError::Validation { ref field, .. } if field == "email"), "{bad}");

@@ -21,8 +21,12 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0..6usize, 1..50_000u64).prop_map(|(account, cents)| Op::Deposit { account, cents }),
         (0..6usize, 1..50_000u64).prop_map(|(account, cents)| Op::Withdraw { account, cents }),
-        (0..6usize, 0..6usize, 1..50_000u64, any::<bool>())
-            .prop_map(|(from, to, cents, as_owner)| Op::Transfer { from, to, cents, as_owner }),
+        (0..6usize, 0..6usize, 1..50_000u64, any::<bool>()).prop_map(|(from, to, cents, as_owner)| Op::Transfer {
+            from,
+            to,
+            cents,
+            as_owner
+        }),
     ]
 }
 
@@ -48,7 +52,8 @@ impl World {
             w.apply(id, events);
             let sys = system_account_id(currency);
             if !w.states.contains_key(&sys) {
-                let events = account::decide(&AccountState::default(), AccountCommand::OpenSystem { currency }).unwrap();
+                let events =
+                    account::decide(&AccountState::default(), AccountCommand::OpenSystem { currency }).unwrap();
                 w.apply(sys, events);
             }
             w.accounts.push((id, owner, currency));
@@ -96,7 +101,15 @@ impl World {
         let empty = AccountState::default();
         let from_state = self.states.get(&from).unwrap_or(&empty);
         let to_state = self.states.get(&to).unwrap_or(&empty);
-        let cmd = MoveMoney { transfer_id: Uuid::new_v4(), kind, initiated_by: by, from_account: from, to_account: to, amount: amt, reference: None };
+        let cmd = MoveMoney {
+            transfer_id: Uuid::new_v4(),
+            kind,
+            initiated_by: by,
+            from_account: from,
+            to_account: to,
+            amount: amt,
+            reference: None,
+        };
         if let Ok(events) = account::decide_transfer(from_state, to_state, cmd) {
             self.apply(from, events);
         }

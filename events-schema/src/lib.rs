@@ -31,10 +31,7 @@ pub fn generate() -> Vec<SchemaFile> {
     for info in event_types() {
         let mut schema = (info.schema)().to_value();
         if let Value::Object(map) = &mut schema {
-            map.insert(
-                "$id".into(),
-                json!(format!("urn:ledger:event:{}:v{}", info.event_type, info.schema_version)),
-            );
+            map.insert("$id".into(), json!(format!("urn:ledger:event:{}:v{}", info.event_type, info.schema_version)));
             map.insert("title".into(), json!(format!("{} v{}", info.event_type, info.schema_version)));
             map.insert("x-event-type".into(), json!(info.event_type));
             map.insert("x-schema-version".into(), json!(info.schema_version));
@@ -50,10 +47,7 @@ pub fn generate() -> Vec<SchemaFile> {
         contents.push('\n');
         files.push(SchemaFile { path, contents });
     }
-    files.push(SchemaFile {
-        path: PathBuf::from("README.md"),
-        contents: readme,
-    });
+    files.push(SchemaFile { path: PathBuf::from("README.md"), contents: readme });
     files
 }
 
@@ -75,10 +69,8 @@ fn describe(schema: &Value, path: &std::path::Path) -> String {
     }
     out.push_str(&format!("Schema: [`{}`]({})\n\n", path.display(), path.display()));
     out.push_str("| Field | Type | Required | Meaning |\n|---|---|---|---|\n");
-    let required: Vec<&str> = schema["required"]
-        .as_array()
-        .map(|r| r.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let required: Vec<&str> =
+        schema["required"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     if let Some(properties) = schema["properties"].as_object() {
         for (name, property) in properties {
             let resolved = resolve(schema, property);

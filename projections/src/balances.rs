@@ -78,17 +78,13 @@ pub async fn account(pool: &PgPool, account_id: Uuid) -> Result<Option<AccountVi
 }
 
 pub async fn accounts_of(pool: &PgPool, owner_id: Uuid) -> Result<Vec<AccountView>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM balances WHERE owner_id = $1 ORDER BY opened_at, account_id"
-    ))
-    .bind(owner_id)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM balances WHERE owner_id = $1 ORDER BY opened_at, account_id"))
+        .bind(owner_id)
+        .fetch_all(pool)
+        .await
 }
 
 /// Every row, in a stable order, for consistency checks and replay comparisons.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<AccountView>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM balances ORDER BY account_id"))
-        .fetch_all(&mut *conn)
-        .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM balances ORDER BY account_id")).fetch_all(&mut *conn).await
 }

@@ -41,18 +41,15 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<(String, LogPoint)>, sql
     let rows = sqlx::query("SELECT projection, transaction_id::text AS t, position FROM projection_checkpoints")
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("projection")?, point_from(r)?)))
-        .collect()
+    rows.iter().map(|r| Ok((r.try_get("projection")?, point_from(r)?))).collect()
 }
 
 fn point_from(row: &sqlx::postgres::PgRow) -> Result<LogPoint, sqlx::Error> {
     let t: String = row.try_get("t")?;
     Ok(LogPoint {
-        transaction_id: t.parse().map_err(|e| sqlx::Error::ColumnDecode {
-            index: "transaction_id".into(),
-            source: Box::new(e),
-        })?,
+        transaction_id: t
+            .parse()
+            .map_err(|e| sqlx::Error::ColumnDecode { index: "transaction_id".into(), source: Box::new(e) })?,
         position: row.try_get("position")?,
     })
 }

@@ -18,10 +18,7 @@ pub enum ProjectionError {
     #[error("event store: {0}")]
     Store(#[from] ledger_commands::store::StoreError),
     #[error("event {position} cannot be read: {source}")]
-    Decode {
-        position: i64,
-        source: ledger_domain::events::EventDecodeError,
-    },
+    Decode { position: i64, source: ledger_domain::events::EventDecodeError },
     #[error("NATS: {0}")]
     Nats(String),
 }
@@ -57,10 +54,8 @@ impl Projection {
 
     /// Applies one event; the caller advances the checkpoint in the same transaction.
     pub async fn apply(self, conn: &mut PgConnection, recorded: &RecordedEvent) -> Result<(), ProjectionError> {
-        let event = recorded.decode().map_err(|source| ProjectionError::Decode {
-            position: recorded.position,
-            source,
-        })?;
+        let event =
+            recorded.decode().map_err(|source| ProjectionError::Decode { position: recorded.position, source })?;
         match self {
             Projection::Balances => balances::apply(conn, recorded, &event).await?,
             Projection::Statements => statements::apply(conn, recorded, &event).await?,

@@ -34,11 +34,9 @@ pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result
     };
     loop {
         let checkpoints = checkpoint::all(&mut conn).await?;
-        let caught_up = Projection::ALL.iter().all(|p| {
-            checkpoints
-                .iter()
-                .any(|(name, point)| name == p.name() && *point >= target)
-        });
+        let caught_up = Projection::ALL
+            .iter()
+            .all(|p| checkpoints.iter().any(|(name, point)| name == p.name() && *point >= target));
         if caught_up {
             return Ok(());
         }
@@ -56,11 +54,7 @@ pub async fn lags(pool: &PgPool) -> Result<Vec<(&'static str, i64)>, WaitError> 
     let checkpoints = checkpoint::all(&mut conn).await?;
     let mut out = Vec::new();
     for p in Projection::ALL {
-        let at = checkpoints
-            .iter()
-            .find(|(n, _)| n == p.name())
-            .map(|(_, point)| *point)
-            .unwrap_or_default();
+        let at = checkpoints.iter().find(|(n, _)| n == p.name()).map(|(_, point)| *point).unwrap_or_default();
         out.push((p.name(), store::count_after(&mut conn, at, 1_000_000).await?));
     }
     Ok(out)

@@ -33,10 +33,9 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
     if inserted.rows_affected() == 0 {
         return Ok(());
     }
-    for (account, counterparty, direction, delta) in [
-        (t.from_account, t.to_account, "debit", -t.amount),
-        (t.to_account, t.from_account, "credit", t.amount),
-    ] {
+    for (account, counterparty, direction, delta) in
+        [(t.from_account, t.to_account, "debit", -t.amount), (t.to_account, t.from_account, "credit", t.amount)]
+    {
         // The next entry continues the account's previous one in apply order.
         sqlx::query(
             "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,

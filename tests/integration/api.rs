@@ -74,7 +74,13 @@ async fn accounts_deposits_withdrawals_transfers_and_reads() {
     let (s, v) = t.post("/v1/transfers", &bob, json!({"from_account": a, "to_account": b, "amount": "1"})).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "account-not-found"));
 
-    let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "30.25", "reference": "rent"})).await;
+    let (s, v) = t
+        .post(
+            "/v1/transfers",
+            &ann,
+            json!({"from_account": a, "to_account": b, "amount": "30.25", "reference": "rent"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let transfer = v["transfer_id"].as_str().unwrap().to_owned();
     let p = v["position"].as_i64().unwrap();
@@ -93,10 +99,22 @@ async fn accounts_deposits_withdrawals_transfers_and_reads() {
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "transfer-not-found"));
 
     let rejections = [
-        (json!({"from_account": a, "to_account": b, "amount": "69.76"}), StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"),
-        (json!({"from_account": a, "to_account": e, "amount": "1"}), StatusCode::UNPROCESSABLE_ENTITY, "currency-mismatch"),
+        (
+            json!({"from_account": a, "to_account": b, "amount": "69.76"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "insufficient-funds",
+        ),
+        (
+            json!({"from_account": a, "to_account": e, "amount": "1"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "currency-mismatch",
+        ),
         (json!({"from_account": a, "to_account": a, "amount": "1"}), StatusCode::UNPROCESSABLE_ENTITY, "same-account"),
-        (json!({"from_account": a, "to_account": uuid::Uuid::new_v4(), "amount": "1"}), StatusCode::NOT_FOUND, "account-not-found"),
+        (
+            json!({"from_account": a, "to_account": uuid::Uuid::new_v4(), "amount": "1"}),
+            StatusCode::NOT_FOUND,
+            "account-not-found",
+        ),
     ];
     for (body, status, problem) in rejections {
         let (s, v) = t.post("/v1/transfers", &ann, body.clone()).await;
@@ -114,8 +132,14 @@ async fn accounts_deposits_withdrawals_transfers_and_reads() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let items = v["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!((items[0]["kind"].as_str(), items[0]["direction"].as_str(), items[0]["balance_after"].as_str()), (Some("withdrawal"), Some("debit"), Some("0.00")));
-    assert_eq!((items[1]["kind"].as_str(), items[1]["amount"].as_str(), items[1]["balance_after"].as_str()), (Some("transfer"), Some("30.25"), Some("69.75")));
+    assert_eq!(
+        (items[0]["kind"].as_str(), items[0]["direction"].as_str(), items[0]["balance_after"].as_str()),
+        (Some("withdrawal"), Some("debit"), Some("0.00"))
+    );
+    assert_eq!(
+        (items[1]["kind"].as_str(), items[1]["amount"].as_str(), items[1]["balance_after"].as_str()),
+        (Some("transfer"), Some("30.25"), Some("69.75"))
+    );
     assert_eq!(items[1]["counterparty_account"].as_str(), Some(b.as_str()));
     let cursor = v["next_cursor"].as_str().unwrap();
     let (_, v) = t.get(&format!("/v1/accounts/{a}/transactions?limit=2&cursor={cursor}"), &ann).await;
@@ -141,7 +165,18 @@ async fn bad_input_gets_problem_json_and_writes_nothing() {
     let jpy = t.account(&ann, "JPY").await;
     let head = t.head().await;
     let deposit = format!("/v1/accounts/{a}/deposits");
-    for bad in [json!("0"), json!("-1"), json!("1e3"), json!("1.001"), json!("abc"), json!(""), json!(12.5), json!(null), json!("1000000000000"), json!(" 1")] {
+    for bad in [
+        json!("0"),
+        json!("-1"),
+        json!("1e3"),
+        json!("1.001"),
+        json!("abc"),
+        json!(""),
+        json!(12.5),
+        json!(null),
+        json!("1000000000000"),
+        json!(" 1"),
+    ] {
         let (s, v) = t.post(&deposit, &ann, json!({"amount": bad})).await;
         assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{bad} -> {v}");
         assert!(v["detail"].as_str().unwrap().contains("amount"), "{v}");
@@ -168,7 +203,10 @@ async fn bad_input_gets_problem_json_and_writes_nothing() {
     let r = raw(b"{\"amount\": ".to_vec(), "application/json").await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let r = raw(format!("{{\"amount\":\"1\",\"reference\":\"{}\"}}", "x".repeat(70_000)).into_bytes(), "application/json").await.unwrap();
+    let r =
+        raw(format!("{{\"amount\":\"1\",\"reference\":\"{}\"}}", "x".repeat(70_000)).into_bytes(), "application/json")
+            .await
+            .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let r = raw(b"amount=1".to_vec(), "application/x-www-form-urlencoded").await.unwrap();

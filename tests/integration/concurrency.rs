@@ -15,7 +15,12 @@ async fn two_hundred_concurrent_withdrawals_never_overdraw() {
         .iter()
         .filter(|(s, v)| *s == StatusCode::UNPROCESSABLE_ENTITY && v["type"] == "/problems/insufficient-funds")
         .count();
-    assert_eq!((ok, short), (100, 100), "{:?}", answers.iter().find(|(s, _)| *s != StatusCode::CREATED && *s != StatusCode::UNPROCESSABLE_ENTITY));
+    assert_eq!(
+        (ok, short),
+        (100, 100),
+        "{:?}",
+        answers.iter().find(|(s, _)| *s != StatusCode::CREATED && *s != StatusCode::UNPROCESSABLE_ENTITY)
+    );
     t.settle().await;
     let head = t.head().await;
     assert_eq!(t.balance(&ann, &a, head).await, "0.00");
@@ -38,7 +43,11 @@ async fn concurrent_transfers_between_accounts_conserve_money() {
     for round in 0..10 {
         for (i, (token, from)) in users.iter().enumerate() {
             let (_, to) = &users[(i + 1 + round % 3) % users.len()];
-            calls.push(t.post("/v1/transfers", token, json!({"from_account": from, "to_account": to, "amount": "7.00"})));
+            calls.push(t.post(
+                "/v1/transfers",
+                token,
+                json!({"from_account": from, "to_account": to, "amount": "7.00"}),
+            ));
         }
     }
     let answers = futures::future::join_all(calls).await;

@@ -27,10 +27,12 @@ async fn the_log_refuses_update_delete_and_truncate() {
         .expect_err("duplicate version");
     assert!(store::is_unique_violation(&dup));
     // Every event carries its metadata.
-    let missing: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE command_id IS NULL OR actor_id IS NULL OR correlation_id IS NULL")
-        .fetch_one(&t.pool)
-        .await
-        .unwrap();
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE command_id IS NULL OR actor_id IS NULL OR correlation_id IS NULL",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
     assert_eq!(missing, 0);
     t.cleanup().await;
 }

@@ -52,14 +52,7 @@ impl TestLedger {
         let running = ledger::start(config.clone(), Roles::ALL).await.expect("ledger starts");
         let addr = running.addr.expect("http role listens");
         let pool = PgPool::connect(&config.database_url).await.expect("test pool");
-        TestLedger {
-            base: format!("http://{addr}"),
-            http: Client::new(),
-            pool,
-            config,
-            db,
-            running: Some(running),
-        }
+        TestLedger { base: format!("http://{addr}"), http: Client::new(), pool, config, db, running: Some(running) }
     }
 
     /// Stops the service and removes its database and JetStream stream.
@@ -74,13 +67,18 @@ impl TestLedger {
             let _ = js.delete_stream(names.stream()).await;
         }
         if let Ok(admin) = PgPool::connect(PG_ADMIN).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
-                .execute(&admin)
-                .await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db)).execute(&admin).await;
         }
     }
 
-    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value, HeaderMap) {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value, HeaderMap) {
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -95,7 +93,8 @@ impl TestLedger {
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text().await.expect("body read");
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         (status, value, headers)
     }
 
@@ -114,12 +113,24 @@ impl TestLedger {
     pub async fn user(&self) -> (String, String) {
         let email = format!("{}@example.com", Uuid::new_v4().simple());
         let (s, v, _) = self
-            .request(Method::POST, "/v1/auth/register", None, None, Some(json!({"email": email, "password": "correct horse battery"})))
+            .request(
+                Method::POST,
+                "/v1/auth/register",
+                None,
+                None,
+                Some(json!({"email": email, "password": "correct horse battery"})),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         let user_id = v["user_id"].as_str().expect("user_id").to_owned();
         let (s, v, _) = self
-            .request(Method::POST, "/v1/auth/login", None, None, Some(json!({"email": email, "password": "correct horse battery"})))
+            .request(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                None,
+                Some(json!({"email": email, "password": "correct horse battery"})),
+            )
             .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         (user_id, v["access_token"].as_str().expect("token").to_owned())
@@ -197,7 +208,11 @@ impl TestLedger {
                     r.account_id,
                     FoldedBalance {
                         currency: r.currency,
-                        kind: if r.kind == "system" { ledger_domain::events::AccountKind::System } else { ledger_domain::events::AccountKind::User },
+                        kind: if r.kind == "system" {
+                            ledger_domain::events::AccountKind::System
+                        } else {
+                            ledger_domain::events::AccountKind::User
+                        },
                         balance: r.balance,
                     },
                 )
@@ -206,7 +221,8 @@ impl TestLedger {
         assert_eq!(read, folded, "balances read model equals a fold of the log");
         // Every movement appears exactly once on each side of the statements.
         let transfers = events.iter().filter(|e| matches!(e, ledger_domain::Event::TransferRecorded(_))).count() as i64;
-        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM statement_entries").fetch_one(&self.pool).await.expect("count");
+        let entries: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM statement_entries").fetch_one(&self.pool).await.expect("count");
         assert_eq!(entries, transfers * 2);
         let broken: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM statement_entries s JOIN balances b USING (account_id)
@@ -219,4 +235,3 @@ impl TestLedger {
         assert_eq!(broken, 0, "each statement's last running balance equals the account balance");
     }
 }
-

@@ -44,7 +44,15 @@ async fn same_key_same_request_replays_the_first_answer() {
     let (s, _) = t.get("/v1/commands/dep-1", &bob).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let b = t.account(&bob, "USD").await;
-    let (s, _, h) = t.request(Method::POST, &format!("/v1/accounts/{b}/deposits"), Some(&bob), Some("dep-1"), Some(json!({"amount": "1.00"}))).await;
+    let (s, _, h) = t
+        .request(
+            Method::POST,
+            &format!("/v1/accounts/{b}/deposits"),
+            Some(&bob),
+            Some("dep-1"),
+            Some(json!({"amount": "1.00"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
     assert!(h.get("idempotent-replayed").is_none());
 
@@ -66,9 +74,9 @@ async fn ten_concurrent_requests_with_one_key_have_one_effect_and_one_answer() {
     let b = t.account(&bob, "USD").await;
     t.deposit(&ann, &a, "100.00").await;
     let body = json!({"from_account": a, "to_account": b, "amount": "7.00"});
-    let answers = futures::future::join_all((0..10).map(|_| {
-        t.request(Method::POST, "/v1/transfers", Some(&ann), Some("pay-bob"), Some(body.clone()))
-    }))
+    let answers = futures::future::join_all(
+        (0..10).map(|_| t.request(Method::POST, "/v1/transfers", Some(&ann), Some("pay-bob"), Some(body.clone()))),
+    )
     .await;
     let first = (answers[0].0, answers[0].1.clone());
     assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
@@ -80,10 +88,12 @@ async fn ten_concurrent_requests_with_one_key_have_one_effect_and_one_answer() {
     let p = first.1["position"].as_i64().unwrap();
     assert_eq!(t.balance(&ann, &a, p).await, "93.00");
     assert_eq!(t.balance(&bob, &b, p).await, "7.00");
-    let transfers: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'TransferRecorded' AND payload->>'kind' = 'transfer'")
-        .fetch_one(&t.pool)
-        .await
-        .unwrap();
+    let transfers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'TransferRecorded' AND payload->>'kind' = 'transfer'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
     assert_eq!(transfers, 1);
     t.assert_invariants().await;
     t.cleanup().await;

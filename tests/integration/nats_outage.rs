@@ -50,7 +50,9 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
             nats.kill().await.unwrap();
             let _ = nats.wait().await;
         }
-        let (s, v) = t.post("/v1/transfers", &ann, serde_json::json!({"from_account": a, "to_account": b, "amount": "1.50"})).await;
+        let (s, v) = t
+            .post("/v1/transfers", &ann, serde_json::json!({"from_account": a, "to_account": b, "amount": "1.50"}))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "commands succeed while NATS is down: {v}");
         positions.push(v["position"].as_i64().unwrap());
         if i == 40 {

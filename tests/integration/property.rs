@@ -52,7 +52,8 @@ fn random_command_sequences_keep_every_invariant() {
     // The model carries over between cases: each case continues on the same ledger.
     let state = std::cell::Cell::new([0i64; 4]);
 
-    let mut runner = TestRunner::new(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() });
+    let mut runner =
+        TestRunner::new(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() });
     let result = runner.run(&proptest::collection::vec(op(), 1..25), |ops| {
         let mut model = state.get();
         let outcome = runtime.block_on(async {
@@ -76,7 +77,8 @@ fn random_command_sequences_keep_every_invariant() {
                         }
                     }
                     Op::Transfer { from, to, cents } => {
-                        let body = json!({"from_account": accounts[from], "to_account": accounts[to], "amount": money(cents)});
+                        let body =
+                            json!({"from_account": accounts[from], "to_account": accounts[to], "amount": money(cents)});
                         let (s, v) = t.post("/v1/transfers", &tokens[OWNERS[from]], body).await;
                         let expected = if from == to {
                             Some("/problems/same-account")

@@ -38,7 +38,12 @@ async fn replay_rebuilds_byte_identical_read_models() {
     for round in 0..5 {
         let (token, from, _) = &accounts[0];
         let (_, to, _) = &accounts[2];
-        t.post("/v1/transfers", token, json!({"from_account": from, "to_account": to, "amount": format!("{}.01", round + 1)})).await;
+        t.post(
+            "/v1/transfers",
+            token,
+            json!({"from_account": from, "to_account": to, "amount": format!("{}.01", round + 1)}),
+        )
+        .await;
         let (token, from, _) = &accounts[1];
         t.post(&format!("/v1/accounts/{from}/withdrawals"), token, json!({"amount": "3.30"})).await;
     }

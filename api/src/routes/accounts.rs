@@ -93,7 +93,10 @@ pub(crate) async fn run(
 #[utoipa::path(post, path = "/v1/accounts", tag = "accounts", request_body = OpenAccountRequest,
     params(("Idempotency-Key" = String, Header)),
     responses((status = 201, body = OpenAccountResponse), (status = 422, description = "validation")))]
-pub async fn open(State(state): State<AppState>, request: CommandRequest<OpenAccountRequest>) -> Result<Response, Problem> {
+pub async fn open(
+    State(state): State<AppState>,
+    request: CommandRequest<OpenAccountRequest>,
+) -> Result<Response, Problem> {
     let envelope = envelope(&request);
     let OpenAccountRequest { currency, name } = request.body;
     run(&state, envelope, LedgerCommand::OpenAccount { currency, name }).await
@@ -138,9 +141,7 @@ pub(crate) fn command_envelope<T>(request: &CommandRequest<T>) -> CommandEnvelop
     responses((status = 200, body = AccountList)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser, _: ReadAfter) -> Result<Json<AccountList>, Problem> {
     let items = balances::accounts_of(&state.pool, user.user_id).await?;
-    Ok(Json(AccountList {
-        items: items.into_iter().map(AccountResponse::from).collect(),
-    }))
+    Ok(Json(AccountList { items: items.into_iter().map(AccountResponse::from).collect() }))
 }
 
 /// The account if the caller owns it.
@@ -220,9 +221,7 @@ pub async fn transactions(
     };
     let account = owned_account(&state, user, &id).await?;
     let entries = statements::entries(&state.pool, account.account_id, limit, before).await?;
-    let next_cursor = (entries.len() as i64 == limit)
-        .then(|| entries.last().map(|e| e.entry_no.to_string()))
-        .flatten();
+    let next_cursor = (entries.len() as i64 == limit).then(|| entries.last().map(|e| e.entry_no.to_string())).flatten();
     let currency = account.currency;
     Ok(Json(TransactionPage {
         items: entries

@@ -56,9 +56,5 @@ pub async fn login(
 ) -> Result<Json<LoginResponse>, Problem> {
     let user_id = state.ledger.authenticate(&body.email, body.password).await?;
     let (access_token, expires_in) = state.jwt.issue(user_id)?;
-    Ok(Json(LoginResponse {
-        access_token,
-        token_type: "Bearer",
-        expires_in,
-    }))
+    Ok(Json(LoginResponse { access_token, token_type: "Bearer", expires_in }))
 }

@@ -29,11 +29,9 @@ pub async fn get(
     user: AuthUser,
     Path(key): Path<String>,
 ) -> Result<Json<CommandOutcome>, Problem> {
-    let record = state
-        .ledger
-        .recorded_outcome(user.user_id, &key)
-        .await?
-        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "command-not-found", "no command was recorded under this key"))?;
+    let record = state.ledger.recorded_outcome(user.user_id, &key).await?.ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "command-not-found", "no command was recorded under this key")
+    })?;
     Ok(Json(CommandOutcome {
         idempotency_key: record.idempotency_key,
         command_id: record.command_id,

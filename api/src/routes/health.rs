@@ -13,10 +13,7 @@ pub async fn healthz() -> Json<Value> {
     responses((status = 200, description = "PostgreSQL and NATS reachable; lags reported"), (status = 503, description = "a dependency is down")))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool).await.is_ok();
-    let nats = state
-        .nats
-        .as_ref()
-        .map(|c| c.connection_state() == async_nats::connection::State::Connected);
+    let nats = state.nats.as_ref().map(|c| c.connection_state() == async_nats::connection::State::Connected);
     let mut projections = serde_json::Map::new();
     if postgres {
         if let Ok(lags) = ledger_projections::read_side::lags(&state.pool).await {
@@ -25,11 +22,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             }
         }
     }
-    let relay_lag = if postgres {
-        ledger_commands::relay::relay_lag(&state.pool, &state.names).await.ok()
-    } else {
-        None
-    };
+    let relay_lag =
+        if postgres { ledger_commands::relay::relay_lag(&state.pool, &state.names).await.ok() } else { None };
     let ready = postgres && nats != Some(false);
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },

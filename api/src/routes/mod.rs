@@ -17,15 +17,12 @@ pub fn outcome_response(outcome: Outcome) -> Response {
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(outcome.body)).into_response();
     if status.is_client_error() || status.is_server_error() {
-        response.headers_mut().insert(
-            axum::http::header::CONTENT_TYPE,
-            HeaderValue::from_static(crate::problem::PROBLEM_CONTENT_TYPE),
-        );
-    }
-    if outcome.replayed {
         response
             .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            .insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static(crate::problem::PROBLEM_CONTENT_TYPE));
+    }
+    if outcome.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     response
 }

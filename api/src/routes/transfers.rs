@@ -42,26 +42,14 @@ pub struct TransferResponse {
     responses((status = 201, body = MovementResponse),
         (status = 404, description = "account-not-found"),
         (status = 422, description = "insufficient-funds, currency-mismatch, same-account or validation")))]
-pub async fn create(State(state): State<AppState>, request: CommandRequest<TransferRequest>) -> Result<Response, Problem> {
+pub async fn create(
+    State(state): State<AppState>,
+    request: CommandRequest<TransferRequest>,
+) -> Result<Response, Problem> {
     let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
     let envelope = command_envelope(&request);
-    let TransferRequest {
-        from_account,
-        to_account,
-        reference,
-        ..
-    } = request.body;
-    run(
-        &state,
-        envelope,
-        LedgerCommand::Transfer {
-            from_account,
-            to_account,
-            amount,
-            reference,
-        },
-    )
-    .await
+    let TransferRequest { from_account, to_account, reference, .. } = request.body;
+    run(&state, envelope, LedgerCommand::Transfer { from_account, to_account, amount, reference }).await
 }
 
 #[utoipa::path(get, path = "/v1/transfers/{id}", tag = "transfers",
