@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use ledger_commands::idempotency;
 use ledger_projections::read_side::{self, WaitError};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -184,9 +183,40 @@ impl<T: DeserializeOwned> FromRequestParts<AppState> for QueryParams<T> {
     }
 }
 
-#[derive(Deserialize)]
-struct MinPosition {
-    min_position: Option<String>,
+/// One path segment as text. A segment that is not valid UTF-8 names
+/// nothing that exists: 404 problem+json rather than axum's plain-text 400.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(segment)) => Ok(PathParam(segment)),
+            Err(_) => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "the path names nothing that exists")),
+        }
+    }
+}
+
+/// `min_position` from a query string; given twice or malformed is a 422,
+/// never a silent "no wait".
+fn min_position(query: &str) -> Result<Option<i64>, Problem> {
+    let mut found = None;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name != "min_position" {
+            continue;
+        }
+        if found.is_some() {
+            return Err(Problem::validation("min_position", "must be given at most once"));
+        }
+        let position: i64 = value
+            .parse()
+            .ok()
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| Problem::validation("min_position", "must be a non-negative integer"))?;
+        found = Some(position);
+    }
+    Ok(found)
 }
 
 /// Read-your-writes: with `?min_position=N`, waits (about 5 s at most) until
@@ -197,16 +227,9 @@ impl FromRequestParts<AppState> for ReadAfter {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let query = parts.uri.query().unwrap_or("");
-        let params: MinPosition = serde_urlencoded::from_str(query).unwrap_or(MinPosition { min_position: None });
-        let Some(raw) = params.min_position else {
+        let Some(position) = min_position(parts.uri.query().unwrap_or(""))? else {
             return Ok(ReadAfter);
         };
-        let position: i64 = raw
-            .parse()
-            .ok()
-            .filter(|p| *p >= 0)
-            .ok_or_else(|| Problem::validation("min_position", "must be a non-negative integer"))?;
         if position == 0 {
             return Ok(ReadAfter);
         }

@@ -48,11 +48,15 @@ impl From<sqlx::Error> for CommandError {
 
 /// A money or account command from an authenticated user.
 #[derive(Clone, Debug)]
+///
+/// Amounts arrive as the client sent them and are parsed inside the command,
+/// so a malformed amount is recorded under the Idempotency-Key like any other
+/// rejection.
 pub enum LedgerCommand {
     OpenAccount { currency: String, name: Option<String> },
-    Deposit { account_id: Uuid, amount: Amount, reference: Option<String> },
-    Withdraw { account_id: Uuid, amount: Amount, reference: Option<String> },
-    Transfer { from_account: Uuid, to_account: Uuid, amount: Amount, reference: Option<String> },
+    Deposit { account_id: Uuid, amount: String, reference: Option<String> },
+    Withdraw { account_id: Uuid, amount: String, reference: Option<String> },
+    Transfer { from_account: Uuid, to_account: Uuid, amount: String, reference: Option<String> },
 }
 
 /// Who sends a command and under which key.
@@ -309,6 +313,10 @@ async fn decide(
             }))
         }
         LedgerCommand::Deposit { account_id, amount, reference } => {
+            let amount = match Amount::parse("amount", &amount) {
+                Ok(a) => a,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
             let (to, _) = account_state(conn, account_id, false).await?;
             let Some(currency) = to.currency().filter(|_| to.is_owned_by(actor)) else {
                 return Ok(Err(DomainError::AccountNotFound(account_id)));
@@ -338,6 +346,10 @@ async fn decide(
             }))
         }
         LedgerCommand::Withdraw { account_id, amount, reference } => {
+            let amount = match Amount::parse("amount", &amount) {
+                Ok(a) => a,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
             lock_account(conn, account_id).await?;
             let (from, version) = account_state(conn, account_id, true).await?;
             let Some(currency) = from.currency().filter(|_| from.is_owned_by(actor)) else {
@@ -366,6 +378,10 @@ async fn decide(
             }))
         }
         LedgerCommand::Transfer { from_account, to_account, amount, reference } => {
+            let amount = match Amount::parse("amount", &amount) {
+                Ok(a) => a,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
             lock_account(conn, from_account).await?;
             let (from, version) = account_state(conn, from_account, true).await?;
             let (to, _) = account_state(conn, to_account, false).await?;

@@ -14,7 +14,8 @@ pub enum DomainError {
     UserAlreadyRegistered(Uuid),
     #[error("account {account} has {available} available, {requested} requested")]
     InsufficientFunds { account: Uuid, available: Decimal, requested: Decimal },
-    #[error("account {from_account} is in {from_currency}, account {to_account} is in {to_currency}")]
+    // The other account may be someone else's: its currency is not named.
+    #[error("account {from_account} is in {from_currency}; account {to_account} is in another currency")]
     CurrencyMismatch { from_account: Uuid, from_currency: String, to_account: Uuid, to_currency: String },
     #[error("a transfer needs two different accounts")]
     SameAccount,

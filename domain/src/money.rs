@@ -30,8 +30,11 @@ impl Amount {
         if int.len() > 1 && int.starts_with('0') {
             return Err(invalid("must not have leading zeros"));
         }
-        if int.len() > 13 || frac.is_some_and(|f| f.len() > 18) {
+        if int.len() > 13 {
             return Err(invalid("is too large"));
+        }
+        if frac.is_some_and(|f| f.len() > 18) {
+            return Err(invalid("has too many fraction digits"));
         }
         let value = Decimal::from_str(text).map_err(|_| invalid("is not a valid decimal"))?;
         Self::new(field, value)

@@ -21,9 +21,14 @@ pub enum WaitError {
 pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result<(), WaitError> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
-    let mut conn = pool.acquire().await?;
+    // A connection is held only for each short check, never across a sleep:
+    // many waiting readers must not starve commands and projectors of the pool.
     let target = loop {
-        if let Some(point) = store::point_of(&mut conn, position).await? {
+        let found = {
+            let mut conn = pool.acquire().await?;
+            store::point_of(&mut conn, position).await?
+        };
+        if let Some(point) = found {
             break point;
         }
         if Instant::now() + pause > deadline {
@@ -33,7 +38,10 @@ pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result
         pause = (pause * 2).min(Duration::from_millis(50));
     };
     loop {
-        let checkpoints = checkpoint::all(&mut conn).await?;
+        let checkpoints = {
+            let mut conn = pool.acquire().await?;
+            checkpoint::all(&mut conn).await?
+        };
         let caught_up = Projection::ALL
             .iter()
             .all(|p| checkpoints.iter().any(|(name, point)| name == p.name() && *point >= target));

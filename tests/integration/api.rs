@@ -221,6 +221,22 @@ async fn bad_input_gets_problem_json_and_writes_nothing() {
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "account-not-found"));
     let (s, v) = t.get(&format!("/v1/accounts/{a}?min_position=abc"), &ann).await;
     assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"));
+    // Given twice, it must not silently skip the wait.
+    let (s, v) = t.get(&format!("/v1/accounts/{a}?min_position=999999&min_position=999999"), &ann).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    // A path segment that is not UTF-8 still gets problem+json.
+    let (s, v, h) = t.request(Method::GET, "/v1/accounts/%FF", Some(&ann), None, None).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not-found"), "{v}");
+    assert_eq!(h["content-type"], "application/problem+json");
+
+    // A malformed amount is recorded under its key like any rejection.
+    let (s, v, _) =
+        t.request(Method::POST, &deposit, Some(&ann), Some("zero-amount"), Some(json!({"amount": "0"}))).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"));
+    let (s, recorded) = t.get("/v1/commands/zero-amount", &ann).await;
+    assert_eq!(s, StatusCode::OK, "{recorded}");
+    assert_eq!(recorded["status"], 422);
+    assert_eq!(recorded["response"], v);
 
     assert_eq!(t.head().await, head, "no rejected request wrote an event");
     t.cleanup().await;

@@ -24,7 +24,7 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
         nats_prefix: prefix.to_owned(),
         jwt_secret: b"integration-test-secret-integration-test".to_vec(),
         jwt_secret_is_default: false,
-        db_max_connections: 32,
+        db_max_connections: 16,
         read_wait: Duration::from_secs(5),
         relay_poll: Duration::from_millis(20),
     }
@@ -218,6 +218,12 @@ impl TestLedger {
                 )
             })
             .collect();
+        if read != folded {
+            // Say what the log held, to tell a read-side fault from a log read fault.
+            let in_table: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&self.pool).await.expect("count");
+            eprintln!("the fold read {} events; the events table holds {in_table}", events.len());
+        }
         assert_eq!(read, folded, "balances read model equals a fold of the log");
         // Every movement appears exactly once on each side of the statements.
         let transfers = events.iter().filter(|e| matches!(e, ledger_domain::Event::TransferRecorded(_))).count() as i64;

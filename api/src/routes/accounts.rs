@@ -1,13 +1,12 @@
 use super::{account_not_found, money, outcome_response, path_id};
 use crate::auth::AuthUser;
-use crate::extract::{CommandRequest, QueryParams, ReadAfter};
+use crate::extract::{PathParam, CommandRequest, QueryParams, ReadAfter};
 use crate::problem::{render_rejection, Problem};
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use ledger_commands::{CommandEnvelope, LedgerCommand};
-use ledger_domain::money::Amount;
 use ledger_projections::{balances, statements};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -107,13 +106,12 @@ pub async fn open(
     responses((status = 201, body = MovementResponse), (status = 404, description = "account-not-found"), (status = 422, description = "validation")))]
 pub async fn deposit(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     request: CommandRequest<MoneyRequest>,
 ) -> Result<Response, Problem> {
     let account_id = path_id(&id, account_not_found)?;
-    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
     let envelope = envelope(&request);
-    let reference = request.body.reference;
+    let MoneyRequest { amount, reference } = request.body;
     run(&state, envelope, LedgerCommand::Deposit { account_id, amount, reference }).await
 }
 
@@ -122,13 +120,12 @@ pub async fn deposit(
     responses((status = 201, body = MovementResponse), (status = 404, description = "account-not-found"), (status = 422, description = "insufficient-funds or validation")))]
 pub async fn withdraw(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     request: CommandRequest<MoneyRequest>,
 ) -> Result<Response, Problem> {
     let account_id = path_id(&id, account_not_found)?;
-    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
     let envelope = envelope(&request);
-    let reference = request.body.reference;
+    let MoneyRequest { amount, reference } = request.body;
     run(&state, envelope, LedgerCommand::Withdraw { account_id, amount, reference }).await
 }
 
@@ -159,7 +156,7 @@ async fn owned_account(state: &AppState, user: AuthUser, id: &str) -> Result<bal
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     _: ReadAfter,
 ) -> Result<Json<AccountResponse>, Problem> {
     Ok(Json(owned_account(&state, user, &id).await?.into()))
@@ -202,7 +199,7 @@ pub struct TransactionPage {
 pub async fn transactions(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     QueryParams(query): QueryParams<TransactionsQuery>,
     _: ReadAfter,
 ) -> Result<Json<TransactionPage>, Problem> {

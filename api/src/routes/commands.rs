@@ -1,7 +1,8 @@
 use crate::auth::AuthUser;
+use crate::extract::PathParam;
 use crate::problem::Problem;
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Serialize;
@@ -27,7 +28,7 @@ pub struct CommandOutcome {
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
 ) -> Result<Json<CommandOutcome>, Problem> {
     let record = state.ledger.recorded_outcome(user.user_id, &key).await?.ok_or_else(|| {
         Problem::new(StatusCode::NOT_FOUND, "command-not-found", "no command was recorded under this key")

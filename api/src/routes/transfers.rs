@@ -1,14 +1,13 @@
 use super::accounts::{command_envelope, run, MovementResponse};
 use super::{money, path_id, transfer_not_found};
 use crate::auth::AuthUser;
-use crate::extract::{CommandRequest, ReadAfter};
+use crate::extract::{PathParam, CommandRequest, ReadAfter};
 use crate::problem::Problem;
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use ledger_commands::LedgerCommand;
-use ledger_domain::money::Amount;
 use ledger_projections::statements;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -46,9 +45,8 @@ pub async fn create(
     State(state): State<AppState>,
     request: CommandRequest<TransferRequest>,
 ) -> Result<Response, Problem> {
-    let amount = Amount::parse("amount", &request.body.amount).map_err(|e| crate::problem::from_domain(&e))?;
     let envelope = command_envelope(&request);
-    let TransferRequest { from_account, to_account, reference, .. } = request.body;
+    let TransferRequest { from_account, to_account, amount, reference } = request.body;
     run(&state, envelope, LedgerCommand::Transfer { from_account, to_account, amount, reference }).await
 }
 
@@ -58,7 +56,7 @@ pub async fn create(
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     _: ReadAfter,
 ) -> Result<Json<TransferResponse>, Problem> {
     let transfer_id = path_id(&id, transfer_not_found)?;
