@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub const DEV_JWT_SECRET: &str = "ledger-development-secret-do-not-use-in-production";
+pub const DEV_SECRET_KEY: &str = "ledger-development-sealing-key-do-not-use-in-production";
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -16,6 +17,18 @@ pub struct Config {
     pub db_max_connections: u32,
     pub read_wait: Duration,
     pub relay_poll: Duration,
+    /// Seals TOTP secrets at rest (`LEDGER_SECRET_KEY`).
+    pub secret_key: Vec<u8>,
+    pub secret_key_is_default: bool,
+    /// Cookies without the Secure flag, for local HTTP (`LEDGER_INSECURE_COOKIES=1`).
+    pub insecure_cookies: bool,
+    /// Command requests per second per user or API key; 0 turns the limit off.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+    /// Failed logins per email and per IP before the backoff starts.
+    pub login_failures_before_backoff: u32,
+    /// A request that takes longer is answered 503 `timeout`.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +57,10 @@ impl Config {
         if secret.as_ref().is_some_and(|s| s.len() < 32) {
             return Err(ConfigError::Invalid { name: "LEDGER_JWT_SECRET", reason: "must be at least 32 bytes".into() });
         }
+        let secret_key = var("LEDGER_SECRET_KEY");
+        if secret_key.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err(ConfigError::Invalid { name: "LEDGER_SECRET_KEY", reason: "must be at least 32 bytes".into() });
+        }
         Ok(Config {
             database_url: var("LEDGER_DATABASE_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/ledger".into()),
@@ -55,6 +72,13 @@ impl Config {
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
+            secret_key_is_default: secret_key.is_none(),
+            secret_key: secret_key.unwrap_or_else(|| DEV_SECRET_KEY.into()).into_bytes(),
+            insecure_cookies: var("LEDGER_INSECURE_COOKIES").is_some_and(|v| v == "1" || v == "true"),
+            rate_limit_per_sec: parsed("LEDGER_RATE_LIMIT_PER_SEC", 50)?,
+            rate_limit_burst: parsed("LEDGER_RATE_LIMIT_BURST", 100)?,
+            login_failures_before_backoff: parsed("LEDGER_LOGIN_FAILURES_BEFORE_BACKOFF", 5)?,
+            request_timeout: Duration::from_millis(parsed("LEDGER_REQUEST_TIMEOUT_MS", 30_000)?),
         })
     }
 }

@@ -6,7 +6,9 @@ pub mod config;
 use anyhow::Context;
 use config::{Config, Roles};
 use ledger_api::auth::JwtKeys;
+use ledger_api::rate_limit::RateLimiter;
 use ledger_api::AppState;
+use ledger_commands::identity::IdentityPolicy;
 use ledger_commands::nats::NatsNames;
 use ledger_commands::relay::Relay;
 use ledger_commands::store::LogPoint;
@@ -37,6 +39,13 @@ impl Running {
     }
 }
 
+/// The write side with the identity settings from configuration.
+pub fn ledger_for(config: &Config, pool: sqlx::PgPool) -> Ledger {
+    let policy =
+        IdentityPolicy { failures_before_backoff: config.login_failures_before_backoff, ..IdentityPolicy::default() };
+    Ledger::new(pool, &config.secret_key, policy)
+}
+
 pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
     // Connects in the background and keeps reconnecting: commands must not
     // depend on NATS being up.
@@ -61,7 +70,12 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let names = NatsNames::new(&config.nats_prefix);
     let needs_nats = roles.relay || roles.projectors || roles.http();
     let nats = if needs_nats { Some(connect_nats(&config.nats_url).await?) } else { None };
-    let ledger = Ledger::new(pool.clone());
+    if config.secret_key_is_default {
+        tracing::warn!(
+            "LEDGER_SECRET_KEY is not set: TOTP secrets are sealed with the built-in DEVELOPMENT key. Set LEDGER_SECRET_KEY in production."
+        );
+    }
+    let ledger = ledger_for(&config, pool.clone());
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
@@ -97,7 +111,13 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             nats: nats.clone(),
             names: names.clone(),
             read_wait: config.read_wait,
+            secure_cookies: !config.insecure_cookies,
+            rate_limit: Arc::new(RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
+            request_timeout: config.request_timeout,
         };
+        if config.rate_limit_per_sec == 0 {
+            tracing::warn!("the per-user rate limit is off (LEDGER_RATE_LIMIT_PER_SEC=0)");
+        }
         let app = ledger_api::app(state, roles.command_api, roles.query_api);
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
@@ -106,7 +126,9 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }

@@ -2,7 +2,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use ledger::config::{Config, Roles};
-use ledger_commands::db;
+use ledger_commands::{db, ClientInfo};
+use ledger_domain::events::Role;
 use ledger_projections::Projection;
 
 #[derive(Parser)]
@@ -22,6 +23,11 @@ enum Command {
     },
     /// Apply database migrations (serve also does this at start-up).
     Migrate,
+    /// Administration from the command line.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Rebuild read models from the event log.
     Replay {
         /// The projection to rebuild: balances or statements.
@@ -30,6 +36,21 @@ enum Command {
         /// Rebuild every projection.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user with a role (the first admin, say). The password is read
+    /// from standard input, one line, so it never appears in shell history or `ps`.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        /// user, support or admin.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        #[arg(long)]
+        display_name: Option<String>,
     },
 }
 
@@ -54,11 +75,32 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&pool).await.context("applying migrations")?;
             tracing::info!("migrations applied");
         }
+        Command::Admin { command: AdminCommand::CreateUser { email, role, display_name } } => {
+            let role = Role::parse(role.trim()).context("--role must be user, support or admin")?;
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password).context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_owned();
+            let pool = db::connect(&config.database_url, 2).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("applying migrations")?;
+            let ledger = ledger::ledger_for(&config, pool);
+            let (user_id, _) = ledger
+                .register(email.clone(), password, display_name, &ClientInfo::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("creating {email}: {e}"))?;
+            if role != Role::User {
+                ledger
+                    .assign_role(user_id, role, "created by `ledger admin create-user`")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("giving {email} the {} role: {e}", role.as_str()))?;
+            }
+            println!("{user_id}");
+            tracing::info!(%user_id, role = role.as_str(), "user created");
+        }
         Command::Replay { projection, all } => {
             let projections = match (projection, all) {
                 (_, true) => Projection::ALL.to_vec(),
                 (Some(name), false) => vec![Projection::from_name(&name)
-                    .with_context(|| format!("unknown projection {name:?}; known: balances, statements"))?],
+                    .with_context(|| format!("unknown projection {name:?}; known: balances, statements, activity"))?],
                 (None, false) => anyhow::bail!("name --projection NAME or --all"),
             };
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;

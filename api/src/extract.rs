@@ -1,7 +1,8 @@
 //! Request extractors that answer bad input with problem+json.
 
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, Credential};
 use crate::problem::Problem;
+use crate::rate_limit::Caller;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -98,6 +99,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
         let user = AuthUser::from_request_parts(&mut parts, state).await?;
+        rate_limit(state, &user)?;
         let key = match parts.headers.get(IDEMPOTENCY_KEY) {
             None => {
                 return Err(Problem::new(
@@ -124,6 +126,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
         let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
         Ok(CommandRequest { user, idempotency_key: key, request_hash, correlation_id, body: typed(value)? })
     }
+}
+
+/// The per-user (or per-API-key) limit on command requests.
+pub fn rate_limit(state: &AppState, user: &AuthUser) -> Result<(), Problem> {
+    let caller = match user.credential {
+        Credential::ApiKey { key_id, .. } => Caller::ApiKey(key_id),
+        Credential::Session { .. } => Caller::User(user.user_id),
+    };
+    state.rate_limit.check(caller).map_err(|retry_after| {
+        Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "too many requests; slow down")
+            .with_retry_after(retry_after)
+    })
 }
 
 /// JSON with object keys sorted at every level, so that two bodies that mean

@@ -18,11 +18,18 @@ pub struct Problem {
     pub detail: String,
     /// Extra members, e.g. the offending `field`.
     pub extensions: Option<Value>,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl Problem {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Problem {
-        Problem { status, code, detail: detail.into(), extensions: None }
+        Problem { status, code, detail: detail.into(), extensions: None, retry_after: None }
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Problem {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn validation(field: &str, message: impl std::fmt::Display) -> Problem {
@@ -74,6 +81,27 @@ fn title(code: &str) -> &'static str {
         "concurrency-conflict" => "Concurrent changes collided",
         "projection-lag" => "The read side has not caught up",
         "not-found" => "Not found",
+        "forbidden" => "Not allowed",
+        "user-blocked" => "The user is blocked",
+        "refresh-token-reused" => "The refresh token was already used",
+        "csrf" => "The CSRF token is missing or wrong",
+        "insufficient-scope" => "The credential does not allow this",
+        "two-factor-required" => "A two-factor code is required",
+        "two-factor-invalid" => "The two-factor code is wrong",
+        "two-factor-not-set-up" => "Two-factor authentication is not set up",
+        "two-factor-already-enabled" => "Two-factor authentication is already on",
+        "two-factor-not-enabled" => "Two-factor authentication is not on",
+        "too-many-attempts" => "Too many failed attempts",
+        "rate-limited" => "Too many requests",
+        "timeout" => "The request took too long",
+        "account-frozen" => "The account is frozen",
+        "account-already-frozen" => "The account is already frozen",
+        "account-not-frozen" => "The account is not frozen",
+        "user-not-found" => "User not found",
+        "user-already-blocked" => "The user is already blocked",
+        "user-not-blocked" => "The user is not blocked",
+        "session-not-found" => "Session not found",
+        "api-key-not-found" => "API key not found",
         "method-not-allowed" => "Method not allowed",
         "service-unavailable" => "A backing service is unavailable",
         _ => "Internal error",
@@ -84,6 +112,9 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -102,6 +133,20 @@ pub fn from_domain(e: &DomainError) -> Problem {
         DomainError::SameAccount => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "same-account", e.to_string()),
         DomainError::AccountAlreadyOpened(_) => Problem::new(StatusCode::CONFLICT, "account-exists", e.to_string()),
         DomainError::UserAlreadyRegistered(_) => Problem::new(StatusCode::CONFLICT, "email-taken", e.to_string()),
+        DomainError::AccountFrozen(_) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "account-frozen", e.to_string())
+        }
+        DomainError::AccountAlreadyFrozen(_) => {
+            Problem::new(StatusCode::CONFLICT, "account-already-frozen", e.to_string())
+        }
+        DomainError::AccountNotFrozen(_) => Problem::new(StatusCode::CONFLICT, "account-not-frozen", e.to_string()),
+        DomainError::UserNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "user-not-found", e.to_string()),
+        DomainError::UserAlreadyBlocked(_) => Problem::new(StatusCode::CONFLICT, "user-already-blocked", e.to_string()),
+        DomainError::UserNotBlocked(_) => Problem::new(StatusCode::CONFLICT, "user-not-blocked", e.to_string()),
+        DomainError::TwoFactorAlreadyEnabled => {
+            Problem::new(StatusCode::CONFLICT, "two-factor-already-enabled", e.to_string())
+        }
+        DomainError::TwoFactorNotEnabled => Problem::new(StatusCode::CONFLICT, "two-factor-not-enabled", e.to_string()),
     }
 }
 
@@ -137,6 +182,35 @@ impl From<CommandError> for Problem {
                 tracing::error!("password hashing failed");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request could not be completed")
             }
+            CommandError::Secret(_) => {
+                tracing::error!(
+                    "a sealed secret could not be opened; is LEDGER_SECRET_KEY the one it was sealed with?"
+                );
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request could not be completed")
+            }
+            CommandError::TwoFactorRequired => {
+                Problem::new(StatusCode::UNAUTHORIZED, "two-factor-required", e.to_string())
+            }
+            CommandError::TwoFactorInvalid => {
+                Problem::new(StatusCode::UNAUTHORIZED, "two-factor-invalid", e.to_string())
+            }
+            CommandError::TwoFactorNotSetUp => {
+                Problem::new(StatusCode::CONFLICT, "two-factor-not-set-up", e.to_string())
+            }
+            CommandError::UserBlocked => Problem::new(StatusCode::FORBIDDEN, "user-blocked", e.to_string()),
+            CommandError::TooManyAttempts { retry_after } => {
+                Problem::new(StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", e.to_string())
+                    .with_retry_after(retry_after)
+            }
+            CommandError::RefreshTokenReused => {
+                Problem::new(StatusCode::UNAUTHORIZED, "refresh-token-reused", e.to_string())
+            }
+            CommandError::RefreshTokenInvalid => Problem::unauthorized("the refresh token is invalid or expired"),
+            CommandError::WrongPassword => {
+                Problem::new(StatusCode::FORBIDDEN, "invalid-credentials", "the password is wrong")
+            }
+            CommandError::SessionNotFound => Problem::new(StatusCode::NOT_FOUND, "session-not-found", e.to_string()),
+            CommandError::ApiKeyNotFound => Problem::new(StatusCode::NOT_FOUND, "api-key-not-found", e.to_string()),
         }
     }
 }

@@ -1,4 +1,5 @@
 use crate::auth::JwtKeys;
+use crate::rate_limit::RateLimiter;
 use ledger_commands::nats::NatsNames;
 use ledger_commands::Ledger;
 use sqlx::PgPool;
@@ -15,4 +16,9 @@ pub struct AppState {
     pub names: NatsNames,
     /// How long a GET with `min_position` waits for the read side.
     pub read_wait: Duration,
+    /// Cookies carry the Secure flag unless `LEDGER_INSECURE_COOKIES=1`.
+    pub secure_cookies: bool,
+    pub rate_limit: Arc<RateLimiter>,
+    /// A request that takes longer is answered 503 `timeout`.
+    pub request_timeout: Duration,
 }

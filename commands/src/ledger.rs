@@ -2,12 +2,12 @@
 //! the idempotency record.
 
 use crate::idempotency::{self, CommandRecord};
-use crate::passwords;
-use crate::store::{
-    self, account_stream, is_unique_violation, transfer_stream, user_stream, EventMetadata, StoreError, StreamAppend,
-};
+use crate::identity::IdentityPolicy;
+use crate::secrets::SecretBox;
+use crate::store::{self, account_stream, transfer_stream, user_stream, EventMetadata, StoreError, StreamAppend};
 use chrono::Utc;
 use ledger_domain::account::{self, system_account_id, AccountCommand, AccountState, MoveMoney};
+use ledger_domain::events::Role;
 use ledger_domain::events::{AccountKind, TransferKind};
 use ledger_domain::money::Amount;
 use ledger_domain::user::{self, UserCommand, UserState};
@@ -38,6 +38,28 @@ pub enum CommandError {
     Store(#[from] StoreError),
     #[error("password hashing failed")]
     Hashing,
+    #[error("two-factor authentication is on: send the current code as \"totp\", or a recovery code")]
+    TwoFactorRequired,
+    #[error("the two-factor code is wrong or was already used")]
+    TwoFactorInvalid,
+    #[error("two-factor authentication has not been set up: call /v1/auth/2fa/setup first")]
+    TwoFactorNotSetUp,
+    #[error("this user is blocked")]
+    UserBlocked,
+    #[error("too many failed logins; retry after {retry_after} s")]
+    TooManyAttempts { retry_after: u64 },
+    #[error("this refresh token was already used; the session has been revoked")]
+    RefreshTokenReused,
+    #[error("the refresh token is invalid or expired")]
+    RefreshTokenInvalid,
+    #[error("the current password is wrong")]
+    WrongPassword,
+    #[error("no such session is yours")]
+    SessionNotFound,
+    #[error("no such API key is yours")]
+    ApiKeyNotFound,
+    #[error("a stored secret could not be opened")]
+    Secret(#[from] crate::secrets::SealError),
 }
 
 impl From<sqlx::Error> for CommandError {
@@ -53,10 +75,55 @@ impl From<sqlx::Error> for CommandError {
 /// so a malformed amount is recorded under the Idempotency-Key like any other
 /// rejection.
 pub enum LedgerCommand {
-    OpenAccount { currency: String, name: Option<String> },
-    Deposit { account_id: Uuid, amount: String, reference: Option<String> },
-    Withdraw { account_id: Uuid, amount: String, reference: Option<String> },
-    Transfer { from_account: Uuid, to_account: Uuid, amount: String, reference: Option<String> },
+    OpenAccount {
+        currency: String,
+        name: Option<String>,
+    },
+    Deposit {
+        account_id: Uuid,
+        amount: String,
+        reference: Option<String>,
+    },
+    Withdraw {
+        account_id: Uuid,
+        amount: String,
+        reference: Option<String>,
+    },
+    Transfer {
+        from_account: Uuid,
+        to_account: Uuid,
+        amount: String,
+        reference: Option<String>,
+    },
+    /// Admin actions: the caller's role is checked by the API's access policy.
+    BlockUser {
+        user_id: Uuid,
+        reason: String,
+    },
+    UnblockUser {
+        user_id: Uuid,
+        reason: String,
+    },
+    ChangeRole {
+        user_id: Uuid,
+        role: Role,
+        reason: Option<String>,
+    },
+    FreezeAccount {
+        account_id: Uuid,
+        reason: String,
+    },
+    UnfreezeAccount {
+        account_id: Uuid,
+        reason: String,
+    },
+}
+
+/// Where a request came from, recorded in the metadata of identity events.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientInfo {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 /// Who sends a command and under which key.
@@ -66,6 +133,7 @@ pub struct CommandEnvelope {
     pub idempotency_key: String,
     pub request_hash: Vec<u8>,
     pub correlation_id: Option<Uuid>,
+    pub client: ClientInfo,
 }
 
 /// The HTTP outcome of a command: the first one, or its replay.
@@ -83,18 +151,35 @@ pub type RenderRejection = fn(&DomainError) -> (u16, Value);
 /// The write side of the ledger.
 #[derive(Clone)]
 pub struct Ledger {
-    pool: PgPool,
-    appended: Arc<Notify>,
+    pub(crate) pool: PgPool,
+    pub(crate) appended: Arc<Notify>,
+    pub(crate) secrets: Arc<SecretBox>,
+    pub(crate) policy: IdentityPolicy,
 }
 
 struct Decision {
     appends: Vec<StreamAppend>,
     body: Value,
+    /// 201 for a new resource or movement, 200 for a change of state.
+    status: u16,
+    /// Write-side caches that change with the events, in the same transaction.
+    effect: Option<Effect>,
+}
+
+impl Decision {
+    fn created(appends: Vec<StreamAppend>, body: Value) -> Decision {
+        Decision { appends, body, status: 201, effect: None }
+    }
+}
+
+enum Effect {
+    Role(Uuid, Role),
+    Blocked(Uuid, bool),
 }
 
 impl Ledger {
-    pub fn new(pool: PgPool) -> Ledger {
-        Ledger { pool, appended: Arc::new(Notify::new()) }
+    pub fn new(pool: PgPool, secret_key: &[u8], policy: IdentityPolicy) -> Ledger {
+        Ledger { pool, appended: Arc::new(Notify::new()), secrets: Arc::new(SecretBox::new(secret_key)), policy }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -139,17 +224,22 @@ impl Ledger {
         }
         let command_id = Uuid::now_v7();
         let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone()).await? {
-            Ok(Decision { appends, mut body }) => {
+            Ok(Decision { appends, mut body, status, effect }) => {
                 let metadata = EventMetadata {
                     command_id: Some(command_id),
                     correlation_id: Some(envelope.correlation_id.unwrap_or(command_id)),
                     causation_id: None,
                     actor_id: Some(envelope.actor),
                     recorded_at: Utc::now(),
+                    client_ip: envelope.client.ip.clone(),
+                    user_agent: envelope.client.user_agent.clone(),
                 };
                 let position = store::append(&mut tx, &appends, &metadata).await?;
+                if let Some(effect) = effect {
+                    apply_effect(&mut tx, effect).await?;
+                }
                 body["position"] = json!(position);
-                (201, body, position)
+                (status, body, position)
             }
             Err(rejection) => {
                 let (status, body) = render(&rejection);
@@ -178,73 +268,6 @@ impl Ledger {
     pub async fn recorded_outcome(&self, actor: Uuid, key: &str) -> Result<Option<CommandRecord>, CommandError> {
         let mut conn = self.pool.acquire().await?;
         Ok(idempotency::find(&mut conn, actor, key).await?)
-    }
-
-    /// Registers a user: the event and the credentials in one transaction.
-    pub async fn register(
-        &self,
-        email: String,
-        password: String,
-        display_name: Option<String>,
-    ) -> Result<(Uuid, i64), CommandError> {
-        user::check_password(&password)?;
-        let user_id = Uuid::now_v7();
-        let events = user::decide(&UserState::default(), UserCommand::Register { user_id, email, display_name })?;
-        let Some(Event::UserRegistered(registered)) = events.first() else {
-            return Err(CommandError::Hashing);
-        };
-        let email = registered.email.clone();
-        let hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
-            .await
-            .map_err(|_| CommandError::Hashing)?
-            .map_err(|_| CommandError::Hashing)?;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query("INSERT INTO credentials (user_id, email, password_hash) VALUES ($1, $2, $3)")
-            .bind(user_id)
-            .bind(&email)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => return Err(CommandError::EmailTaken),
-            other => {
-                other?;
-            }
-        }
-        let command_id = Uuid::now_v7();
-        let metadata = EventMetadata {
-            command_id: Some(command_id),
-            correlation_id: Some(command_id),
-            causation_id: None,
-            actor_id: Some(user_id),
-            recorded_at: Utc::now(),
-        };
-        let appends = [StreamAppend { stream_id: user_stream(user_id), expected_version: 0, events }];
-        let position = store::append(&mut tx, &appends, &metadata).await?.unwrap_or_default();
-        tx.commit().await?;
-        self.appended.notify_one();
-        Ok((user_id, position))
-    }
-
-    /// Checks credentials; the same cost whether or not the email is known.
-    pub async fn authenticate(&self, email: &str, password: String) -> Result<Uuid, CommandError> {
-        let email = email.trim().to_lowercase();
-        let row: Option<(Uuid, String)> =
-            sqlx::query_as("SELECT user_id, password_hash FROM credentials WHERE email = $1")
-                .bind(&email)
-                .fetch_optional(&self.pool)
-                .await?;
-        let (user_id, stored) = match row {
-            Some((id, h)) => (Some(id), Some(h)),
-            None => (None, None),
-        };
-        let ok = tokio::task::spawn_blocking(move || passwords::verify(stored.as_deref(), &password))
-            .await
-            .map_err(|_| CommandError::Hashing)?;
-        match (ok, user_id) {
-            (true, Some(id)) => Ok(id),
-            _ => Err(CommandError::InvalidCredentials),
-        }
     }
 }
 
@@ -306,10 +329,10 @@ async fn decide(
                     }),
                     _ => json!({ "account_id": account_id }),
                 };
-                Decision {
-                    appends: vec![StreamAppend { stream_id: account_stream(account_id), expected_version: 0, events }],
+                Decision::created(
+                    vec![StreamAppend { stream_id: account_stream(account_id), expected_version: 0, events }],
                     body,
-                }
+                )
             }))
         }
         LedgerCommand::Deposit { account_id, amount, reference } => {
@@ -342,7 +365,7 @@ async fn decide(
                 // The debit side is a system account: no invariant to guard, so
                 // the movement gets its own stream and never contends.
                 appends.push(StreamAppend { stream_id: transfer_stream(transfer_id), expected_version: 0, events });
-                Decision { appends, body: json!({ "transfer_id": transfer_id }) }
+                Decision::created(appends, json!({ "transfer_id": transfer_id }))
             }))
         }
         LedgerCommand::Withdraw { account_id, amount, reference } => {
@@ -374,7 +397,7 @@ async fn decide(
             );
             Ok(decided.map(|events| {
                 appends.push(StreamAppend { stream_id: account_stream(account_id), expected_version: version, events });
-                Decision { appends, body: json!({ "transfer_id": transfer_id }) }
+                Decision::created(appends, json!({ "transfer_id": transfer_id }))
             }))
         }
         LedgerCommand::Transfer { from_account, to_account, amount, reference } => {
@@ -399,16 +422,117 @@ async fn decide(
                     reference,
                 },
             );
-            Ok(decided.map(|events| Decision {
-                appends: vec![StreamAppend {
-                    stream_id: account_stream(from_account),
-                    expected_version: version,
-                    events,
-                }],
-                body: json!({ "transfer_id": transfer_id }),
+            Ok(decided.map(|events| {
+                Decision::created(
+                    vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
+                    json!({ "transfer_id": transfer_id }),
+                )
+            }))
+        }
+        LedgerCommand::BlockUser { user_id, reason } => {
+            if user_id == actor {
+                return Ok(Err(DomainError::validation("user_id", "is you: an admin cannot block themselves")));
+            }
+            let decided = user_change(conn, user_id, UserCommand::Block { user_id, reason }).await?;
+            Ok(decided.map(|(appends, _)| Decision {
+                appends,
+                body: json!({ "user_id": user_id, "blocked": true }),
+                status: 200,
+                effect: Some(Effect::Blocked(user_id, true)),
+            }))
+        }
+        LedgerCommand::UnblockUser { user_id, reason } => {
+            let decided = user_change(conn, user_id, UserCommand::Unblock { user_id, reason }).await?;
+            Ok(decided.map(|(appends, _)| Decision {
+                appends,
+                body: json!({ "user_id": user_id, "blocked": false }),
+                status: 200,
+                effect: Some(Effect::Blocked(user_id, false)),
+            }))
+        }
+        LedgerCommand::ChangeRole { user_id, role, reason } => {
+            if user_id == actor {
+                return Ok(Err(DomainError::validation("user_id", "is you: an admin cannot change their own role")));
+            }
+            let decided = user_change(conn, user_id, UserCommand::ChangeRole { user_id, role, reason }).await?;
+            Ok(decided.map(|(appends, _)| Decision {
+                appends,
+                body: json!({ "user_id": user_id, "role": role }),
+                status: 200,
+                effect: Some(Effect::Role(user_id, role)),
+            }))
+        }
+        LedgerCommand::FreezeAccount { account_id, reason } => {
+            let decided = account_change(conn, account_id, AccountCommand::Freeze { account_id, reason }).await?;
+            Ok(decided.map(|appends| Decision {
+                appends,
+                body: json!({ "account_id": account_id, "frozen": true }),
+                status: 200,
+                effect: None,
+            }))
+        }
+        LedgerCommand::UnfreezeAccount { account_id, reason } => {
+            let decided = account_change(conn, account_id, AccountCommand::Unfreeze { account_id, reason }).await?;
+            Ok(decided.map(|appends| Decision {
+                appends,
+                body: json!({ "account_id": account_id, "frozen": false }),
+                status: 200,
+                effect: None,
             }))
         }
     }
+}
+
+/// Decides a change to a user's own stream; returns the append and the new state.
+pub(crate) async fn user_change(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    command: UserCommand,
+) -> Result<Result<(Vec<StreamAppend>, UserState), DomainError>, StoreError> {
+    let stream_id = user_stream(user_id);
+    let (history, version) = store::load_stream(conn, &stream_id).await?;
+    let state = history.iter().fold(UserState::default(), user::evolve);
+    Ok(user::decide(&state, command).map(|events| {
+        let next = events.iter().fold(state, user::evolve);
+        (vec![StreamAppend { stream_id, expected_version: version, events }], next)
+    }))
+}
+
+/// Decides a freeze or unfreeze under the account's debit lock, so it orders
+/// with every debit of the account.
+async fn account_change(
+    conn: &mut PgConnection,
+    account_id: Uuid,
+    command: AccountCommand,
+) -> Result<Result<Vec<StreamAppend>, DomainError>, StoreError> {
+    lock_account(conn, account_id).await?;
+    let (state, version) = account_state(conn, account_id, true).await?;
+    Ok(account::decide(&state, command)
+        .map(|events| vec![StreamAppend { stream_id: account_stream(account_id), expected_version: version, events }]))
+}
+
+/// Keeps the write-side identity cache in step with the user stream.
+async fn apply_effect(conn: &mut PgConnection, effect: Effect) -> Result<(), sqlx::Error> {
+    match effect {
+        Effect::Role(user_id, role) => {
+            sqlx::query("UPDATE credentials SET role = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(role.as_str())
+                .execute(&mut *conn)
+                .await?;
+        }
+        Effect::Blocked(user_id, blocked) => {
+            sqlx::query("UPDATE credentials SET blocked = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(blocked)
+                .execute(&mut *conn)
+                .await?;
+            if blocked {
+                crate::identity::revoke_sessions(conn, user_id, None, "user-blocked").await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The first movement in a currency opens its system account in the same append.

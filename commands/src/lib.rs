@@ -3,10 +3,13 @@
 
 pub mod db;
 pub mod idempotency;
+pub mod identity;
 pub mod ledger;
 pub mod nats;
 pub mod passwords;
 pub mod relay;
+pub mod secrets;
 pub mod store;
+pub mod totp;
 
-pub use ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome};
+pub use ledger::{ClientInfo, CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome};

@@ -29,6 +29,11 @@ pub struct EventMetadata {
     pub causation_id: Option<Uuid>,
     pub actor_id: Option<Uuid>,
     pub recorded_at: DateTime<Utc>,
+    /// The client's address, for the audit of identity events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 /// An event as stored in the log and as published on JetStream.
@@ -121,9 +126,10 @@ pub async fn append(
     let result = sqlx::query_scalar::<_, Option<i64>>(
         "WITH appended AS (
              INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
-                                 payload, command_id, correlation_id, causation_id, actor_id, recorded_at)
+                                 payload, command_id, correlation_id, causation_id, actor_id, recorded_at,
+                                 client_ip, user_agent)
              SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version,
-                    e.payload, $7, $8, $9, $10, $11
+                    e.payload, $7, $8, $9, $10, $11, $12, $13
              FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[])
                   AS e(event_id, stream_id, stream_version, event_type, schema_version, payload)
              RETURNING position)
@@ -140,6 +146,8 @@ pub async fn append(
     .bind(metadata.causation_id)
     .bind(metadata.actor_id)
     .bind(metadata.recorded_at)
+    .bind(&metadata.client_ip)
+    .bind(&metadata.user_agent)
     .fetch_one(&mut *conn)
     .await;
     match result {
@@ -151,7 +159,7 @@ pub async fn append(
 
 const RECORDED_COLUMNS: &str = "position, transaction_id::text AS transaction_id, event_id, stream_id,
      stream_version, event_type, schema_version, payload, command_id, correlation_id, causation_id,
-     actor_id, recorded_at";
+     actor_id, recorded_at, client_ip, user_agent";
 
 fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
     let txid: String = row.try_get("transaction_id")?;
@@ -172,6 +180,8 @@ fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx:
             causation_id: row.try_get("causation_id")?,
             actor_id: row.try_get("actor_id")?,
             recorded_at: row.try_get("recorded_at")?,
+            client_ip: row.try_get("client_ip")?,
+            user_agent: row.try_get("user_agent")?,
         },
     })
 }
@@ -311,25 +321,27 @@ pub fn transfer_stream(transfer_id: Uuid) -> String {
     format!("transfer-{transfer_id}")
 }
 
-/// Only the opening of an account: enough for the credit side of a movement,
-/// which has no invariant to check, and for system accounts, whose balance
-/// may go anywhere.
+/// An account's opening and freezes, without its movements: enough for the
+/// credit side of a movement, which has no balance to check, and for system
+/// accounts, whose balance may go anywhere.
 pub async fn load_account_opening(conn: &mut PgConnection, account_id: Uuid) -> Result<Vec<Event>, StoreError> {
-    let row = sqlx::query(
+    let rows = sqlx::query(
         "SELECT event_type, schema_version, payload FROM events
-         WHERE stream_id = $1 AND stream_version = 1",
+         WHERE stream_id = $1 AND event_type IN ('AccountOpened', 'AccountFrozen', 'AccountUnfrozen')
+         ORDER BY stream_version",
     )
     .bind(account_stream(account_id))
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
-    match row {
-        None => Ok(vec![]),
-        Some(row) => Ok(vec![Event::from_stored(
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        events.push(Event::from_stored(
             row.try_get::<&str, _>("event_type")?,
             row.try_get("schema_version")?,
             row.try_get("payload")?,
-        )?]),
+        )?);
     }
+    Ok(events)
 }
 
 /// Counts the events after `after`, stopping at `cap` (health checks stay cheap).

@@ -4,7 +4,9 @@
 //! one with an invariant at stake (a user account never goes below zero), so the
 //! command side appends the movement under the debit account's stream version.
 
-use crate::events::{AccountKind, AccountOpened, Event, TransferKind, TransferRecorded};
+use crate::events::{
+    AccountFrozen, AccountKind, AccountOpened, AccountUnfrozen, Event, TransferKind, TransferRecorded,
+};
 use crate::money::Amount;
 use crate::{Currency, DomainError};
 use rust_decimal::Decimal;
@@ -25,6 +27,8 @@ pub fn system_account_id(currency: Currency) -> Uuid {
 pub struct AccountState {
     pub opened: Option<AccountOpened>,
     pub balance: Decimal,
+    /// A frozen account refuses debits and credits.
+    pub frozen: bool,
 }
 
 impl AccountState {
@@ -43,8 +47,38 @@ impl AccountState {
 
 #[derive(Clone, Debug)]
 pub enum AccountCommand {
-    Open { account_id: Uuid, owner_id: Uuid, currency: String, name: Option<String> },
-    OpenSystem { currency: Currency },
+    Open {
+        account_id: Uuid,
+        owner_id: Uuid,
+        currency: String,
+        name: Option<String>,
+    },
+    OpenSystem {
+        currency: Currency,
+    },
+    /// By an admin; the reason is required.
+    Freeze {
+        account_id: Uuid,
+        reason: String,
+    },
+    Unfreeze {
+        account_id: Uuid,
+        reason: String,
+    },
+}
+
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// An admin's reason: required, trimmed, bounded.
+pub fn check_reason(reason: &str) -> Result<String, DomainError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(DomainError::validation("reason", "is required"));
+    }
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(DomainError::validation("reason", format!("must be at most {MAX_REASON_CHARS} characters")));
+    }
+    Ok(reason.to_owned())
 }
 
 pub fn decide(state: &AccountState, command: AccountCommand) -> Result<Vec<Event>, DomainError> {
@@ -80,6 +114,25 @@ pub fn decide(state: &AccountState, command: AccountCommand) -> Result<Vec<Event
                 name: Some(format!("{} system", currency.code())),
             })])
         }
+        AccountCommand::Freeze { account_id, reason } => {
+            let reason = check_reason(&reason)?;
+            match state.kind() {
+                None => Err(DomainError::AccountNotFound(account_id)),
+                Some(AccountKind::System) => {
+                    Err(DomainError::validation("account_id", "is a system account, which cannot be frozen"))
+                }
+                Some(AccountKind::User) if state.frozen => Err(DomainError::AccountAlreadyFrozen(account_id)),
+                Some(AccountKind::User) => Ok(vec![Event::AccountFrozen(AccountFrozen { account_id, reason })]),
+            }
+        }
+        AccountCommand::Unfreeze { account_id, reason } => {
+            let reason = check_reason(&reason)?;
+            match state.kind() {
+                None => Err(DomainError::AccountNotFound(account_id)),
+                Some(_) if !state.frozen => Err(DomainError::AccountNotFrozen(account_id)),
+                Some(_) => Ok(vec![Event::AccountUnfrozen(AccountUnfrozen { account_id, reason })]),
+            }
+        }
     }
 }
 
@@ -87,6 +140,12 @@ pub fn decide(state: &AccountState, command: AccountCommand) -> Result<Vec<Event
 pub fn evolve(mut state: AccountState, event: &Event) -> AccountState {
     match event {
         Event::AccountOpened(e) if state.opened.is_none() => state.opened = Some(e.clone()),
+        Event::AccountFrozen(e) if state.opened.as_ref().is_some_and(|a| a.account_id == e.account_id) => {
+            state.frozen = true
+        }
+        Event::AccountUnfrozen(e) if state.opened.as_ref().is_some_and(|a| a.account_id == e.account_id) => {
+            state.frozen = false
+        }
         Event::TransferRecorded(t) => {
             if let Some(id) = state.opened.as_ref().map(|a| a.account_id) {
                 if t.from_account == id {
@@ -159,6 +218,12 @@ pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMone
             to_account,
             to_currency: to_currency.code().to_owned(),
         });
+    }
+    if from.frozen {
+        return Err(DomainError::AccountFrozen(from_account));
+    }
+    if to.frozen {
+        return Err(DomainError::AccountFrozen(to_account));
     }
     let amount = amount.in_currency("amount", from_currency)?;
     if from.kind() == Some(AccountKind::User) && from.balance < amount {
@@ -383,5 +448,74 @@ mod tests {
         let to = given(&[opened(acc, user, "USD")]);
         assert!(decide_transfer(&sys_state, &to, cmd(TransferKind::Deposit, user, sys, acc, "100")).is_ok());
         assert!(decide_transfer(&to, &sys_state, cmd(TransferKind::Withdrawal, user, acc, sys, "0.01")).is_err());
+    }
+
+    #[test]
+    fn a_frozen_account_refuses_debits_and_credits_until_unfrozen() {
+        let (ann, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let funded = Event::TransferRecorded(TransferRecorded {
+            transfer_id: Uuid::new_v4(),
+            from_account: system_account_id(usd()),
+            to_account: a,
+            amount: Decimal::new(1000, 2),
+            currency: "USD".into(),
+            kind: TransferKind::Deposit,
+            reference: None,
+        });
+        let freeze = decide(
+            &given(&[opened(a, ann, "USD")]),
+            AccountCommand::Freeze { account_id: a, reason: " fraud check ".into() },
+        )
+        .unwrap();
+        assert_eq!(freeze, vec![Event::AccountFrozen(AccountFrozen { account_id: a, reason: "fraud check".into() })]);
+        let frozen = given(&[opened(a, ann, "USD"), funded.clone(), freeze[0].clone()]);
+        let other = given(&[opened(b, bob, "USD")]);
+        let pay = |from: &AccountState, to: &AccountState, by, from_account, to_account| {
+            decide_transfer(
+                from,
+                to,
+                MoveMoney {
+                    transfer_id: Uuid::new_v4(),
+                    kind: TransferKind::Transfer,
+                    initiated_by: by,
+                    from_account,
+                    to_account,
+                    amount: Amount::parse("amount", "1.00").unwrap(),
+                    reference: None,
+                },
+            )
+        };
+        assert_eq!(pay(&frozen, &other, ann, a, b), Err(DomainError::AccountFrozen(a)));
+        assert_eq!(pay(&other, &frozen, bob, b, a).unwrap_err(), DomainError::AccountFrozen(a));
+        assert_eq!(
+            decide(&frozen, AccountCommand::Freeze { account_id: a, reason: "again".into() }),
+            Err(DomainError::AccountAlreadyFrozen(a))
+        );
+        let unfreeze = decide(&frozen, AccountCommand::Unfreeze { account_id: a, reason: "cleared".into() }).unwrap();
+        let thawed = given(&[opened(a, ann, "USD"), funded, freeze[0].clone(), unfreeze[0].clone()]);
+        assert!(pay(&thawed, &other, ann, a, b).is_ok());
+        assert_eq!(
+            decide(&thawed, AccountCommand::Unfreeze { account_id: a, reason: "x".into() }),
+            Err(DomainError::AccountNotFrozen(a))
+        );
+    }
+
+    #[test]
+    fn freezing_needs_a_reason_and_a_user_account() {
+        let a = Uuid::new_v4();
+        let state = given(&[opened(a, Uuid::new_v4(), "USD")]);
+        let err = decide(&state, AccountCommand::Freeze { account_id: a, reason: "  ".into() }).unwrap_err();
+        assert_eq!(err, DomainError::validation("reason", "is required"));
+        assert_eq!(
+            decide(&AccountState::default(), AccountCommand::Freeze { account_id: a, reason: "r".into() }),
+            Err(DomainError::AccountNotFound(a))
+        );
+        let system = given(&decide(&AccountState::default(), AccountCommand::OpenSystem { currency: usd() }).unwrap());
+        let id = system_account_id(usd());
+        assert!(matches!(
+            decide(&system, AccountCommand::Freeze { account_id: id, reason: "r".into() }),
+            Err(DomainError::Validation { .. })
+        ));
     }
 }

@@ -19,6 +19,22 @@ pub enum DomainError {
     CurrencyMismatch { from_account: Uuid, from_currency: String, to_account: Uuid, to_currency: String },
     #[error("a transfer needs two different accounts")]
     SameAccount,
+    #[error("account {0} is frozen")]
+    AccountFrozen(Uuid),
+    #[error("account {0} is already frozen")]
+    AccountAlreadyFrozen(Uuid),
+    #[error("account {0} is not frozen")]
+    AccountNotFrozen(Uuid),
+    #[error("user {0} does not exist")]
+    UserNotFound(Uuid),
+    #[error("user {0} is already blocked")]
+    UserAlreadyBlocked(Uuid),
+    #[error("user {0} is not blocked")]
+    UserNotBlocked(Uuid),
+    #[error("two-factor authentication is already on")]
+    TwoFactorAlreadyEnabled,
+    #[error("two-factor authentication is not on")]
+    TwoFactorNotEnabled,
 }
 
 impl DomainError {

@@ -89,12 +89,232 @@ pub struct TransferRecorded {
     pub reference: Option<String>,
 }
 
-/// Every event the ledger records.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    UserRegistered(UserRegistered),
-    AccountOpened(AccountOpened),
-    TransferRecorded(TransferRecorded),
+/// What a user may do. Checked on every request, together with ownership.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Their own accounts and data only.
+    #[default]
+    User,
+    /// Reads any user's data; changes nothing of anyone else's.
+    Support,
+    /// Support, plus roles, blocking and freezing.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Support => "support",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "user" => Some(Role::User),
+            "support" => Some(Role::Support),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An admin (or the `ledger admin` CLI) gave a user another role.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChanged {
+    /// The user whose role changed.
+    pub user_id: Uuid,
+    /// The role from now on.
+    pub role: Role,
+    /// The role before.
+    pub previous_role: Role,
+    /// Why, as the admin gave it.
+    pub reason: Option<String>,
+}
+
+/// An admin blocked a user: no logins, sessions revoked, tokens refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserBlocked {
+    /// The blocked user.
+    pub user_id: Uuid,
+    /// Why, as the admin gave it.
+    pub reason: String,
+}
+
+/// An admin lifted a block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserUnblocked {
+    /// The unblocked user.
+    pub user_id: Uuid,
+    /// Why, as the admin gave it.
+    pub reason: String,
+}
+
+/// A user changed their password; their other sessions were revoked. The
+/// password and its hash never enter the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChanged {
+    /// Whose password changed.
+    pub user_id: Uuid,
+}
+
+/// A user turned on TOTP two-factor authentication. The secret is never in the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TwoFactorEnabled {
+    /// Who turned it on.
+    pub user_id: Uuid,
+}
+
+/// A user turned off two-factor authentication.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TwoFactorDisabled {
+    /// Who turned it off.
+    pub user_id: Uuid,
+}
+
+/// The second factor a login used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SecondFactor {
+    /// A TOTP code from an authenticator app.
+    Totp,
+    /// One of the one-time recovery codes.
+    RecoveryCode,
+}
+
+/// A user logged in and a session began.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserLoggedIn {
+    /// Who logged in.
+    pub user_id: Uuid,
+    /// The new session; its refresh tokens rotate within it.
+    pub session_id: Uuid,
+    /// The second factor used, if two-factor authentication is on.
+    pub second_factor: Option<SecondFactor>,
+}
+
+/// Why a login was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginFailure {
+    /// No user has this email.
+    UnknownEmail,
+    /// The password did not match.
+    WrongPassword,
+    /// Two-factor authentication is on and no code came with the password.
+    TwoFactorRequired,
+    /// The TOTP or recovery code was wrong or already used.
+    TwoFactorInvalid,
+    /// The user is blocked.
+    UserBlocked,
+}
+
+/// A login was refused. The password tried is never recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFailed {
+    /// The user the email belongs to, if any.
+    pub user_id: Option<Uuid>,
+    /// The email as normalised, or as sent if it was not a valid address (truncated).
+    pub email: String,
+    /// Why it was refused.
+    pub reason: LoginFailure,
+}
+
+/// A user logged out of one session, or of all of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoggedOut {
+    /// Who logged out.
+    pub user_id: Uuid,
+    /// The sessions that ended.
+    pub session_ids: Vec<Uuid>,
+    /// True for "log out everywhere".
+    pub all_sessions: bool,
+}
+
+/// A user ended one of their sessions from the session list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRevoked {
+    /// Whose session.
+    pub user_id: Uuid,
+    /// The session that ended.
+    pub session_id: Uuid,
+}
+
+/// A refresh token that had already been rotated was presented again: a sign
+/// of theft. The whole session was revoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshTokenReused {
+    /// Whose session.
+    pub user_id: Uuid,
+    /// The revoked session.
+    pub session_id: Uuid,
+}
+
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiScope {
+    /// GET requests.
+    Read,
+    /// Commands (POST).
+    Write,
+}
+
+/// A user created an API key. Only its hash is stored, never in the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCreated {
+    /// The key's owner.
+    pub user_id: Uuid,
+    /// The key's id (not the secret).
+    pub key_id: Uuid,
+    /// The owner's label for it.
+    pub name: String,
+    /// What it may do.
+    pub scopes: Vec<ApiScope>,
+}
+
+/// A user revoked an API key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyRevoked {
+    /// The key's owner.
+    pub user_id: Uuid,
+    /// The revoked key.
+    pub key_id: Uuid,
+}
+
+/// An admin froze an account: it refuses debits and credits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountFrozen {
+    /// The frozen account.
+    pub account_id: Uuid,
+    /// Why, as the admin gave it.
+    pub reason: String,
+}
+
+/// An admin lifted a freeze.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountUnfrozen {
+    /// The account.
+    pub account_id: Uuid,
+    /// Why, as the admin gave it.
+    pub reason: String,
 }
 
 /// A stored event that today's code cannot read.
@@ -108,73 +328,94 @@ pub enum EventDecodeError {
 
 /// Static description of one event type and version, for schemas and docs.
 pub struct EventTypeInfo {
-    /// Stream category, used as the schema folder (`user`, `account`).
+    /// Stream category, used as the schema folder (`user`, `account`, `security`).
     pub category: &'static str,
     pub event_type: &'static str,
     pub schema_version: i32,
     pub schema: fn() -> schemars::Schema,
 }
 
-/// Every event type and version the ledger has ever published.
-pub fn event_types() -> Vec<EventTypeInfo> {
-    vec![
-        EventTypeInfo {
-            category: "user",
-            event_type: "UserRegistered",
-            schema_version: 1,
-            schema: || schemars::schema_for!(UserRegistered),
-        },
-        EventTypeInfo {
-            category: "account",
-            event_type: "AccountOpened",
-            schema_version: 1,
-            schema: || schemars::schema_for!(AccountOpened),
-        },
-        EventTypeInfo {
-            category: "account",
-            event_type: "TransferRecorded",
-            schema_version: 1,
-            schema: || schemars::schema_for!(TransferRecorded),
-        },
-    ]
+/// Declares the `Event` enum and everything that maps it to and from the log,
+/// from one list, so a new event cannot be half registered.
+macro_rules! ledger_events {
+    ($($name:ident => $category:literal),+ $(,)?) => {
+        /// Every event the ledger records.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Event {
+            $($name($name),)+
+        }
+
+        /// Every event type and version the ledger has ever published.
+        pub fn event_types() -> Vec<EventTypeInfo> {
+            vec![$(EventTypeInfo {
+                category: $category,
+                event_type: stringify!($name),
+                schema_version: 1,
+                schema: || schemars::schema_for!($name),
+            },)+]
+        }
+
+        impl Event {
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $(Event::$name(_) => stringify!($name),)+
+                }
+            }
+
+            /// The stream category the event belongs to.
+            pub fn category(&self) -> &'static str {
+                match self {
+                    $(Event::$name(_) => $category,)+
+                }
+            }
+
+            /// The schema version this code writes.
+            pub fn schema_version(&self) -> i32 {
+                1
+            }
+
+            pub fn payload(&self) -> serde_json::Value {
+                // Serializing these plain structs cannot fail: no maps with non-string keys.
+                let value = match self {
+                    $(Event::$name(e) => serde_json::to_value(e),)+
+                };
+                value.unwrap_or(serde_json::Value::Null)
+            }
+
+            /// Decodes a stored event, upcasting older schema versions to today's types.
+            pub fn from_stored(
+                event_type: &str,
+                schema_version: i32,
+                payload: serde_json::Value,
+            ) -> Result<Event, EventDecodeError> {
+                let wrap =
+                    |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
+                match (event_type, schema_version) {
+                    $((stringify!($name), 1) => serde_json::from_value(payload).map(Event::$name).map_err(wrap),)+
+                    _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
+                }
+            }
+        }
+    };
 }
 
-impl Event {
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            Event::UserRegistered(_) => "UserRegistered",
-            Event::AccountOpened(_) => "AccountOpened",
-            Event::TransferRecorded(_) => "TransferRecorded",
-        }
-    }
-
-    /// The schema version this code writes.
-    pub fn schema_version(&self) -> i32 {
-        1
-    }
-
-    pub fn payload(&self) -> serde_json::Value {
-        // Serializing these plain structs cannot fail: no maps with non-string keys.
-        let value = match self {
-            Event::UserRegistered(e) => serde_json::to_value(e),
-            Event::AccountOpened(e) => serde_json::to_value(e),
-            Event::TransferRecorded(e) => serde_json::to_value(e),
-        };
-        value.unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Decodes a stored event, upcasting older schema versions to today's types.
-    pub fn from_stored(
-        event_type: &str,
-        schema_version: i32,
-        payload: serde_json::Value,
-    ) -> Result<Event, EventDecodeError> {
-        let wrap = |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
-        match (event_type, schema_version) {
-            ("UserRegistered", 1) => serde_json::from_value(payload).map(Event::UserRegistered).map_err(wrap),
-            ("AccountOpened", 1) => serde_json::from_value(payload).map(Event::AccountOpened).map_err(wrap),
-            ("TransferRecorded", 1) => serde_json::from_value(payload).map(Event::TransferRecorded).map_err(wrap),
-            _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
-        }
-    }
+ledger_events! {
+    UserRegistered => "user",
+    RoleChanged => "user",
+    UserBlocked => "user",
+    UserUnblocked => "user",
+    PasswordChanged => "user",
+    TwoFactorEnabled => "user",
+    TwoFactorDisabled => "user",
+    AccountOpened => "account",
+    TransferRecorded => "account",
+    AccountFrozen => "account",
+    AccountUnfrozen => "account",
+    UserLoggedIn => "security",
+    LoginFailed => "security",
+    LoggedOut => "security",
+    SessionRevoked => "security",
+    RefreshTokenReused => "security",
+    ApiKeyCreated => "security",
+    ApiKeyRevoked => "security",
 }

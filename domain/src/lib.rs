@@ -48,7 +48,7 @@ pub fn fold_balances<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeMa
                     b.balance += t.amount;
                 }
             }
-            Event::UserRegistered(_) => {}
+            _ => {}
         }
     }
     balances

@@ -1,17 +1,30 @@
-//! The user decider: registration.
+//! The user decider: registration, roles, blocking, password and two-factor changes.
 
-use crate::events::{Event, UserRegistered};
+use crate::account::check_reason;
+use crate::events::{
+    Event, PasswordChanged, Role, RoleChanged, TwoFactorDisabled, TwoFactorEnabled, UserBlocked, UserRegistered,
+    UserUnblocked,
+};
 use crate::DomainError;
 use uuid::Uuid;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct UserState {
     pub registered: Option<UserRegistered>,
+    pub role: Role,
+    pub blocked: bool,
+    pub two_factor: bool,
 }
 
 #[derive(Clone, Debug)]
 pub enum UserCommand {
     Register { user_id: Uuid, email: String, display_name: Option<String> },
+    ChangeRole { user_id: Uuid, role: Role, reason: Option<String> },
+    Block { user_id: Uuid, reason: String },
+    Unblock { user_id: Uuid, reason: String },
+    ChangePassword { user_id: Uuid },
+    EnableTwoFactor { user_id: Uuid },
+    DisableTwoFactor { user_id: Uuid },
 }
 
 pub const MIN_PASSWORD_CHARS: usize = 10;
@@ -66,12 +79,67 @@ pub fn decide(state: &UserState, command: UserCommand) -> Result<Vec<Event>, Dom
             }
             Ok(vec![Event::UserRegistered(UserRegistered { user_id, email, display_name })])
         }
+        UserCommand::ChangeRole { user_id, role, reason } => {
+            registered(state, user_id)?;
+            let reason = reason.as_deref().map(check_reason).transpose()?;
+            if state.role == role {
+                return Err(DomainError::validation("role", format!("is already {}", role.as_str())));
+            }
+            Ok(vec![Event::RoleChanged(RoleChanged { user_id, role, previous_role: state.role, reason })])
+        }
+        UserCommand::Block { user_id, reason } => {
+            registered(state, user_id)?;
+            let reason = check_reason(&reason)?;
+            if state.blocked {
+                return Err(DomainError::UserAlreadyBlocked(user_id));
+            }
+            Ok(vec![Event::UserBlocked(UserBlocked { user_id, reason })])
+        }
+        UserCommand::Unblock { user_id, reason } => {
+            registered(state, user_id)?;
+            let reason = check_reason(&reason)?;
+            if !state.blocked {
+                return Err(DomainError::UserNotBlocked(user_id));
+            }
+            Ok(vec![Event::UserUnblocked(UserUnblocked { user_id, reason })])
+        }
+        UserCommand::ChangePassword { user_id } => {
+            registered(state, user_id)?;
+            Ok(vec![Event::PasswordChanged(PasswordChanged { user_id })])
+        }
+        UserCommand::EnableTwoFactor { user_id } => {
+            registered(state, user_id)?;
+            if state.two_factor {
+                return Err(DomainError::TwoFactorAlreadyEnabled);
+            }
+            Ok(vec![Event::TwoFactorEnabled(TwoFactorEnabled { user_id })])
+        }
+        UserCommand::DisableTwoFactor { user_id } => {
+            registered(state, user_id)?;
+            if !state.two_factor {
+                return Err(DomainError::TwoFactorNotEnabled);
+            }
+            Ok(vec![Event::TwoFactorDisabled(TwoFactorDisabled { user_id })])
+        }
+    }
+}
+
+fn registered(state: &UserState, user_id: Uuid) -> Result<(), DomainError> {
+    match &state.registered {
+        Some(r) if r.user_id == user_id => Ok(()),
+        _ => Err(DomainError::UserNotFound(user_id)),
     }
 }
 
 pub fn evolve(mut state: UserState, event: &Event) -> UserState {
-    if let Event::UserRegistered(e) = event {
-        state.registered = Some(e.clone());
+    match event {
+        Event::UserRegistered(e) => state.registered = Some(e.clone()),
+        Event::RoleChanged(e) => state.role = e.role,
+        Event::UserBlocked(_) => state.blocked = true,
+        Event::UserUnblocked(_) => state.blocked = false,
+        Event::TwoFactorEnabled(_) => state.two_factor = true,
+        Event::TwoFactorDisabled(_) => state.two_factor = false,
+        _ => {}
     }
     state
 }
@@ -134,5 +202,89 @@ mod tests {
     fn short_passwords_are_refused() {
         assert!(check_password("123456789").is_err());
         assert!(check_password("1234567890").is_ok());
+    }
+
+    fn ann() -> (Uuid, Vec<Event>) {
+        let id = Uuid::new_v4();
+        let events =
+            decide(&given(&[]), UserCommand::Register { user_id: id, email: "ann@b.io".into(), display_name: None })
+                .unwrap();
+        (id, events)
+    }
+
+    #[test]
+    fn a_new_user_has_the_user_role_and_can_be_promoted_once() {
+        let (id, history) = ann();
+        assert_eq!(given(&history).role, Role::User);
+        let events =
+            decide(&given(&history), UserCommand::ChangeRole { user_id: id, role: Role::Admin, reason: None }).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::RoleChanged(RoleChanged {
+                user_id: id,
+                role: Role::Admin,
+                previous_role: Role::User,
+                reason: None
+            })]
+        );
+        let promoted: Vec<Event> = history.into_iter().chain(events).collect();
+        assert_eq!(given(&promoted).role, Role::Admin);
+        let again = decide(&given(&promoted), UserCommand::ChangeRole { user_id: id, role: Role::Admin, reason: None });
+        assert!(matches!(again, Err(DomainError::Validation { .. })));
+    }
+
+    #[test]
+    fn blocking_needs_a_reason_and_happens_once() {
+        let (id, history) = ann();
+        let state = given(&history);
+        let err = decide(&state, UserCommand::Block { user_id: id, reason: "".into() }).unwrap_err();
+        assert_eq!(err, DomainError::validation("reason", "is required"));
+        let blocked = decide(&state, UserCommand::Block { user_id: id, reason: "chargebacks".into() }).unwrap();
+        let history: Vec<Event> = history.into_iter().chain(blocked).collect();
+        assert!(given(&history).blocked);
+        assert_eq!(
+            decide(&given(&history), UserCommand::Block { user_id: id, reason: "again".into() }),
+            Err(DomainError::UserAlreadyBlocked(id))
+        );
+        let lifted = decide(&given(&history), UserCommand::Unblock { user_id: id, reason: "resolved".into() }).unwrap();
+        let history: Vec<Event> = history.into_iter().chain(lifted).collect();
+        assert!(!given(&history).blocked);
+        assert_eq!(
+            decide(&given(&history), UserCommand::Unblock { user_id: id, reason: "x".into() }),
+            Err(DomainError::UserNotBlocked(id))
+        );
+    }
+
+    #[test]
+    fn commands_on_an_unknown_user_are_refused() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            decide(&given(&[]), UserCommand::Block { user_id: id, reason: "r".into() }),
+            Err(DomainError::UserNotFound(id))
+        );
+        assert_eq!(
+            decide(&given(&[]), UserCommand::ChangePassword { user_id: id }),
+            Err(DomainError::UserNotFound(id))
+        );
+    }
+
+    #[test]
+    fn two_factor_turns_on_and_off_once_each() {
+        let (id, history) = ann();
+        assert_eq!(
+            decide(&given(&history), UserCommand::DisableTwoFactor { user_id: id }),
+            Err(DomainError::TwoFactorNotEnabled)
+        );
+        let on = decide(&given(&history), UserCommand::EnableTwoFactor { user_id: id }).unwrap();
+        let history: Vec<Event> = history.into_iter().chain(on).collect();
+        assert!(given(&history).two_factor);
+        assert_eq!(
+            decide(&given(&history), UserCommand::EnableTwoFactor { user_id: id }),
+            Err(DomainError::TwoFactorAlreadyEnabled)
+        );
+        assert_eq!(
+            decide(&given(&history), UserCommand::ChangePassword { user_id: id }).unwrap(),
+            vec![Event::PasswordChanged(PasswordChanged { user_id: id })]
+        );
     }
 }

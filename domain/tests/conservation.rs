@@ -66,7 +66,7 @@ impl World {
             let touched: Vec<Uuid> = match &e {
                 Event::AccountOpened(a) => vec![a.account_id],
                 Event::TransferRecorded(t) => vec![t.from_account, t.to_account],
-                Event::UserRegistered(_) => vec![],
+                _ => vec![],
             };
             for id in touched {
                 let s = self.states.remove(&id).unwrap_or_default();

@@ -47,8 +47,20 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
             .execute(&mut *conn)
             .await?;
         }
-        Event::UserRegistered(_) => {}
+        Event::AccountFrozen(f) => set_frozen(conn, f.account_id, true, recorded.position).await?,
+        Event::AccountUnfrozen(f) => set_frozen(conn, f.account_id, false, recorded.position).await?,
+        _ => {}
     }
+    Ok(())
+}
+
+async fn set_frozen(conn: &mut PgConnection, account_id: Uuid, frozen: bool, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE balances SET frozen = $2, last_position = $3 WHERE account_id = $1")
+        .bind(account_id)
+        .bind(frozen)
+        .bind(position)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -65,10 +77,11 @@ pub struct AccountView {
     pub version: i64,
     pub last_position: i64,
     pub opened_at: DateTime<Utc>,
+    pub frozen: bool,
 }
 
 const COLUMNS: &str =
-    "account_id, owner_id, currency, kind, name, balance, available, version, last_position, opened_at";
+    "account_id, owner_id, currency, kind, name, balance, available, version, last_position, opened_at, frozen";
 
 pub async fn account(pool: &PgPool, account_id: Uuid) -> Result<Option<AccountView>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM balances WHERE account_id = $1"))

@@ -1,6 +1,7 @@
 //! The read side: projectors that follow JetStream, the read-model tables
 //! they maintain, their checkpoints, and replay from the event log.
 
+pub mod activity;
 pub mod balances;
 pub mod checkpoint;
 pub mod projector;
@@ -28,15 +29,17 @@ pub enum ProjectionError {
 pub enum Projection {
     Balances,
     Statements,
+    Activity,
 }
 
 impl Projection {
-    pub const ALL: [Projection; 2] = [Projection::Balances, Projection::Statements];
+    pub const ALL: [Projection; 3] = [Projection::Balances, Projection::Statements, Projection::Activity];
 
     pub fn name(self) -> &'static str {
         match self {
             Projection::Balances => "balances",
             Projection::Statements => "statements",
+            Projection::Activity => "activity",
         }
     }
 
@@ -49,6 +52,7 @@ impl Projection {
         match self {
             Projection::Balances => balances::TABLES,
             Projection::Statements => statements::TABLES,
+            Projection::Activity => activity::TABLES,
         }
     }
 
@@ -59,6 +63,7 @@ impl Projection {
         match self {
             Projection::Balances => balances::apply(conn, recorded, &event).await?,
             Projection::Statements => statements::apply(conn, recorded, &event).await?,
+            Projection::Activity => activity::apply(conn, recorded, &event).await?,
         }
         Ok(())
     }

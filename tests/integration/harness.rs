@@ -27,6 +27,15 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
         db_max_connections: 16,
         read_wait: Duration::from_secs(5),
         relay_poll: Duration::from_millis(20),
+        secret_key: b"integration-test-sealing-key-integration-test".to_vec(),
+        secret_key_is_default: false,
+        insecure_cookies: false,
+        // Off by default in tests that hammer one user on purpose; the
+        // rate-limit test turns it on.
+        rate_limit_per_sec: 0,
+        rate_limit_burst: 100,
+        login_failures_before_backoff: 5,
+        request_timeout: Duration::from_secs(30),
     }
 }
 

@@ -1,6 +1,7 @@
 use super::{account_not_found, money, outcome_response, path_id};
+use crate::access::{authorize, Action};
 use crate::auth::AuthUser;
-use crate::extract::{PathParam, CommandRequest, QueryParams, ReadAfter};
+use crate::extract::{CommandRequest, PathParam, QueryParams, ReadAfter};
 use crate::problem::{render_rejection, Problem};
 use crate::state::AppState;
 use axum::extract::State;
@@ -51,6 +52,8 @@ pub struct AccountResponse {
     pub available: String,
     pub version: i64,
     pub position: i64,
+    /// A frozen account refuses debits and credits.
+    pub frozen: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -67,6 +70,7 @@ impl From<balances::AccountView> for AccountResponse {
             name: a.name,
             version: a.version,
             position: a.last_position,
+            frozen: a.frozen,
             currency: a.currency,
         }
     }
@@ -78,6 +82,7 @@ fn envelope<T>(request: &CommandRequest<T>) -> CommandEnvelope {
         idempotency_key: request.idempotency_key.clone(),
         request_hash: request.request_hash.clone(),
         correlation_id: request.correlation_id,
+        client: request.user.client.clone(),
     }
 }
 
@@ -133,21 +138,37 @@ pub(crate) fn command_envelope<T>(request: &CommandRequest<T>) -> CommandEnvelop
     envelope(request)
 }
 
+#[derive(Deserialize, IntoParams)]
+pub struct AccountListQuery {
+    /// Support and admin only: another user's accounts.
+    pub user_id: Option<Uuid>,
+    #[allow(dead_code)]
+    pub min_position: Option<String>,
+}
+
 #[utoipa::path(get, path = "/v1/accounts", tag = "accounts",
-    params(("min_position" = Option<i64>, Query)),
-    responses((status = 200, body = AccountList)))]
-pub async fn list(State(state): State<AppState>, user: AuthUser, _: ReadAfter) -> Result<Json<AccountList>, Problem> {
-    let items = balances::accounts_of(&state.pool, user.user_id).await?;
+    params(AccountListQuery),
+    responses((status = 200, body = AccountList), (status = 403, description = "forbidden (user_id of another user without a staff role)")))]
+pub async fn list(
+    State(state): State<AppState>,
+    user: AuthUser,
+    QueryParams(query): QueryParams<AccountListQuery>,
+    _: ReadAfter,
+) -> Result<Json<AccountList>, Problem> {
+    let owner = query.user_id.unwrap_or(user.user_id);
+    if owner != user.user_id {
+        authorize(&user, Action::StaffRead)?;
+    }
+    let items = balances::accounts_of(&state.pool, owner).await?;
     Ok(Json(AccountList { items: items.into_iter().map(AccountResponse::from).collect() }))
 }
 
-/// The account if the caller owns it.
-async fn owned_account(state: &AppState, user: AuthUser, id: &str) -> Result<balances::AccountView, Problem> {
+/// The account if the access policy lets the caller read it.
+async fn readable_account(state: &AppState, user: &AuthUser, id: &str) -> Result<balances::AccountView, Problem> {
     let account_id = path_id(id, account_not_found)?;
-    match balances::account(&state.pool, account_id).await? {
-        Some(a) if a.owner_id == Some(user.user_id) => Ok(a),
-        _ => Err(account_not_found()),
-    }
+    let account = balances::account(&state.pool, account_id).await?.ok_or_else(account_not_found)?;
+    authorize(user, Action::Read { owners: &[account.owner_id], hidden: account_not_found })?;
+    Ok(account)
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts",
@@ -159,7 +180,7 @@ pub async fn get(
     PathParam(id): PathParam,
     _: ReadAfter,
 ) -> Result<Json<AccountResponse>, Problem> {
-    Ok(Json(owned_account(&state, user, &id).await?.into()))
+    Ok(Json(readable_account(&state, &user, &id).await?.into()))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -216,7 +237,7 @@ pub async fn transactions(
                 .ok_or_else(|| Problem::validation("cursor", "is not a cursor this API returned"))?,
         ),
     };
-    let account = owned_account(&state, user, &id).await?;
+    let account = readable_account(&state, &user, &id).await?;
     let entries = statements::entries(&state.pool, account.account_id, limit, before).await?;
     let next_cursor = (entries.len() as i64 == limit).then(|| entries.last().map(|e| e.entry_no.to_string())).flatten();
     let currency = account.currency;

@@ -1,7 +1,10 @@
 pub mod accounts;
+pub mod admin;
+pub mod api_keys;
 pub mod auth;
 pub mod commands;
 pub mod health;
+pub mod me;
 pub mod transfers;
 
 use crate::problem::Problem;

@@ -1,7 +1,8 @@
 use super::accounts::{command_envelope, run, MovementResponse};
 use super::{money, path_id, transfer_not_found};
+use crate::access::{authorize, Action};
 use crate::auth::AuthUser;
-use crate::extract::{PathParam, CommandRequest, ReadAfter};
+use crate::extract::{CommandRequest, PathParam, ReadAfter};
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::State;
@@ -60,10 +61,8 @@ pub async fn get(
     _: ReadAfter,
 ) -> Result<Json<TransferResponse>, Problem> {
     let transfer_id = path_id(&id, transfer_not_found)?;
-    let t = statements::transfer(&state.pool, transfer_id)
-        .await?
-        .filter(|t| t.from_owner == Some(user.user_id) || t.to_owner == Some(user.user_id))
-        .ok_or_else(transfer_not_found)?;
+    let t = statements::transfer(&state.pool, transfer_id).await?.ok_or_else(transfer_not_found)?;
+    authorize(&user, Action::Read { owners: &[t.from_owner, t.to_owner], hidden: transfer_not_found })?;
     Ok(Json(TransferResponse {
         amount: money(t.amount, &t.currency),
         transfer_id: t.transfer_id,
