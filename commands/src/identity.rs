@@ -629,9 +629,13 @@ impl Ledger {
     /// The per-request check behind an access token: the user still exists,
     /// the session is live, and the current role and block.
     pub async fn check_session(&self, user_id: Uuid, session_id: Uuid) -> Result<CredentialCheck, CommandError> {
+        // The block is reported even though blocking also ended the sessions:
+        // the client should learn why, not just that it must log in again.
         let row = sqlx::query(
-            "SELECT c.role, c.blocked FROM credentials c JOIN sessions s ON s.user_id = c.user_id
-             WHERE c.user_id = $1 AND s.session_id = $2 AND s.revoked_at IS NULL AND s.expires_at > now()",
+            "SELECT c.role, c.blocked,
+                    (s.session_id IS NOT NULL AND s.revoked_at IS NULL AND s.expires_at > now()) AS active
+             FROM credentials c LEFT JOIN sessions s ON s.session_id = $2 AND s.user_id = c.user_id
+             WHERE c.user_id = $1",
         )
         .bind(user_id)
         .bind(session_id)
@@ -639,7 +643,14 @@ impl Ledger {
         .await?;
         match row {
             None => Ok(CredentialCheck::Ended),
-            Some(r) => Ok(CredentialCheck::Valid(principal(user_id, &r)?)),
+            Some(r) => {
+                let principal = principal(user_id, &r)?;
+                if principal.blocked || r.try_get::<bool, _>("active")? {
+                    Ok(CredentialCheck::Valid(principal))
+                } else {
+                    Ok(CredentialCheck::Ended)
+                }
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 
 use ledger::config::{Config, Roles};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_domain::events::Role;
 use ledger_domain::{fold_balances, FoldedBalance};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Method, StatusCode};
@@ -13,6 +14,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A registered, logged-in user.
+#[derive(Clone, Debug)]
+pub struct Person {
+    pub id: String,
+    pub email: String,
+    pub token: String,
+    pub refresh: String,
+}
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -113,6 +125,12 @@ impl TestLedger {
         (s, v)
     }
 
+    /// A POST without an Idempotency-Key (the /v1/auth and /v1/api-keys routes).
+    pub async fn post_plain(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let (s, v, _) = self.request(Method::POST, path, Some(token), None, Some(body)).await;
+        (s, v)
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
         let (s, v, _) = self.request(Method::GET, path, Some(token), None, None).await;
         (s, v)
@@ -120,29 +138,44 @@ impl TestLedger {
 
     /// Registers a fresh user and returns (user_id, access token).
     pub async fn user(&self) -> (String, String) {
+        let u = self.person().await;
+        (u.id, u.token)
+    }
+
+    /// Registers and logs in a fresh user.
+    pub async fn person(&self) -> Person {
         let email = format!("{}@example.com", Uuid::new_v4().simple());
         let (s, v, _) = self
-            .request(
-                Method::POST,
-                "/v1/auth/register",
-                None,
-                None,
-                Some(json!({"email": email, "password": "correct horse battery"})),
-            )
+            .request(Method::POST, "/v1/auth/register", None, None, Some(json!({"email": email, "password": PASSWORD})))
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
-        let user_id = v["user_id"].as_str().expect("user_id").to_owned();
-        let (s, v, _) = self
-            .request(
-                Method::POST,
-                "/v1/auth/login",
-                None,
-                None,
-                Some(json!({"email": email, "password": "correct horse battery"})),
-            )
-            .await;
+        let id = v["user_id"].as_str().expect("user_id").to_owned();
+        let (s, v) = self.login(&email, PASSWORD, json!({})).await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        (user_id, v["access_token"].as_str().expect("token").to_owned())
+        Person {
+            id,
+            email,
+            token: v["access_token"].as_str().expect("token").to_owned(),
+            refresh: v["refresh_token"].as_str().expect("refresh token").to_owned(),
+        }
+    }
+
+    /// A fresh user with a role, given the way `ledger admin create-user` gives it.
+    pub async fn person_with_role(&self, role: Role) -> Person {
+        let p = self.person().await;
+        let ledger = ledger::ledger_for(&self.config, self.pool.clone());
+        ledger.assign_role(p.id.parse().expect("uuid"), role, "test fixture").await.expect("role assigned");
+        p
+    }
+
+    /// POST /v1/auth/login with extra body members.
+    pub async fn login(&self, email: &str, password: &str, extra: Value) -> (StatusCode, Value) {
+        let mut body = json!({"email": email, "password": password});
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        let (s, v, _) = self.request(Method::POST, "/v1/auth/login", None, None, Some(body)).await;
+        (s, v)
     }
 
     pub async fn account(&self, token: &str, currency: &str) -> String {

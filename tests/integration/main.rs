@@ -9,3 +9,4 @@ mod idempotency;
 mod nats_outage;
 mod property;
 mod replay;
+mod security;

@@ -1,0 +1,610 @@
+//! Identity and access: tokens, sessions, cookies, two-factor, API keys,
+//! throttling, rate limits and admin actions, through the public API.
+
+use crate::harness::{TestLedger, PASSWORD};
+use data_encoding::BASE64URL_NOPAD;
+use ledger_commands::totp;
+use ledger_domain::events::Role;
+use reqwest::header::{HeaderMap, SET_COOKIE};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn code(v: &Value) -> &str {
+    v["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or("")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+fn claims_of(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    serde_json::from_slice(&BASE64URL_NOPAD.decode(payload.as_bytes()).expect("base64url")).expect("claims JSON")
+}
+
+fn unsigned_token(claims: &Value) -> String {
+    let header = BASE64URL_NOPAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    format!("{header}.{}.", BASE64URL_NOPAD.encode(claims.to_string().as_bytes()))
+}
+
+fn signed_token(claims: &Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+        .expect("encode")
+}
+
+#[tokio::test]
+async fn forged_expired_tampered_and_blocked_tokens_are_refused() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let bob = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let (s, _) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let claims = claims_of(&ann.token);
+    let mut expired = claims.clone();
+    expired["exp"] = json!(now() - 3600);
+    expired["iat"] = json!(now() - 7200);
+    // Tampered: Bob's id in Ann's signed token.
+    let parts: Vec<&str> = ann.token.split('.').collect();
+    let mut as_bob = claims.clone();
+    as_bob["sub"] = json!(bob.id);
+    let tampered = format!("{}.{}.{}", parts[0], BASE64URL_NOPAD.encode(as_bob.to_string().as_bytes()), parts[2]);
+    for (what, token) in [
+        ("alg none", unsigned_token(&claims)),
+        ("wrong key", signed_token(&claims, b"some-other-secret-some-other-secret!!")),
+        ("expired", signed_token(&expired, &t.config.jwt_secret)),
+        ("tampered payload", tampered),
+        ("garbage", "not.a.jwt".to_owned()),
+    ] {
+        let (s, v) = t.get("/v1/accounts", &token).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{what}: {v}");
+    }
+    // A correctly signed token is still refused for a session that does not exist.
+    let mut foreign_session = claims.clone();
+    foreign_session["sid"] = json!(Uuid::new_v4());
+    let (s, v) = t.get("/v1/accounts", &signed_token(&foreign_session, &t.config.jwt_secret)).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+
+    // A blocked user's still-valid token is refused from the next request on.
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/admin/users/{}/block", ann.id),
+            Some(&admin.token),
+            Some("block-ann"),
+            Some(json!({"reason": "chargebacks"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["blocked"], true);
+    let (s, v) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
+    let (s, v, _) =
+        t.request(Method::POST, "/v1/auth/refresh", None, None, Some(json!({"refresh_token": ann.refresh}))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "blocking revoked the refresh token: {v}");
+    // A wrong password is still just wrong credentials: a guesser learns nothing of the block.
+    let (s, v) = t.login(&ann.email, "wrong password here", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "invalid-credentials"), "{v}");
+
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/admin/users/{}/unblock", ann.id),
+            Some(&admin.token),
+            Some("unblock-ann"),
+            Some(json!({"reason": "resolved"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_session() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let ledger = &t;
+    let refresh = |token: String| async move {
+        let (s, v, _) =
+            ledger.request(Method::POST, "/v1/auth/refresh", None, None, Some(json!({"refresh_token": token}))).await;
+        (s, v)
+    };
+    let (s, first) = refresh(ann.refresh.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(first["token_type"], "Bearer");
+    let rotated = first["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(rotated, ann.refresh);
+    assert!(rotated.len() >= 43, "at least 256 bits");
+    let access = first["access_token"].as_str().unwrap().to_owned();
+    let (s, _) = t.get("/v1/accounts", &access).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // The old token again: reuse. The whole session ends, current token included.
+    let (s, v) = refresh(ann.refresh.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "refresh-token-reused"), "{v}");
+    let (s, v) = refresh(rotated).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "the family is revoked: {v}");
+    let (s, _) = t.get("/v1/accounts", &access).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "and so are its access tokens");
+    let (s, _) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let (s, v) = refresh("made-up-token".into()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+    let (s, v, _) = t.request(Method::POST, "/v1/auth/refresh", None, None, Some(json!({}))).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+
+    // The reuse is an event in the log.
+    let reused: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'RefreshTokenReused'")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(reused, 1);
+    t.cleanup().await;
+}
+
+fn set_cookies(headers: &HeaderMap) -> Vec<String> {
+    headers.get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_owned()).collect()
+}
+
+fn cookie_value<'a>(cookies: &'a [String], name: &str) -> &'a str {
+    cookies
+        .iter()
+        .find_map(|c| c.strip_prefix(&format!("{name}=")))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("{name} cookie set: {cookies:?}"))
+}
+
+#[tokio::test]
+async fn browser_sessions_use_http_only_cookies_and_double_submit_csrf() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let response = t
+        .http
+        .post(format!("{}/v1/auth/login", t.base))
+        .json(&json!({"email": ann.email, "password": PASSWORD, "cookies": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookies = set_cookies(response.headers());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["token_type"], "Cookie");
+    assert!(body.get("access_token").is_none() && body.get("refresh_token").is_none(), "no tokens in the body: {body}");
+    let find = |name: &str| cookies.iter().find(|c| c.starts_with(&format!("{name}="))).unwrap().clone();
+    let access = find("ledger_access");
+    let refresh = find("ledger_refresh");
+    let csrf_cookie = find("ledger_csrf");
+    for c in [&access, &refresh] {
+        assert!(c.contains("; HttpOnly"), "{c}");
+        assert!(c.contains("; SameSite=Strict"), "{c}");
+        assert!(c.contains("; Secure"), "{c}");
+    }
+    assert!(refresh.contains("; Path=/v1/auth;"), "{refresh}");
+    assert!(access.contains("; Path=/;"), "{access}");
+    assert!(!csrf_cookie.contains("HttpOnly"), "the page reads it: {csrf_cookie}");
+    let csrf = cookie_value(&cookies, "ledger_csrf").to_owned();
+    assert_eq!(body["csrf_token"], csrf.as_str());
+    let jar = format!(
+        "ledger_access={}; ledger_refresh={}; ledger_csrf={csrf}",
+        cookie_value(&cookies, "ledger_access"),
+        cookie_value(&cookies, "ledger_refresh")
+    );
+
+    let get = t.http.get(format!("{}/v1/accounts", t.base)).header("cookie", &jar).send().await.unwrap();
+    assert_eq!(get.status(), StatusCode::OK, "safe methods need no CSRF header");
+    let post = |csrf_header: Option<&str>| {
+        let mut req = t
+            .http
+            .post(format!("{}/v1/accounts", t.base))
+            .header("cookie", &jar)
+            .header("idempotency-key", Uuid::new_v4().to_string())
+            .json(&json!({"currency": "EUR"}));
+        if let Some(h) = csrf_header {
+            req = req.header("x-csrf-token", h);
+        }
+        req.send()
+    };
+    for (what, header) in [("missing", None), ("wrong", Some("not-the-token"))] {
+        let r = post(header).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(code(&v), "csrf", "{what}: {v}");
+    }
+    let r = post(Some(&csrf)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Refresh by cookie also needs the CSRF header, and rotates the cookies.
+    let refresh_by_cookie = |csrf_header: Option<String>| {
+        let mut req = t.http.post(format!("{}/v1/auth/refresh", t.base)).header("cookie", &jar);
+        if let Some(h) = csrf_header {
+            req = req.header("x-csrf-token", h);
+        }
+        req.send()
+    };
+    assert_eq!(refresh_by_cookie(None).await.unwrap().status(), StatusCode::FORBIDDEN);
+    let r = refresh_by_cookie(Some(csrf.clone())).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let rotated = set_cookies(r.headers());
+    assert_ne!(cookie_value(&rotated, "ledger_refresh"), cookie_value(&cookies, "ledger_refresh"));
+
+    // Bearer tokens keep working without any CSRF check.
+    let (s, _) = t.post("/v1/accounts", &ann.token, json!({"currency": "USD"})).await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // Logout clears the cookies.
+    let new_jar = format!(
+        "ledger_access={}; ledger_csrf={}",
+        cookie_value(&rotated, "ledger_access"),
+        cookie_value(&rotated, "ledger_csrf")
+    );
+    let r = t
+        .http
+        .post(format!("{}/v1/auth/logout", t.base))
+        .header("cookie", &new_jar)
+        .header("x-csrf-token", cookie_value(&rotated, "ledger_csrf"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cleared = set_cookies(r.headers());
+    assert!(cleared.iter().all(|c| c.contains("Max-Age=0")), "{cleared:?}");
+    let r = t.http.get(format!("{}/v1/accounts", t.base)).header("cookie", &new_jar).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "the session ended");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn insecure_cookies_drop_only_the_secure_flag() {
+    let t = TestLedger::start_with(|c| c.insecure_cookies = true).await;
+    let ann = t.person().await;
+    let (s, _, headers) = t
+        .request(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            None,
+            Some(json!({"email": ann.email, "password": PASSWORD, "cookies": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let cookies = set_cookies(&headers);
+    assert_eq!(cookies.len(), 3);
+    assert!(cookies.iter().all(|c| !c.contains("Secure") && c.contains("SameSite=Strict")), "{cookies:?}");
+    t.cleanup().await;
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test]
+async fn an_unknown_email_costs_what_a_wrong_password_costs() {
+    // Throttling would cut the measurement short; it has its own test.
+    let t = TestLedger::start_with(|c| c.login_failures_before_backoff = 10_000).await;
+    let ann = t.person().await;
+    let (mut unknown, mut wrong) = (vec![], vec![]);
+    for round in 0..9 {
+        let started = Instant::now();
+        let (s, v) = t.login(&format!("nobody-{round}@example.com"), "some password 123", json!({})).await;
+        unknown.push(started.elapsed());
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "invalid-credentials"));
+        let started = Instant::now();
+        let (s, v) = t.login(&ann.email, "some password 123", json!({})).await;
+        wrong.push(started.elapsed());
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "invalid-credentials"));
+    }
+    let (unknown, wrong) = (median(unknown), median(wrong));
+    let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
+    // Both verify one argon2id hash; without the dummy hash an unknown email
+    // would answer in a few milliseconds, a ratio far below this bound.
+    assert!((0.6..=1.6).contains(&ratio), "unknown {unknown:?} vs wrong {wrong:?}: ratio {ratio:.2}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_logins_back_off_with_retry_after() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    for attempt in 1..=5 {
+        let (s, v) = t.login(&ann.email, "wrong password!", json!({})).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "invalid-credentials"), "attempt {attempt}: {v}");
+    }
+    // Even the right password waits now.
+    let (s, v, headers) = t
+        .request(Method::POST, "/v1/auth/login", None, None, Some(json!({"email": ann.email, "password": PASSWORD})))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts"), "{v}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "the first backoff is 2 s: {retry_after}");
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "after Retry-After the right password works: {v}");
+    // The IP keeps its count (a success does not reset it): one more failure
+    // from this address, even for another email, and it waits again.
+    let (s, v) = t.login("x@example.com", "whatever12", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "invalid-credentials"), "{v}");
+    let (s, v, headers) = t
+        .request(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            None,
+            Some(json!({"email": "x@example.com", "password": "whatever12"})),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts"), "{v}");
+    assert!(headers.contains_key("retry-after"));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_factor_login_needs_a_fresh_code_or_a_one_time_recovery_code() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let (s, setup) = t.post_plain("/v1/auth/2fa/setup", &ann.token, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{setup}");
+    let secret_b32 = setup["secret"].as_str().unwrap().to_owned();
+    assert!(setup["otpauth_uri"].as_str().unwrap().starts_with("otpauth://totp/Ledger:"));
+    let secret = data_encoding::BASE32_NOPAD.decode(secret_b32.as_bytes()).unwrap();
+    // Not on until confirmed.
+    let (s, _) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = t.post_plain("/v1/auth/2fa/confirm", &ann.token, json!({"code": "000000"})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "two-factor-invalid"), "{v}");
+    // Confirm with the code of the previous step, so the current one is still unused for the login below.
+    let (s, confirmed) =
+        t.post_plain("/v1/auth/2fa/confirm", &ann.token, json!({"code": totp::code_at(&secret, now() - 30)})).await;
+    assert_eq!(s, StatusCode::OK, "{confirmed}");
+    let recovery: Vec<String> =
+        confirmed["recovery_codes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_owned()).collect();
+    assert_eq!(recovery.len(), 10);
+
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "two-factor-required"), "{v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({"totp": "123456"})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "two-factor-invalid"), "{v}");
+    let current = totp::code_at(&secret, now());
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({"totp": current})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({"totp": current})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "two-factor-invalid"), "a code works once: {v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({"totp": recovery[3]})).await;
+    assert_eq!(s, StatusCode::OK, "a recovery code works: {v}");
+    let (s, v) = t.login(&ann.email, PASSWORD, json!({"totp": recovery[3]})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "two-factor-invalid"), "once: {v}");
+    // The secret is stored sealed, never in the clear.
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_sealed FROM two_factor WHERE user_id = $1::uuid")
+        .bind(&ann.id)
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert!(!sealed.windows(secret.len()).any(|w| w == secret.as_slice()));
+
+    let (s, v) =
+        t.post_plain("/v1/auth/2fa/disable", &ann.token, json!({"password": PASSWORD, "code": recovery[0]})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "off again");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn api_keys_are_scoped_shown_once_and_revocable() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let account = t.account(&ann.token, "USD").await;
+    let (s, v) = t.post_plain("/v1/api-keys", &ann.token, json!({"name": "reporting", "scopes": ["read"]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let read_key = v["key"].as_str().unwrap().to_owned();
+    let key_id = v["key_id"].as_str().unwrap().to_owned();
+    assert!(read_key.starts_with("lk_"));
+    let (s, v) =
+        t.post_plain("/v1/api-keys", &ann.token, json!({"name": "payouts", "scopes": ["read", "write"]})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let write_key = v["key"].as_str().unwrap().to_owned();
+
+    let (s, v) = t.get(&format!("/v1/accounts/{account}"), &read_key).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t.post(&format!("/v1/accounts/{account}/deposits"), &read_key, json!({"amount": "1.00"})).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "insufficient-scope"), "{v}");
+    let (s, v) = t.post(&format!("/v1/accounts/{account}/deposits"), &write_key, json!({"amount": "1.00"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Keys cannot manage credentials.
+    let (s, v) = t.post_plain("/v1/api-keys", &write_key, json!({"name": "more", "scopes": ["write"]})).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "insufficient-scope"), "{v}");
+
+    let (s, list) = t.get("/v1/api-keys", &ann.token).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    assert!(!list.to_string().contains(&read_key[3..]), "no secret in the list");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE key_prefix <> '' AND key_hash = sha256($1::bytea)")
+            .bind(read_key.as_bytes())
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "stored as its SHA-256 hash");
+
+    let (s, v, _) = t.request(Method::DELETE, &format!("/v1/api-keys/{key_id}"), Some(&ann.token), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t.get(&format!("/v1/accounts/{account}"), &read_key).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "revoked: {v}");
+    let (s, v, _) = t.request(Method::DELETE, &format!("/v1/api-keys/{key_id}"), Some(&ann.token), None, None).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "api-key-not-found"), "{v}");
+    let (s, v) = t.post_plain("/v1/api-keys", &ann.token, json!({"name": "x", "scopes": ["admin"]})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn frozen_accounts_refuse_debits_and_credits() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let bob = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let a = t.account(&ann.token, "EUR").await;
+    let b = t.account(&bob.token, "EUR").await;
+    t.deposit(&ann.token, &a, "50.00").await;
+    t.deposit(&bob.token, &b, "50.00").await;
+    let ledger = &t;
+    let admin_post = |path: String, key: &'static str, body: Value| {
+        let token = admin.token.clone();
+        async move {
+            let (s, v, _) = ledger.request(Method::POST, &path, Some(&token), Some(key), Some(body)).await;
+            (s, v)
+        }
+    };
+    let (s, v) = admin_post(format!("/v1/admin/accounts/{a}/freeze"), "f1", json!({"reason": "  "})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "a reason is required: {v}");
+    let (s, v) = admin_post(format!("/v1/admin/accounts/{a}/freeze"), "f2", json!({"reason": "court order"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let position = v["position"].as_i64().unwrap();
+    for (path, token, body) in [
+        (format!("/v1/accounts/{a}/withdrawals"), &ann.token, json!({"amount": "1.00"})),
+        (format!("/v1/accounts/{a}/deposits"), &ann.token, json!({"amount": "1.00"})),
+        ("/v1/transfers".to_owned(), &ann.token, json!({"from_account": a, "to_account": b, "amount": "1.00"})),
+        ("/v1/transfers".to_owned(), &bob.token, json!({"from_account": b, "to_account": a, "amount": "1.00"})),
+    ] {
+        let (s, v) = t.post(&path, token, body).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "account-frozen"), "{path}: {v}");
+    }
+    let (s, v) = t.get(&format!("/v1/accounts/{a}?min_position={position}"), &ann.token).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["frozen"], true);
+    assert_eq!(v["balance"], "50.00");
+    let (s, v) = admin_post(format!("/v1/admin/accounts/{a}/freeze"), "f3", json!({"reason": "again"})).await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "account-already-frozen"), "{v}");
+    let (s, v) = admin_post(format!("/v1/admin/accounts/{a}/unfreeze"), "u1", json!({"reason": "lifted"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) =
+        t.post("/v1/transfers", &bob.token, json!({"from_account": b, "to_account": a, "amount": "1.00"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // The admin action is an event with its reason and actor.
+    let (reason, actor): (String, uuid::Uuid) =
+        sqlx::query_as("SELECT payload->>'reason', actor_id FROM events WHERE event_type = 'AccountFrozen'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason, "court order");
+    assert_eq!(actor.to_string(), admin.id);
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn command_endpoints_are_rate_limited_per_user() {
+    let t = TestLedger::start_with(|c| {
+        c.rate_limit_per_sec = 1;
+        c.rate_limit_burst = 3;
+    })
+    .await;
+    let ann = t.person().await;
+    let bob = t.person().await;
+    for _ in 0..3 {
+        let (s, v) = t.post("/v1/accounts", &ann.token, json!({"currency": "USD"})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let (s, v, headers) =
+        t.request(Method::POST, "/v1/accounts", Some(&ann.token), Some("over"), Some(json!({"currency": "USD"}))).await;
+    assert_eq!((s, code(&v)), (StatusCode::TOO_MANY_REQUESTS, "rate-limited"), "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    let (s, _) = t.post("/v1/accounts", &bob.token, json!({"currency": "USD"})).await;
+    assert_eq!(s, StatusCode::CREATED, "each user has their own bucket");
+    let (s, _) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!(s, StatusCode::OK, "reads are not limited");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, _) = t.post("/v1/accounts", &ann.token, json!({"currency": "USD"})).await;
+    assert_eq!(s, StatusCode::CREATED, "a token refilled");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn sessions_are_listed_revoked_and_ended_by_password_change() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let (s, phone) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let phone_token = phone["access_token"].as_str().unwrap().to_owned();
+    let (s, v) = t.get("/v1/auth/sessions", &ann.token).await;
+    assert_eq!(s, StatusCode::OK);
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{v}");
+    assert_eq!(items.iter().filter(|i| i["current"] == true).count(), 1);
+    assert!(items.iter().all(|i| i["ip"] == "127.0.0.1"), "{v}");
+    let phone_session =
+        items.iter().find(|i| i["current"] == false).unwrap()["session_id"].as_str().unwrap().to_owned();
+
+    // Another user cannot end Ann's session.
+    let bob = t.person().await;
+    let (s, v, _) =
+        t.request(Method::DELETE, &format!("/v1/auth/sessions/{phone_session}"), Some(&bob.token), None, None).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "session-not-found"), "{v}");
+    let (s, _, _) =
+        t.request(Method::DELETE, &format!("/v1/auth/sessions/{phone_session}"), Some(&ann.token), None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = t.get("/v1/accounts", &phone_token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A password change keeps this session and ends the others.
+    let (_, laptop) = t.login(&ann.email, PASSWORD, json!({})).await;
+    let laptop_token = laptop["access_token"].as_str().unwrap().to_owned();
+    let (s, v) = t
+        .post_plain(
+            "/v1/auth/password",
+            &ann.token,
+            json!({"current_password": "not it at all", "new_password": "a new long password"}),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "invalid-credentials"), "{v}");
+    let (s, v) = t
+        .post_plain("/v1/auth/password", &ann.token, json!({"current_password": PASSWORD, "new_password": "short"}))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    let (s, v) = t
+        .post_plain(
+            "/v1/auth/password",
+            &ann.token,
+            json!({"current_password": PASSWORD, "new_password": "a new long password"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = t.get("/v1/accounts", &laptop_token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "other sessions ended");
+    let (s, _) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!(s, StatusCode::OK, "this one stays");
+    let (s, _) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = t.login(&ann.email, "a new long password", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Logout-all ends every session, this one included.
+    let (s, _) = t.post_plain("/v1/auth/logout-all", &ann.token, json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = t.get("/v1/accounts", &ann.token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // The user sees their security events, newest first.
+    let (_, again) = t.login(&ann.email, "a new long password", json!({})).await;
+    let token = again["access_token"].as_str().unwrap();
+    let head = t.head().await;
+    let (s, v) = t.get(&format!("/v1/me/activity?min_position={head}"), token).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let kinds: Vec<&str> = v["items"].as_array().unwrap().iter().map(|i| i["event_type"].as_str().unwrap()).collect();
+    for expected in ["UserRegistered", "UserLoggedIn", "SessionRevoked", "PasswordChanged", "LoginFailed", "LoggedOut"]
+    {
+        assert!(kinds.contains(&expected), "{expected} in {kinds:?}");
+    }
+    assert_eq!(kinds[0], "UserLoggedIn");
+    let (_, bobs) = t.get(&format!("/v1/me/activity?min_position={head}"), &bob.token).await;
+    assert!(bobs["items"].as_array().unwrap().iter().all(|i| i["event_type"] != "PasswordChanged"), "only their own");
+    t.cleanup().await;
+}
