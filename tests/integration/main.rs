@@ -2,11 +2,13 @@
 
 mod harness;
 
+mod access_matrix;
 mod api;
 mod concurrency;
 mod event_store;
 mod idempotency;
 mod nats_outage;
+mod no_secrets;
 mod property;
 mod replay;
 mod security;

@@ -608,3 +608,17 @@ async fn sessions_are_listed_revoked_and_ended_by_password_change() {
     assert!(bobs["items"].as_array().unwrap().iter().all(|i| i["event_type"] != "PasswordChanged"), "only their own");
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_slow_request_is_answered_503_timeout_not_left_hanging() {
+    let t = TestLedger::start_with(|c| c.request_timeout = Duration::from_millis(300)).await;
+    let ann = t.person().await;
+    let started = Instant::now();
+    // The read-your-writes wait (5 s) outlasts the request limit.
+    let (s, v, headers) =
+        t.request(Method::GET, "/v1/accounts?min_position=999999", Some(&ann.token), None, None).await;
+    assert_eq!((s, code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "timeout"), "{v}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    t.cleanup().await;
+}
