@@ -258,6 +258,11 @@ async fn read_your_writes_times_out_with_projection_lag() {
     let (s, v, _) = t.request(Method::GET, "/openapi.json", None, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(v["paths"]["/v1/transfers"].is_object());
+    assert!(v["paths"]["/v1/admin/users/{id}/block"].is_object());
+    let schemes = &v["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["scheme"], "bearer", "{schemes}");
+    assert_eq!(schemes["cookie"]["in"], "cookie", "{schemes}");
+    assert_eq!(schemes["cookie"]["name"], "ledger_access", "{schemes}");
     let (s, _, _) = t.request(Method::GET, "/docs/", None, None, None).await;
     assert_eq!(s, StatusCode::OK);
     t.cleanup().await;
