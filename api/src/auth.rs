@@ -28,6 +28,9 @@ pub const API_KEY_PREFIX: &str = "lk_";
 pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// Derives each session's CSRF token, so a planted cookie/header pair
+    /// does not pass: the token must be the one of the session presented.
+    csrf_key: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -42,7 +45,19 @@ struct Claims {
 
 impl JwtKeys {
     pub fn new(secret: &[u8]) -> JwtKeys {
-        JwtKeys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret) }
+        let mut csrf_key = b"ledger csrf v1\0".to_vec();
+        csrf_key.extend_from_slice(secret);
+        JwtKeys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), csrf_key }
+    }
+
+    /// The CSRF token of a session: HMAC-SHA256(secret, session id), hex.
+    pub fn csrf_token(&self, session_id: Uuid) -> String {
+        use hmac::Mac;
+        let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.csrf_key) else {
+            return String::new();
+        };
+        mac.update(session_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// An access token for a session and its lifetime in seconds.
@@ -141,11 +156,13 @@ pub fn is_safe_method(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-/// Double submit: the `X-CSRF-Token` header must equal the `ledger_csrf` cookie.
-pub fn check_csrf(headers: &HeaderMap) -> Result<(), Problem> {
+/// Double submit, bound to the session: the `X-CSRF-Token` header must equal
+/// the `ledger_csrf` cookie, and both must be that session's token.
+pub fn check_csrf(headers: &HeaderMap, expected: &str) -> Result<(), Problem> {
     let header = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
     let cookie = cookie(headers, CSRF_COOKIE).unwrap_or("");
-    if header.is_empty() || cookie.is_empty() || !bool::from(header.as_bytes().ct_eq(cookie.as_bytes())) {
+    let equal = |a: &str, b: &str| bool::from(a.as_bytes().ct_eq(b.as_bytes()));
+    if header.is_empty() || expected.is_empty() || !equal(header, cookie) || !equal(header, expected) {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "csrf",
@@ -177,11 +194,13 @@ impl FromRequestParts<AppState> for AuthUser {
             return session_caller(state, token, false, client).await;
         }
         if let Some(token) = cookie(&parts.headers, ACCESS_COOKIE) {
-            if !is_safe_method(&parts.method) {
-                check_csrf(&parts.headers)?;
-            }
             let token = token.to_owned();
-            return session_caller(state, &token, true, client).await;
+            let user = session_caller(state, &token, true, client).await?;
+            if !is_safe_method(&parts.method) {
+                let session_id = user.session_id().unwrap_or_default();
+                check_csrf(&parts.headers, &state.jwt.csrf_token(session_id))?;
+            }
+            return Ok(user);
         }
         Err(Problem::unauthorized("an Authorization: Bearer <access_token> header (or a session cookie) is required"))
     }

@@ -140,6 +140,15 @@ pub fn rate_limit(state: &AppState, user: &AuthUser) -> Result<(), Problem> {
     })
 }
 
+/// The same limit for unauthenticated routes, per client address.
+pub fn rate_limit_client(state: &AppState, client: &ledger_commands::ClientInfo) -> Result<(), Problem> {
+    let Some(ip) = client.ip.as_deref().and_then(|ip| ip.parse().ok()) else { return Ok(()) };
+    state.rate_limit.check(Caller::Address(ip)).map_err(|retry_after| {
+        Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "too many requests; slow down")
+            .with_retry_after(retry_after)
+    })
+}
+
 /// JSON with object keys sorted at every level, so that two bodies that mean
 /// the same thing fingerprint the same.
 pub fn canonical_json(value: &Value) -> String {

@@ -12,6 +12,8 @@ use uuid::Uuid;
 pub enum Caller {
     User(Uuid),
     ApiKey(Uuid),
+    /// Unauthenticated routes (register, login, refresh), by client address.
+    Address(std::net::IpAddr),
 }
 
 pub struct RateLimiter {

@@ -219,9 +219,10 @@ pub fn backoff_seconds(failures: u32, threshold: u32) -> i64 {
     (1i64 << exponent).min(MAX_BACKOFF_SECONDS)
 }
 
+/// 100 random bits as four groups of five base32 characters.
 fn recovery_code() -> String {
-    let raw = random_token(10);
-    format!("{}-{}", &raw[..8], &raw[8..16])
+    let raw = random_token(13);
+    format!("{}-{}-{}-{}", &raw[..5], &raw[5..10], &raw[10..15], &raw[15..20])
 }
 
 fn normalize_recovery_code(code: &str) -> String {
@@ -244,7 +245,7 @@ impl Ledger {
             Some(Event::UserRegistered(registered)) => registered.email.clone(),
             _ => return Err(CommandError::Rejected(DomainError::validation("email", "could not be registered"))),
         };
-        let hash = hash_password(password).await?;
+        let hash = self.hash_password(password).await?;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query("INSERT INTO credentials (user_id, email, password_hash) VALUES ($1, $2, $3)")
             .bind(user_id)
@@ -299,15 +300,28 @@ impl Ledger {
         let email = user::normalize_email(raw_email)
             .unwrap_or_else(|_| raw_email.trim().to_lowercase().chars().take(254).collect());
         let subjects = throttle_subjects(&email, client);
-        let retry_after = self.throttled_for(&subjects).await?;
-        if retry_after > 0 {
-            return Err(CommandError::TooManyAttempts { retry_after: retry_after as u64 });
+        self.reserve_attempt(&subjects).await?;
+        let outcome = self.login_checked(&email, password, second_factor, &subjects, client).await;
+        if let Err(CommandError::Store(_) | CommandError::Hashing | CommandError::Secret(_)) = &outcome {
+            // A fault is not a guess: give the attempt back.
+            self.settle_attempt(&subjects, Attempt::NotAGuess).await?;
         }
+        outcome
+    }
+
+    async fn login_checked(
+        &self,
+        email: &str,
+        password: String,
+        second_factor: Option<String>,
+        subjects: &[String],
+        client: &ClientInfo,
+    ) -> Result<SessionGrant, CommandError> {
         let row = sqlx::query(
             "SELECT c.user_id, c.password_hash, c.blocked, coalesce(t.enabled, false) AS two_factor
              FROM credentials c LEFT JOIN two_factor t USING (user_id) WHERE c.email = $1",
         )
-        .bind(&email)
+        .bind(email)
         .fetch_optional(&self.pool)
         .await?;
         let (user_id, stored, blocked, two_factor) = match &row {
@@ -319,42 +333,39 @@ impl Ledger {
             ),
             None => (None, None, false, false),
         };
-        let ok = tokio::task::spawn_blocking(move || passwords::verify(stored.as_deref(), &password))
-            .await
-            .map_err(|_| CommandError::Hashing)?;
+        let ok = self.verify_password(stored, password).await?;
         let Some(user_id) = user_id.filter(|_| ok) else {
             let reason = if user_id.is_some() { LoginFailure::WrongPassword } else { LoginFailure::UnknownEmail };
-            self.login_failed(user_id, &email, reason, &subjects, true, client).await?;
+            self.login_failed(user_id, email, reason, subjects, Attempt::Failed, client).await?;
             return Err(CommandError::InvalidCredentials);
         };
         // Checked only after the password, so a guesser learns nothing about blocks.
         if blocked {
-            self.login_failed(Some(user_id), &email, LoginFailure::UserBlocked, &subjects, false, client).await?;
+            self.login_failed(Some(user_id), email, LoginFailure::UserBlocked, subjects, Attempt::NotAGuess, client)
+                .await?;
             return Err(CommandError::UserBlocked);
         }
         let mut tx = self.pool.begin().await?;
         let used = if two_factor {
             let Some(code) = second_factor.filter(|c| !c.trim().is_empty()) else {
                 tx.rollback().await?;
-                self.login_failed(Some(user_id), &email, LoginFailure::TwoFactorRequired, &subjects, false, client)
-                    .await?;
+                let reason = LoginFailure::TwoFactorRequired;
+                self.login_failed(Some(user_id), email, reason, subjects, Attempt::NotAGuess, client).await?;
                 return Err(CommandError::TwoFactorRequired);
             };
             match self.check_second_factor(&mut tx, user_id, &code).await? {
                 Some(kind) => Some(kind),
                 None => {
                     tx.rollback().await?;
-                    self.login_failed(Some(user_id), &email, LoginFailure::TwoFactorInvalid, &subjects, true, client)
-                        .await?;
+                    let reason = LoginFailure::TwoFactorInvalid;
+                    self.login_failed(Some(user_id), email, reason, subjects, Attempt::Failed, client).await?;
                     return Err(CommandError::TwoFactorInvalid);
                 }
             }
         } else {
             None
         };
-        // A success forgets this email's failures; the IP's count stays, so one
-        // good account does not reset a spray from the same address.
-        sqlx::query("DELETE FROM login_throttle WHERE subject = $1").bind(&subjects[0]).execute(&mut *tx).await?;
+        settle_attempt(&mut tx, subjects, Attempt::Succeeded).await?;
         let grant = self.open_session(&mut tx, user_id, client).await?;
         record_security_event(
             &mut tx,
@@ -368,60 +379,138 @@ impl Ledger {
         Ok(grant)
     }
 
-    /// Seconds until these subjects may try again (0: now).
-    async fn throttled_for(&self, subjects: &[String]) -> Result<i64, CommandError> {
-        let rows = sqlx::query(
-            "SELECT failures, extract(epoch FROM (now() - last_failure_at))::float8 AS age
-             FROM login_throttle WHERE subject = ANY($1)",
-        )
-        .bind(subjects)
-        .fetch_all(&self.pool)
-        .await?;
+    /// Counts an attempt in flight for each subject, or refuses it while the
+    /// subjects are backing off. Attempts in flight count, so a burst of
+    /// parallel guesses cannot all pass before the first failure is recorded.
+    async fn reserve_attempt(&self, subjects: &[String]) -> Result<(), CommandError> {
+        let mut tx = self.pool.begin().await?;
+        let mut sorted = subjects.to_vec();
+        sorted.sort();
         let mut wait = 0i64;
-        for row in rows {
-            let failures: i32 = row.try_get("failures")?;
+        for subject in &sorted {
+            sqlx::query(
+                "INSERT INTO login_throttle (subject, failures, pending, last_failure_at)
+                 VALUES ($1, 0, 0, 'epoch') ON CONFLICT (subject) DO NOTHING",
+            )
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+            let row = sqlx::query(
+                "SELECT failures, pending,
+                        coalesce(extract(epoch FROM (now() - last_failure_at))::float8, 'Infinity') AS age
+                 FROM login_throttle WHERE subject = $1 FOR UPDATE",
+            )
+            .bind(subject)
+            .fetch_one(&mut *tx)
+            .await?;
             let age: f64 = row.try_get("age")?;
-            if age > FAILURE_MEMORY_SECONDS as f64 {
-                continue;
-            }
-            let backoff = backoff_seconds(failures.max(0) as u32, self.policy.failures_before_backoff);
-            let remaining = (backoff as f64 - age).ceil() as i64;
+            let failures = if age > FAILURE_MEMORY_SECONDS as f64 { 0 } else { row.try_get::<i32, _>("failures")? };
+            let pending: i32 = row.try_get("pending")?;
+            let n = (failures.max(0) + pending.max(0)) as u32;
+            let backoff = backoff_seconds(n, self.policy.failures_before_backoff);
+            let remaining = if pending > 0 && backoff > 0 {
+                // Guesses still in flight: wait for them as if they had failed.
+                backoff
+            } else {
+                (backoff as f64 - age).ceil() as i64
+            };
             wait = wait.max(remaining);
         }
-        Ok(wait)
+        if wait > 0 {
+            tx.rollback().await?;
+            return Err(CommandError::TooManyAttempts { retry_after: wait as u64 });
+        }
+        sqlx::query(
+            "UPDATE login_throttle SET pending = pending + 1,
+                 failures = CASE WHEN last_failure_at < now() - make_interval(secs => $2) THEN 0 ELSE failures END
+             WHERE subject = ANY($1)",
+        )
+        .bind(&sorted)
+        .bind(FAILURE_MEMORY_SECONDS as f64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
+    async fn settle_attempt(&self, subjects: &[String], attempt: Attempt) -> Result<(), CommandError> {
+        let mut tx = self.pool.begin().await?;
+        settle_attempt(&mut tx, subjects, attempt).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a refused login (never the password tried) and settles its attempt.
     async fn login_failed(
         &self,
         user_id: Option<Uuid>,
         email: &str,
         reason: LoginFailure,
         subjects: &[String],
-        counts: bool,
+        attempt: Attempt,
         client: &ClientInfo,
     ) -> Result<(), CommandError> {
         let mut tx = self.pool.begin().await?;
-        if counts {
-            for subject in subjects {
-                sqlx::query(
-                    "INSERT INTO login_throttle (subject, failures, last_failure_at) VALUES ($1, 1, now())
-                     ON CONFLICT (subject) DO UPDATE SET
-                         failures = CASE WHEN login_throttle.last_failure_at < now() - make_interval(secs => $2)
-                                         THEN 1 ELSE login_throttle.failures + 1 END,
-                         last_failure_at = now()",
-                )
-                .bind(subject)
-                .bind(FAILURE_MEMORY_SECONDS as f64)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
+        settle_attempt(&mut tx, subjects, attempt).await?;
         let email: String = email.chars().take(254).collect();
-        record_security_event(&mut tx, Event::LoginFailed(LoginFailed { user_id, email, reason }), user_id, client)
+        // Whoever tried is unknown: the actor is anonymous, the user only the subject.
+        record_security_event(&mut tx, Event::LoginFailed(LoginFailed { user_id, email, reason }), None, client)
             .await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(())
+    }
+
+    /// Checks a password off the async runtime, at most a few at a time: each
+    /// argon2id check holds 19 MiB.
+    async fn verify_password(&self, stored: Option<String>, password: String) -> Result<bool, CommandError> {
+        let _permit = self.hashing.acquire().await.map_err(|_| CommandError::Hashing)?;
+        tokio::task::spawn_blocking(move || passwords::verify(stored.as_deref(), &password))
+            .await
+            .map_err(|_| CommandError::Hashing)
+    }
+
+    async fn hash_password(&self, password: String) -> Result<String, CommandError> {
+        let _permit = self.hashing.acquire().await.map_err(|_| CommandError::Hashing)?;
+        tokio::task::spawn_blocking(move || passwords::hash(&password))
+            .await
+            .map_err(|_| CommandError::Hashing)?
+            .map_err(|_| CommandError::Hashing)
+    }
+
+    /// The current password of a signed-in user, throttled like a login.
+    async fn check_current_password(
+        &self,
+        user_id: Uuid,
+        password: String,
+        client: &ClientInfo,
+    ) -> Result<(), CommandError> {
+        let email: Option<String> = sqlx::query_scalar("SELECT email FROM credentials WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(email) = email else { return Err(CommandError::Rejected(DomainError::UserNotFound(user_id))) };
+        let subjects = throttle_subjects(&email, client);
+        self.reserve_attempt(&subjects).await?;
+        let stored: Option<String> = sqlx::query_scalar("SELECT password_hash FROM credentials WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match self.verify_password(stored, password).await {
+            Ok(true) => {
+                self.settle_attempt(&subjects, Attempt::Succeeded).await?;
+                Ok(())
+            }
+            Ok(false) => {
+                let reason = LoginFailure::WrongPassword;
+                self.login_failed(Some(user_id), &email, reason, &subjects, Attempt::Failed, client).await?;
+                Err(CommandError::WrongPassword)
+            }
+            Err(e) => {
+                self.settle_attempt(&subjects, Attempt::NotAGuess).await?;
+                Err(e)
+            }
+        }
     }
 
     /// A TOTP code (once per time step) or an unused recovery code.
@@ -667,17 +756,8 @@ impl Ledger {
             DomainError::Validation { message, .. } => DomainError::validation("new_password", message),
             other => other,
         })?;
-        let stored: Option<String> = sqlx::query_scalar("SELECT password_hash FROM credentials WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        let ok = tokio::task::spawn_blocking(move || passwords::verify(stored.as_deref(), &current_password))
-            .await
-            .map_err(|_| CommandError::Hashing)?;
-        if !ok {
-            return Err(CommandError::WrongPassword);
-        }
-        let hash = hash_password(new_password).await?;
+        self.check_current_password(user_id, current_password, client).await?;
+        let hash = self.hash_password(new_password).await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE credentials SET password_hash = $2 WHERE user_id = $1")
             .bind(user_id)
@@ -771,16 +851,7 @@ impl Ledger {
         code: &str,
         client: &ClientInfo,
     ) -> Result<i64, CommandError> {
-        let stored: Option<String> = sqlx::query_scalar("SELECT password_hash FROM credentials WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        let ok = tokio::task::spawn_blocking(move || passwords::verify(stored.as_deref(), &password))
-            .await
-            .map_err(|_| CommandError::Hashing)?;
-        if !ok {
-            return Err(CommandError::WrongPassword);
-        }
+        self.check_current_password(user_id, password, client).await?;
         let mut tx = self.pool.begin().await?;
         let enabled: Option<bool> = sqlx::query_scalar("SELECT enabled FROM two_factor WHERE user_id = $1")
             .bind(user_id)
@@ -988,11 +1059,45 @@ pub fn parse_scope(name: &str) -> Option<ApiScope> {
     }
 }
 
-async fn hash_password(password: String) -> Result<String, CommandError> {
-    tokio::task::spawn_blocking(move || passwords::hash(&password))
-        .await
-        .map_err(|_| CommandError::Hashing)?
-        .map_err(|_| CommandError::Hashing)
+/// How an attempt ended, for the throttle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// A wrong password or code: it counts.
+    Failed,
+    /// The right password: the email's count is forgotten. The IP's count
+    /// stays, so one good account does not reset a spray from its address.
+    Succeeded,
+    /// Not a guess (a missing second factor, a blocked user, a fault).
+    NotAGuess,
+}
+
+async fn settle_attempt(conn: &mut PgConnection, subjects: &[String], attempt: Attempt) -> Result<(), sqlx::Error> {
+    match attempt {
+        Attempt::Failed => {
+            sqlx::query(
+                "UPDATE login_throttle SET pending = greatest(pending - 1, 0), failures = failures + 1,
+                     last_failure_at = now() WHERE subject = ANY($1)",
+            )
+            .bind(subjects)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Attempt::Succeeded | Attempt::NotAGuess => {
+            sqlx::query("UPDATE login_throttle SET pending = greatest(pending - 1, 0) WHERE subject = ANY($1)")
+                .bind(subjects)
+                .execute(&mut *conn)
+                .await?;
+            if attempt == Attempt::Succeeded {
+                if let Some(email_subject) = subjects.first() {
+                    sqlx::query("UPDATE login_throttle SET failures = 0 WHERE subject = $1")
+                        .bind(email_subject)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -1013,10 +1118,10 @@ mod tests {
     }
 
     #[test]
-    fn recovery_codes_are_two_groups_of_eight() {
+    fn recovery_codes_are_four_groups_of_five() {
         let code = recovery_code();
-        assert_eq!(code.len(), 17);
-        assert_eq!(&code[8..9], "-");
+        assert_eq!(code.len(), 23);
+        assert_eq!(code.matches('-').count(), 3);
         assert_eq!(normalize_recovery_code(&format!(" {} ", code.to_uppercase())), code);
     }
 }

@@ -155,6 +155,9 @@ pub struct Ledger {
     pub(crate) appended: Arc<Notify>,
     pub(crate) secrets: Arc<SecretBox>,
     pub(crate) policy: IdentityPolicy,
+    /// Bounds concurrent argon2id work (19 MiB each) so a flood of logins or
+    /// registrations queues instead of exhausting memory.
+    pub(crate) hashing: Arc<tokio::sync::Semaphore>,
 }
 
 struct Decision {
@@ -179,7 +182,14 @@ enum Effect {
 
 impl Ledger {
     pub fn new(pool: PgPool, secret_key: &[u8], policy: IdentityPolicy) -> Ledger {
-        Ledger { pool, appended: Arc::new(Notify::new()), secrets: Arc::new(SecretBox::new(secret_key)), policy }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Ledger {
+            pool,
+            appended: Arc::new(Notify::new()),
+            secrets: Arc::new(SecretBox::new(secret_key)),
+            policy,
+            hashing: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -292,16 +302,42 @@ async fn account_state(
 }
 
 const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
+/// Freezes take this lock exclusively, credits share it: a credit decided
+/// before a freeze commits first, one decided after sees the freeze. Nobody
+/// waits for the debit lock while holding this one, so the two cannot deadlock.
+const ACCOUNT_STATUS_LOCK_CLASS: i32 = 0x4C45_4448;
+
+fn lock_key(account_id: Uuid) -> i32 {
+    let (hi, lo) = account_id.as_u64_pair();
+    let folded = hi ^ lo;
+    (folded ^ (folded >> 32)) as u32 as i32
+}
+
+async fn lock_status(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(ACCOUNT_STATUS_LOCK_CLASS)
+        .bind(lock_key(account_id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn lock_status_shared(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+        .bind(ACCOUNT_STATUS_LOCK_CLASS)
+        .bind(lock_key(account_id))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
 
 /// Serialises debits of one account across every instance: the loser of a
 /// race waits here instead of failing its optimistic append.
 async fn lock_account(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
     // The two-key form lives in a lock space apart from the idempotency locks.
-    let (hi, lo) = account_id.as_u64_pair();
-    let folded = hi ^ lo;
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(ACCOUNT_LOCK_CLASS)
-        .bind((folded ^ (folded >> 32)) as u32 as i32)
+        .bind(lock_key(account_id))
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -340,6 +376,7 @@ async fn decide(
                 Ok(a) => a,
                 Err(rejection) => return Ok(Err(rejection)),
             };
+            lock_status_shared(conn, account_id).await?;
             let (to, _) = account_state(conn, account_id, false).await?;
             let Some(currency) = to.currency().filter(|_| to.is_owned_by(actor)) else {
                 return Ok(Err(DomainError::AccountNotFound(account_id)));
@@ -407,6 +444,7 @@ async fn decide(
             };
             lock_account(conn, from_account).await?;
             let (from, version) = account_state(conn, from_account, true).await?;
+            lock_status_shared(conn, to_account).await?;
             let (to, _) = account_state(conn, to_account, false).await?;
             let transfer_id = Uuid::now_v7();
             let decided = account::decide_transfer(
@@ -506,6 +544,7 @@ async fn account_change(
     command: AccountCommand,
 ) -> Result<Result<Vec<StreamAppend>, DomainError>, StoreError> {
     lock_account(conn, account_id).await?;
+    lock_status(conn, account_id).await?;
     let (state, version) = account_state(conn, account_id, true).await?;
     Ok(account::decide(&state, command)
         .map(|events| vec![StreamAppend { stream_id: account_stream(account_id), expected_version: version, events }]))

@@ -3,7 +3,8 @@
 //! TOTP secrets are sealed with XChaCha20-Poly1305 under a key derived from
 //! `LEDGER_SECRET_KEY`, bound to their owner (the user id is the associated
 //! data), so a row copied to another user does not decrypt. Refresh tokens,
-//! recovery codes and API keys carry at least 128 random bits and are stored
+//! API keys carry 256 random bits and recovery codes 100 (one use each,
+//! behind the login throttle) and are stored
 //! as SHA-256 hashes: with that much entropy a slow hash adds nothing.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};

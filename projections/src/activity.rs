@@ -36,6 +36,9 @@ fn subject(event: &Event) -> Option<Uuid> {
 
 pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Event) -> Result<(), sqlx::Error> {
     let Some(user_id) = subject(event) else { return Ok(()) };
+    // Failed logins are anonymous (whoever tried is unknown) but the user may
+    // see where they came from; an admin's actions show the admin, not their address.
+    let own = recorded.metadata.actor_id == Some(user_id) || matches!(event, Event::LoginFailed(_));
     let mut detail = recorded.payload.clone();
     if let Value::Object(map) = &mut detail {
         map.remove("user_id");
@@ -49,8 +52,9 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
     .bind(&recorded.event_type)
     .bind(detail)
     .bind(recorded.metadata.actor_id)
-    .bind(&recorded.metadata.client_ip)
-    .bind(&recorded.metadata.user_agent)
+    // Where an admin acted from is the admin's business, not the user's.
+    .bind(own.then_some(&recorded.metadata.client_ip))
+    .bind(own.then_some(&recorded.metadata.user_agent))
     .bind(recorded.metadata.recorded_at)
     .execute(&mut *conn)
     .await?;

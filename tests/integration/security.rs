@@ -504,12 +504,13 @@ async fn frozen_accounts_refuse_debits_and_credits() {
 async fn command_endpoints_are_rate_limited_per_user() {
     let t = TestLedger::start_with(|c| {
         c.rate_limit_per_sec = 1;
-        c.rate_limit_burst = 3;
+        // Registering and logging in two users takes four from the address's bucket.
+        c.rate_limit_burst = 6;
     })
     .await;
     let ann = t.person().await;
     let bob = t.person().await;
-    for _ in 0..3 {
+    for _ in 0..6 {
         let (s, v) = t.post("/v1/accounts", &ann.token, json!({"currency": "USD"})).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
     }
@@ -620,5 +621,101 @@ async fn a_slow_request_is_answered_503_timeout_not_left_hanging() {
     assert_eq!((s, code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "timeout"), "{v}");
     assert!(headers.contains_key("retry-after"));
     assert!(started.elapsed() < Duration::from_secs(3));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_the_limit() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let guesses: Vec<String> = (0..20).map(|i| format!("wrong password {i}")).collect();
+    let answers = futures::future::join_all(guesses.iter().map(|g| t.login(&ann.email, g, json!({})))).await;
+    let wrong = answers.iter().filter(|(s, _)| *s == StatusCode::UNAUTHORIZED).count();
+    let throttled =
+        answers.iter().filter(|(s, v)| *s == StatusCode::TOO_MANY_REQUESTS && code(v) == "too-many-attempts").count();
+    assert_eq!(wrong + throttled, 20, "{answers:?}");
+    assert!(wrong <= 5, "only the first five guesses were checked, not {wrong}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_current_password_cannot_be_guessed_through_password_change() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    for i in 0..5 {
+        let body = json!({"current_password": format!("guess number {i}"), "new_password": "a new long password"});
+        let (s, v) = t.post_plain("/v1/auth/password", &ann.token, body).await;
+        assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "invalid-credentials"), "{v}");
+    }
+    let body = json!({"current_password": PASSWORD, "new_password": "a new long password"});
+    let (s, v) = t.post_plain("/v1/auth/password", &ann.token, body).await;
+    assert_eq!((s, code(&v)), (StatusCode::TOO_MANY_REQUESTS, "too-many-attempts"), "{v}");
+    let failures: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'LoginFailed' AND payload->>'reason' = 'wrong_password'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(failures, 5, "each wrong guess is recorded");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_planted_csrf_cookie_and_header_pair_is_refused() {
+    let t = TestLedger::start_with(|c| c.insecure_cookies = true).await;
+    let ann = t.person().await;
+    let (s, _, headers) = t
+        .request(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            None,
+            Some(json!({"email": ann.email, "password": PASSWORD, "cookies": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let cookies = set_cookies(&headers);
+    let access = cookie_value(&cookies, "ledger_access");
+    let r = t
+        .http
+        .post(format!("{}/v1/accounts", t.base))
+        .header("cookie", format!("ledger_access={access}; ledger_csrf=evil"))
+        .header("x-csrf-token", "evil")
+        .header("idempotency-key", "planted")
+        .json(&json!({"currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "the token must be the session's own");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_credit_lands_after_a_freeze_even_when_they_race() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let a = t.account(&ann.token, "USD").await;
+    let path = format!("/v1/accounts/{a}/deposits");
+    let deposits = futures::future::join_all((0..15).map(|_| t.post(&path, &ann.token, json!({"amount": "1.00"}))));
+    let freeze_path = format!("/v1/admin/accounts/{a}/freeze");
+    let freeze =
+        t.request(Method::POST, &freeze_path, Some(&admin.token), Some("race-freeze"), Some(json!({"reason": "race"})));
+    let (answers, (s, v, _)) = tokio::join!(deposits, freeze);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for (s, v) in &answers {
+        assert!(*s == StatusCode::CREATED || code(v) == "account-frozen", "{s} {v}");
+    }
+    // In the log's order, nothing credits the account after its freeze.
+    let late: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events t, events f
+         WHERE f.event_type = 'AccountFrozen' AND t.event_type = 'TransferRecorded'
+           AND t.payload->>'to_account' = $1 AND (t.transaction_id, t.position) > (f.transaction_id, f.position)",
+    )
+    .bind(&a)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(late, 0);
     t.cleanup().await;
 }

@@ -98,6 +98,7 @@ pub async fn revoke(
     PathParam(id): PathParam,
 ) -> Result<Json<super::auth::PositionResponse>, Problem> {
     authorize(&user, Action::ManageOwnCredentials)?;
+    rate_limit(&state, &user)?;
     let key_id = super::path_id(&id, api_key_not_found)?;
     let position = state.ledger.revoke_api_key(user.user_id, key_id, &user.client).await?;
     Ok(Json(super::auth::PositionResponse { position }))

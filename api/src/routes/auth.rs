@@ -6,7 +6,7 @@
 
 use crate::access::{authorize, Action};
 use crate::auth::{check_csrf, cleared_cookies, cookie, session_cookies, AuthUser, Client, REFRESH_COOKIE};
-use crate::extract::{rate_limit, JsonBody, PathParam};
+use crate::extract::{rate_limit, rate_limit_client, JsonBody, PathParam};
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::State;
@@ -83,6 +83,7 @@ pub async fn register(
     Client(client): Client,
     JsonBody(body): JsonBody<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), Problem> {
+    rate_limit_client(&state, &client)?;
     let (user_id, _) = state.ledger.register(body.email, body.password, body.display_name, &client).await?;
     Ok((StatusCode::CREATED, Json(RegisterResponse { user_id })))
 }
@@ -101,7 +102,7 @@ fn session_response(state: &AppState, grant: SessionGrant, cookies: bool) -> Res
         })
         .into_response());
     }
-    let csrf = ledger_commands::secrets::random_token(20);
+    let csrf = state.jwt.csrf_token(grant.session_id);
     let mut response = Json(LoginResponse {
         access_token: None,
         token_type: "Cookie",
@@ -129,6 +130,7 @@ pub async fn login(
     Client(client): Client,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Response, Problem> {
+    rate_limit_client(&state, &client)?;
     let grant = state.ledger.login(&body.email, body.password, body.totp, &client).await?;
     session_response(&state, grant, body.cookies)
 }
@@ -143,23 +145,28 @@ pub async fn refresh(
     Client(client): Client,
     JsonBody(body): JsonBody<RefreshRequest>,
 ) -> Result<Response, Problem> {
-    let (token, from_cookie) = refresh_token(&headers, body.refresh_token)?;
+    rate_limit_client(&state, &client)?;
+    let (token, from_cookie) = refresh_token(&state, &headers, body.refresh_token).await?;
     let grant = state.ledger.refresh(&token, &client).await?;
     session_response(&state, grant, from_cookie)
 }
 
-/// The refresh token from the body, or from the cookie (with the CSRF check).
-fn refresh_token(headers: &HeaderMap, from_body: Option<String>) -> Result<(String, bool), Problem> {
+/// The refresh token from the body, or from the cookie (with the CSRF check
+/// against the token's session).
+async fn refresh_token(
+    state: &AppState,
+    headers: &HeaderMap,
+    from_body: Option<String>,
+) -> Result<(String, bool), Problem> {
     if let Some(token) = from_body.filter(|t| !t.trim().is_empty()) {
         return Ok((token, false));
     }
-    match cookie(headers, REFRESH_COOKIE) {
-        Some(token) => {
-            check_csrf(headers)?;
-            Ok((token.to_owned(), true))
-        }
-        None => Err(Problem::validation("refresh_token", "is required (or the ledger_refresh cookie)")),
-    }
+    let Some(token) = cookie(headers, REFRESH_COOKIE) else {
+        return Err(Problem::validation("refresh_token", "is required (or the ledger_refresh cookie)"));
+    };
+    let session_id = state.ledger.session_of_refresh_token(token).await?.map(|(_, s)| s).unwrap_or_default();
+    check_csrf(headers, &state.jwt.csrf_token(session_id))?;
+    Ok((token.to_owned(), true))
 }
 
 fn with_cleared_cookies(state: &AppState, body: impl IntoResponse) -> Response {
@@ -185,7 +192,7 @@ pub async fn logout(
             (user.user_id, user.session_id())
         }
         Err(problem) => {
-            let Ok((token, _)) = refresh_token(&headers, None) else { return Err(problem) };
+            let Ok((token, _)) = refresh_token(&state, &headers, None).await else { return Err(problem) };
             match state.ledger.session_of_refresh_token(&token).await? {
                 Some((user_id, session_id)) => (user_id, Some(session_id)),
                 None => return Err(problem),
@@ -200,6 +207,7 @@ pub async fn logout(
     responses((status = 200, body = PositionResponse), (status = 401, description = "unauthorized")))]
 pub async fn logout_all(State(state): State<AppState>, user: AuthUser) -> Result<Response, Problem> {
     authorize(&user, Action::ManageOwnCredentials)?;
+    rate_limit(&state, &user)?;
     let position = state.ledger.logout(user.user_id, user.session_id(), true, &user.client).await?;
     Ok(with_cleared_cookies(&state, Json(PositionResponse { position })))
 }
@@ -254,6 +262,7 @@ pub async fn revoke_session(
     PathParam(id): PathParam,
 ) -> Result<Json<PositionResponse>, Problem> {
     authorize(&user, Action::ManageOwnCredentials)?;
+    rate_limit(&state, &user)?;
     let session_id = super::path_id(&id, session_not_found)?;
     let position = state.ledger.revoke_own_session(user.user_id, session_id, &user.client).await?;
     Ok(Json(PositionResponse { position }))
