@@ -402,6 +402,7 @@ async fn api_keys_are_scoped_shown_once_and_revocable() {
     let t = TestLedger::start().await;
     let ann = t.person().await;
     let account = t.account(&ann.token, "USD").await;
+    t.settle().await;
     let (s, v) = t.post_plain("/v1/api-keys", &ann.token, json!({"name": "reporting", "scopes": ["read"]})).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let read_key = v["key"].as_str().unwrap().to_owned();
