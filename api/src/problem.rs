@@ -102,6 +102,11 @@ fn title(code: &str) -> &'static str {
         "user-not-blocked" => "The user is not blocked",
         "session-not-found" => "Session not found",
         "api-key-not-found" => "API key not found",
+        "hold-not-found" => "Hold not found",
+        "hold-not-pending" => "The hold is no longer pending",
+        "order-not-found" => "Order not found",
+        "order-state-conflict" => "The order is not in a state that allows this",
+        "refund-exceeds-captured" => "Refunds would exceed the captured amount",
         "method-not-allowed" => "Method not allowed",
         "service-unavailable" => "A backing service is unavailable",
         _ => "Internal error",
@@ -147,6 +152,13 @@ pub fn from_domain(e: &DomainError) -> Problem {
             Problem::new(StatusCode::CONFLICT, "two-factor-already-enabled", e.to_string())
         }
         DomainError::TwoFactorNotEnabled => Problem::new(StatusCode::CONFLICT, "two-factor-not-enabled", e.to_string()),
+        DomainError::HoldNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "hold-not-found", e.to_string()),
+        DomainError::HoldNotPending(_) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending", e.to_string()),
+        DomainError::OrderNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "order-not-found", e.to_string()),
+        DomainError::OrderNotInStatus(..) => Problem::new(StatusCode::CONFLICT, "order-state-conflict", e.to_string()),
+        DomainError::RefundExceedsCaptured { .. } => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "refund-exceeds-captured", e.to_string())
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use crate::store::{self, account_stream, transfer_stream, user_stream, EventMeta
 use chrono::Utc;
 use ledger_domain::account::{self, system_account_id, AccountCommand, AccountState, MoveMoney};
 use ledger_domain::events::Role;
+use ledger_domain::fees::FeeSchedule;
 use ledger_domain::events::{AccountKind, TransferKind};
 use ledger_domain::money::Amount;
 use ledger_domain::user::{self, UserCommand, UserState};
@@ -117,6 +118,47 @@ pub enum LedgerCommand {
         account_id: Uuid,
         reason: String,
     },
+    /// Holds: place by the payer; capture and release by either party (or
+    /// the system, for orders); expire by the scheduler.
+    PlaceHold {
+        from_account: Uuid,
+        to_account: Uuid,
+        amount: String,
+        expires_in_seconds: Option<i64>,
+        reference: Option<String>,
+    },
+    CaptureHold {
+        hold_id: Uuid,
+        amount: Option<String>,
+    },
+    ReleaseHold {
+        hold_id: Uuid,
+    },
+    ExpireHold {
+        hold_id: Uuid,
+    },
+    /// Orders: placed by the customer, paid and accepted by the payment
+    /// process, cancelled by the customer, refunded by the merchant or an admin.
+    PlaceOrder {
+        account_id: Uuid,
+        merchant_account: Uuid,
+        amount: String,
+        description: String,
+    },
+    PayOrder {
+        order_id: Uuid,
+    },
+    AcceptOrder {
+        order_id: Uuid,
+    },
+    CancelOrder {
+        order_id: Uuid,
+    },
+    RefundOrder {
+        order_id: Uuid,
+        amount: String,
+        as_admin: bool,
+    },
 }
 
 /// Where a request came from, recorded in the metadata of identity events.
@@ -158,24 +200,25 @@ pub struct Ledger {
     /// Bounds concurrent argon2id work (19 MiB each) so a flood of logins or
     /// registrations queues instead of exhausting memory.
     pub(crate) hashing: Arc<tokio::sync::Semaphore>,
+    pub(crate) fees: Arc<FeeSchedule>,
 }
 
-struct Decision {
-    appends: Vec<StreamAppend>,
-    body: Value,
+pub(crate) struct Decision {
+    pub(crate) appends: Vec<StreamAppend>,
+    pub(crate) body: Value,
     /// 201 for a new resource or movement, 200 for a change of state.
-    status: u16,
+    pub(crate) status: u16,
     /// Write-side caches that change with the events, in the same transaction.
-    effect: Option<Effect>,
+    pub(crate) effect: Option<Effect>,
 }
 
 impl Decision {
-    fn created(appends: Vec<StreamAppend>, body: Value) -> Decision {
+    pub(crate) fn created(appends: Vec<StreamAppend>, body: Value) -> Decision {
         Decision { appends, body, status: 201, effect: None }
     }
 }
 
-enum Effect {
+pub(crate) enum Effect {
     Role(Uuid, Role),
     Blocked(Uuid, bool),
 }
@@ -189,7 +232,14 @@ impl Ledger {
             secrets: Arc::new(SecretBox::new(secret_key)),
             policy,
             hashing: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
+            fees: Arc::new(FeeSchedule::default()),
         }
+    }
+
+    /// The fee schedule charged on transfers and withdrawals (none by default).
+    pub fn with_fees(mut self, fees: FeeSchedule) -> Ledger {
+        self.fees = Arc::new(fees);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -233,7 +283,7 @@ impl Ledger {
             return replay(previous, envelope);
         }
         let command_id = Uuid::now_v7();
-        let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone()).await? {
+        let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone(), &self.fees).await? {
             Ok(Decision { appends, mut body, status, effect }) => {
                 let metadata = EventMetadata {
                     command_id: Some(command_id),
@@ -288,7 +338,7 @@ fn replay(previous: CommandRecord, envelope: &CommandEnvelope) -> Result<Outcome
     Ok(Outcome { status: previous.status as u16, body: previous.response, replayed: true, position: previous.position })
 }
 
-async fn account_state(
+pub(crate) async fn account_state(
     conn: &mut PgConnection,
     account_id: Uuid,
     with_movements: bool,
@@ -322,7 +372,7 @@ async fn lock_status(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sq
     Ok(())
 }
 
-async fn lock_status_shared(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
+pub(crate) async fn lock_status_shared(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
         .bind(ACCOUNT_STATUS_LOCK_CLASS)
         .bind(lock_key(account_id))
@@ -333,7 +383,7 @@ async fn lock_status_shared(conn: &mut PgConnection, account_id: Uuid) -> Result
 
 /// Serialises debits of one account across every instance: the loser of a
 /// race waits here instead of failing its optimistic append.
-async fn lock_account(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
+pub(crate) async fn lock_account(conn: &mut PgConnection, account_id: Uuid) -> Result<(), sqlx::Error> {
     // The two-key form lives in a lock space apart from the idempotency locks.
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(ACCOUNT_LOCK_CLASS)
@@ -348,6 +398,7 @@ async fn decide(
     conn: &mut PgConnection,
     actor: Uuid,
     command: LedgerCommand,
+    fees: &FeeSchedule,
 ) -> Result<Result<Decision, DomainError>, StoreError> {
     match command {
         LedgerCommand::OpenAccount { currency, name } => {
@@ -396,6 +447,7 @@ async fn decide(
                     to_account: account_id,
                     amount,
                     reference,
+                    fee: None,
                 },
             );
             Ok(decided.map(|events| {
@@ -418,6 +470,10 @@ async fn decide(
             let system_id = system_account_id(currency);
             let (mut system, _) = account_state(conn, system_id, false).await?;
             let mut appends = open_system_if_missing(&mut system, currency);
+            let fee = fees.rule(TransferKind::Withdrawal);
+            if fee.is_some() {
+                appends.extend(open_fee_account_if_missing(conn, currency).await?);
+            }
             let transfer_id = Uuid::now_v7();
             let decided = account::decide_transfer(
                 &from,
@@ -430,11 +486,13 @@ async fn decide(
                     to_account: system_id,
                     amount,
                     reference,
+                    fee,
                 },
             );
             Ok(decided.map(|events| {
+                let body = movement_body(transfer_id, &events);
                 appends.push(StreamAppend { stream_id: account_stream(account_id), expected_version: version, events });
-                Decision::created(appends, json!({ "transfer_id": transfer_id }))
+                Decision::created(appends, body)
             }))
         }
         LedgerCommand::Transfer { from_account, to_account, amount, reference } => {
@@ -446,6 +504,11 @@ async fn decide(
             let (from, version) = account_state(conn, from_account, true).await?;
             lock_status_shared(conn, to_account).await?;
             let (to, _) = account_state(conn, to_account, false).await?;
+            let fee = fees.rule(TransferKind::Transfer);
+            let mut appends = match (fee, from.currency()) {
+                (Some(_), Some(currency)) => open_fee_account_if_missing(conn, currency).await?,
+                _ => vec![],
+            };
             let transfer_id = Uuid::now_v7();
             let decided = account::decide_transfer(
                 &from,
@@ -458,15 +521,24 @@ async fn decide(
                     to_account,
                     amount,
                     reference,
+                    fee,
                 },
             );
             Ok(decided.map(|events| {
-                Decision::created(
-                    vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
-                    json!({ "transfer_id": transfer_id }),
-                )
+                let body = movement_body(transfer_id, &events);
+                appends.push(StreamAppend { stream_id: account_stream(from_account), expected_version: version, events });
+                Decision::created(appends, body)
             }))
         }
+        LedgerCommand::PlaceHold { .. }
+        | LedgerCommand::CaptureHold { .. }
+        | LedgerCommand::ReleaseHold { .. }
+        | LedgerCommand::ExpireHold { .. }
+        | LedgerCommand::PlaceOrder { .. }
+        | LedgerCommand::PayOrder { .. }
+        | LedgerCommand::AcceptOrder { .. }
+        | LedgerCommand::CancelOrder { .. }
+        | LedgerCommand::RefundOrder { .. } => crate::payments::decide(conn, actor, command).await,
         LedgerCommand::BlockUser { user_id, reason } => {
             if user_id == actor {
                 return Ok(Err(DomainError::validation("user_id", "is you: an admin cannot block themselves")));
@@ -574,8 +646,35 @@ async fn apply_effect(conn: &mut PgConnection, effect: Effect) -> Result<(), sql
     Ok(())
 }
 
+/// The body of a movement's answer: its id, and its fee as an entry of its own.
+fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
+    let mut body = json!({ "transfer_id": transfer_id });
+    if let Some(Event::TransferRecorded(fee)) =
+        events.iter().find(|e| matches!(e, Event::TransferRecorded(t) if t.kind == TransferKind::Fee))
+    {
+        body["fee"] = json!({ "transfer_id": fee.transfer_id, "amount": fee.amount, "account": fee.to_account });
+    }
+    body
+}
+
+/// A currency's fee account is opened by the first movement that may pay a fee.
+async fn open_fee_account_if_missing(
+    conn: &mut PgConnection,
+    currency: ledger_domain::Currency,
+) -> Result<Vec<StreamAppend>, StoreError> {
+    let id = account::fee_account_id(currency);
+    let (state, _) = account_state(conn, id, false).await?;
+    if state.opened.is_some() {
+        return Ok(vec![]);
+    }
+    Ok(match account::decide(&state, AccountCommand::OpenFeeAccount { currency }) {
+        Ok(events) => vec![StreamAppend { stream_id: account_stream(id), expected_version: 0, events }],
+        Err(_) => vec![],
+    })
+}
+
 /// The first movement in a currency opens its system account in the same append.
-fn open_system_if_missing(system: &mut AccountState, currency: ledger_domain::Currency) -> Vec<StreamAppend> {
+pub(crate) fn open_system_if_missing(system: &mut AccountState, currency: ledger_domain::Currency) -> Vec<StreamAppend> {
     if system.kind() == Some(AccountKind::System) {
         return vec![];
     }

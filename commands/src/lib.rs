@@ -7,6 +7,7 @@ pub mod identity;
 pub mod ledger;
 pub mod nats;
 pub mod passwords;
+pub mod payments;
 pub mod relay;
 pub mod secrets;
 pub mod store;

@@ -7,9 +7,12 @@
 use crate::events::{
     AccountFrozen, AccountKind, AccountOpened, AccountUnfrozen, Event, TransferKind, TransferRecorded,
 };
+use crate::fees::FeeRule;
 use crate::money::Amount;
 use crate::{Currency, DomainError};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Namespace for the deterministic ids of system accounts.
@@ -23,12 +26,53 @@ pub fn system_account_id(currency: Currency) -> Uuid {
     Uuid::new_v5(&SYSTEM_ACCOUNT_NAMESPACE, currency.code().as_bytes())
 }
 
+/// The id of a currency's fee account, the system account fees are paid into.
+pub fn fee_account_id(currency: Currency) -> Uuid {
+    Uuid::new_v5(&SYSTEM_ACCOUNT_NAMESPACE, format!("{}:fees", currency.code()).as_bytes())
+}
+
+/// The id of the fee movement that goes with a movement.
+pub fn fee_transfer_id(transfer_id: Uuid) -> Uuid {
+    Uuid::new_v5(&transfer_id, b"fee")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldStatus {
+    Pending,
+    Captured,
+    Released,
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Pending => "pending",
+            HoldStatus::Captured => "captured",
+            HoldStatus::Released => "released",
+            HoldStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A hold on this account, as the account's stream tells it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hold {
+    pub amount: Decimal,
+    pub to_account: Uuid,
+    pub expires_at: DateTime<Utc>,
+    pub order_id: Option<Uuid>,
+    pub status: HoldStatus,
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AccountState {
     pub opened: Option<AccountOpened>,
     pub balance: Decimal,
     /// A frozen account refuses debits and credits.
     pub frozen: bool,
+    /// Holds placed on this account, by id.
+    pub holds: BTreeMap<Uuid, Hold>,
 }
 
 impl AccountState {
@@ -43,6 +87,15 @@ impl AccountState {
     pub fn kind(&self) -> Option<AccountKind> {
         self.opened.as_ref().map(|a| a.kind)
     }
+
+    /// Balance less the pending holds: what a debit or a new hold may use.
+    pub fn available(&self) -> Decimal {
+        self.balance - self.holds.values().filter(|h| h.status == HoldStatus::Pending).map(|h| h.amount).sum::<Decimal>()
+    }
+
+    fn id(&self) -> Option<Uuid> {
+        self.opened.as_ref().map(|a| a.account_id)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +107,10 @@ pub enum AccountCommand {
         name: Option<String>,
     },
     OpenSystem {
+        currency: Currency,
+    },
+    /// The currency's fee account, a system account.
+    OpenFeeAccount {
         currency: Currency,
     },
     /// By an admin; the reason is required.
@@ -114,6 +171,19 @@ pub fn decide(state: &AccountState, command: AccountCommand) -> Result<Vec<Event
                 name: Some(format!("{} system", currency.code())),
             })])
         }
+        AccountCommand::OpenFeeAccount { currency } => {
+            let account_id = fee_account_id(currency);
+            if state.opened.is_some() {
+                return Err(DomainError::AccountAlreadyOpened(account_id));
+            }
+            Ok(vec![Event::AccountOpened(AccountOpened {
+                account_id,
+                owner_id: None,
+                currency: currency.code().to_owned(),
+                kind: AccountKind::System,
+                name: Some(format!("{} fees", currency.code())),
+            })])
+        }
         AccountCommand::Freeze { account_id, reason } => {
             let reason = check_reason(&reason)?;
             match state.kind() {
@@ -147,7 +217,7 @@ pub fn evolve(mut state: AccountState, event: &Event) -> AccountState {
             state.frozen = false
         }
         Event::TransferRecorded(t) => {
-            if let Some(id) = state.opened.as_ref().map(|a| a.account_id) {
+            if let Some(id) = state.id() {
                 if t.from_account == id {
                     state.balance -= t.amount;
                 }
@@ -156,9 +226,30 @@ pub fn evolve(mut state: AccountState, event: &Event) -> AccountState {
                 }
             }
         }
+        Event::HoldPlaced(h) if state.id() == Some(h.from_account) => {
+            state.holds.insert(
+                h.hold_id,
+                Hold {
+                    amount: h.amount,
+                    to_account: h.to_account,
+                    expires_at: h.expires_at,
+                    order_id: h.order_id,
+                    status: HoldStatus::Pending,
+                },
+            );
+        }
+        Event::HoldCaptured(h) => set_hold_status(&mut state, h.hold_id, HoldStatus::Captured),
+        Event::HoldReleased(h) => set_hold_status(&mut state, h.hold_id, HoldStatus::Released),
+        Event::HoldExpired(h) => set_hold_status(&mut state, h.hold_id, HoldStatus::Expired),
         _ => {}
     }
     state
+}
+
+fn set_hold_status(state: &mut AccountState, hold_id: Uuid, status: HoldStatus) {
+    if let Some(hold) = state.holds.get_mut(&hold_id) {
+        hold.status = status;
+    }
 }
 
 /// A request to move money, made by `initiated_by`.
@@ -171,46 +262,32 @@ pub struct MoveMoney {
     pub to_account: Uuid,
     pub amount: Amount,
     pub reference: Option<String>,
+    /// The fee rule for this kind of movement, if fees are configured for it.
+    pub fee: Option<FeeRule>,
 }
 
-/// Decides a movement against the states of the debit (`from`) and credit (`to`) accounts.
-pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMoney) -> Result<Vec<Event>, DomainError> {
-    let MoveMoney { transfer_id, kind, initiated_by, from_account, to_account, amount, reference } = command;
+/// A trimmed, bounded reference.
+pub fn check_reference(reference: Option<String>) -> Result<Option<String>, DomainError> {
     let reference = reference.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
     if reference.as_ref().is_some_and(|r| r.chars().count() > MAX_REFERENCE_CHARS) {
         return Err(DomainError::validation("reference", format!("must be at most {MAX_REFERENCE_CHARS} characters")));
     }
-    // The account the caller acts on must be theirs; anything else looks absent.
-    match kind {
-        TransferKind::Deposit => {
-            if !to.is_owned_by(initiated_by) {
-                return Err(DomainError::AccountNotFound(to_account));
-            }
-            if from.kind() != Some(AccountKind::System) {
-                return Err(DomainError::AccountNotFound(from_account));
-            }
-        }
-        TransferKind::Withdrawal | TransferKind::Transfer => {
-            if !from.is_owned_by(initiated_by) {
-                return Err(DomainError::AccountNotFound(from_account));
-            }
-            if from_account == to_account {
-                return Err(DomainError::SameAccount);
-            }
-            if to.opened.is_none() {
-                return Err(DomainError::AccountNotFound(to_account));
-            }
-            if kind == TransferKind::Withdrawal && to.kind() != Some(AccountKind::System) {
-                return Err(DomainError::AccountNotFound(to_account));
-            }
-        }
-    }
+    Ok(reference)
+}
+
+/// The checks every movement between two accounts shares: both exist, are
+/// different, share a currency and are not frozen. Returns the currency.
+pub fn check_pair(
+    from: &AccountState,
+    to: &AccountState,
+    from_account: Uuid,
+    to_account: Uuid,
+) -> Result<Currency, DomainError> {
     if from_account == to_account {
         return Err(DomainError::SameAccount);
     }
-    let (Some(from_currency), Some(to_currency)) = (from.currency(), to.currency()) else {
-        return Err(DomainError::AccountNotFound(to_account));
-    };
+    let Some(from_currency) = from.currency() else { return Err(DomainError::AccountNotFound(from_account)) };
+    let Some(to_currency) = to.currency() else { return Err(DomainError::AccountNotFound(to_account)) };
     if from_currency != to_currency {
         return Err(DomainError::CurrencyMismatch {
             from_account,
@@ -225,23 +302,82 @@ pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMone
     if to.frozen {
         return Err(DomainError::AccountFrozen(to_account));
     }
-    let amount = amount.in_currency("amount", from_currency)?;
-    if from.kind() == Some(AccountKind::User) && from.balance < amount {
+    Ok(from_currency)
+}
+
+/// Refuses a debit of a user account beyond its available funds.
+pub fn check_available(from: &AccountState, from_account: Uuid, needed: Decimal, currency: Currency) -> Result<(), DomainError> {
+    if from.kind() == Some(AccountKind::User) && from.available() < needed {
         return Err(DomainError::InsufficientFunds {
             account: from_account,
-            available: crate::money::to_minor_units(from.balance, from_currency),
-            requested: amount,
+            available: crate::money::to_minor_units(from.available(), currency),
+            requested: needed,
         });
     }
-    Ok(vec![Event::TransferRecorded(TransferRecorded {
+    Ok(())
+}
+
+/// Decides a movement against the states of the debit (`from`) and credit (`to`) accounts.
+pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMoney) -> Result<Vec<Event>, DomainError> {
+    let MoveMoney { transfer_id, kind, initiated_by, from_account, to_account, amount, reference, fee } = command;
+    let reference = check_reference(reference)?;
+    // The account the caller acts on must be theirs; anything else looks absent.
+    match kind {
+        TransferKind::Deposit => {
+            if !to.is_owned_by(initiated_by) {
+                return Err(DomainError::AccountNotFound(to_account));
+            }
+            if from.kind() != Some(AccountKind::System) {
+                return Err(DomainError::AccountNotFound(from_account));
+            }
+        }
+        TransferKind::HoldCapture | TransferKind::Fee => {
+            return Err(DomainError::validation("kind", "is not a movement a client can ask for directly"));
+        }
+        TransferKind::Withdrawal | TransferKind::Transfer | TransferKind::Refund => {
+            if !from.is_owned_by(initiated_by) {
+                return Err(DomainError::AccountNotFound(from_account));
+            }
+            if from_account == to_account {
+                return Err(DomainError::SameAccount);
+            }
+            if to.opened.is_none() {
+                return Err(DomainError::AccountNotFound(to_account));
+            }
+            if kind == TransferKind::Withdrawal && to.kind() != Some(AccountKind::System) {
+                return Err(DomainError::AccountNotFound(to_account));
+            }
+        }
+    }
+    let currency = check_pair(from, to, from_account, to_account)?;
+    let amount = amount.in_currency("amount", currency)?;
+    // Fees are charged to user accounts only, in the same step as the movement.
+    let fee = match (fee, from.kind()) {
+        (Some(rule), Some(AccountKind::User)) => rule.fee_for(amount, currency),
+        _ => Decimal::ZERO,
+    };
+    check_available(from, from_account, amount + fee, currency)?;
+    let mut events = vec![Event::TransferRecorded(TransferRecorded {
         transfer_id,
         from_account,
         to_account,
         amount,
-        currency: from_currency.code().to_owned(),
+        currency: currency.code().to_owned(),
         kind,
         reference,
-    })])
+    })];
+    if fee > Decimal::ZERO {
+        events.push(Event::TransferRecorded(TransferRecorded {
+            transfer_id: fee_transfer_id(transfer_id),
+            from_account,
+            to_account: fee_account_id(currency),
+            amount: fee,
+            currency: currency.code().to_owned(),
+            kind: TransferKind::Fee,
+            reference: Some(format!("fee for {transfer_id}")),
+        }));
+    }
+    Ok(events)
 }
 
 #[cfg(test)]
@@ -292,6 +428,7 @@ mod tests {
             to_account: to,
             amount: Amount::parse("amount", amount).unwrap(),
             reference: None,
+            fee: None,
         }
     }
 
@@ -483,6 +620,7 @@ mod tests {
                     to_account,
                     amount: Amount::parse("amount", "1.00").unwrap(),
                     reference: None,
+                    fee: None,
                 },
             )
         };

@@ -35,6 +35,16 @@ pub enum DomainError {
     TwoFactorAlreadyEnabled,
     #[error("two-factor authentication is not on")]
     TwoFactorNotEnabled,
+    #[error("hold {0} does not exist or is not yours")]
+    HoldNotFound(Uuid),
+    #[error("hold {0} is no longer pending (captured, released or expired)")]
+    HoldNotPending(Uuid),
+    #[error("order {0} does not exist or is not yours")]
+    OrderNotFound(Uuid),
+    #[error("order {0} is not {1}")]
+    OrderNotInStatus(Uuid, &'static str),
+    #[error("refunds would exceed the captured {captured}: {refunded} already refunded, {requested} requested")]
+    RefundExceedsCaptured { captured: Decimal, refunded: Decimal, requested: Decimal },
 }
 
 impl DomainError {

@@ -46,7 +46,7 @@ pub struct AccountOpened {
     pub name: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TransferKind {
     /// From the currency's system account to a user account.
@@ -55,6 +55,12 @@ pub enum TransferKind {
     Withdrawal,
     /// From a user account to any account of the same currency.
     Transfer,
+    /// The captured part of a hold, from the held account to the hold's payee.
+    HoldCapture,
+    /// A fee, from the payer to the currency's fee account, with the movement it is for.
+    Fee,
+    /// A refund of an order, from the merchant's account to the customer's.
+    Refund,
 }
 
 impl TransferKind {
@@ -63,6 +69,67 @@ impl TransferKind {
             TransferKind::Deposit => "deposit",
             TransferKind::Withdrawal => "withdrawal",
             TransferKind::Transfer => "transfer",
+            TransferKind::HoldCapture => "hold_capture",
+            TransferKind::Fee => "fee",
+            TransferKind::Refund => "refund",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TransferKind> {
+        [
+            TransferKind::Deposit,
+            TransferKind::Withdrawal,
+            TransferKind::Transfer,
+            TransferKind::HoldCapture,
+            TransferKind::Fee,
+            TransferKind::Refund,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == text)
+    }
+}
+
+/// Published versions that today's code reads through an upcaster. Frozen:
+/// their schemas must stay byte-identical (see `events-schema/`).
+pub mod published {
+    /// `TransferRecorded` v1, before holds, fees and refunds added transfer kinds.
+    pub mod transfer_recorded_v1 {
+        use rust_decimal::Decimal;
+        use schemars::JsonSchema;
+        use serde::{Deserialize, Serialize};
+        use uuid::Uuid;
+
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum TransferKind {
+            /// From the currency's system account to a user account.
+            Deposit,
+            /// From a user account back to the currency's system account.
+            Withdrawal,
+            /// From a user account to any account of the same currency.
+            Transfer,
+        }
+
+        /// A double-entry movement: `amount` left `from_account` and reached `to_account`,
+        /// both in `currency`, atomically.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct TransferRecorded {
+            /// The movement's id, answered as `transfer_id` by the API.
+            pub transfer_id: Uuid,
+            /// The debited account.
+            pub from_account: Uuid,
+            /// The credited account.
+            pub to_account: Uuid,
+            /// Positive decimal string with the currency's minor-unit digits, e.g. "12.30".
+            #[schemars(with = "String")]
+            pub amount: Decimal,
+            /// ISO 4217 code.
+            pub currency: String,
+            /// Deposit, withdrawal or transfer between accounts.
+            pub kind: TransferKind,
+            /// The client's free-text reference.
+            pub reference: Option<String>,
         }
     }
 }
@@ -83,10 +150,156 @@ pub struct TransferRecorded {
     pub amount: Decimal,
     /// ISO 4217 code.
     pub currency: String,
-    /// Deposit, withdrawal or transfer between accounts.
+    /// What kind of movement: deposit, withdrawal, transfer, hold capture, fee or refund.
     pub kind: TransferKind,
     /// The client's free-text reference.
     pub reference: Option<String>,
+}
+
+/// Funds reserved on `from_account` for a later capture to `to_account`:
+/// `available` drops, `balance` does not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldPlaced {
+    /// The hold's id.
+    pub hold_id: Uuid,
+    /// The account the funds are reserved on.
+    pub from_account: Uuid,
+    /// The account a capture pays.
+    pub to_account: Uuid,
+    /// The reserved amount, a decimal string.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// When it expires if neither captured nor released.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The client's free-text reference.
+    pub reference: Option<String>,
+    /// The order the hold pays for, if any.
+    pub order_id: Option<Uuid>,
+}
+
+/// A hold was captured: `amount` moved (as the `TransferRecorded` with the
+/// same `transfer_id`), and the rest of the hold, `released`, was freed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldCaptured {
+    /// The hold.
+    pub hold_id: Uuid,
+    /// The held account.
+    pub from_account: Uuid,
+    /// The account paid.
+    pub to_account: Uuid,
+    /// The captured amount, at most the held amount.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    /// The part of the hold freed without moving.
+    #[schemars(with = "String")]
+    pub released: Decimal,
+    /// The movement that carried the captured amount.
+    pub transfer_id: Uuid,
+}
+
+/// A hold was released: its funds are available again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldReleased {
+    /// The hold.
+    pub hold_id: Uuid,
+    /// The held account.
+    pub from_account: Uuid,
+}
+
+/// A hold reached its expiry unresolved: its funds are available again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldExpired {
+    /// The hold.
+    pub hold_id: Uuid,
+    /// The held account.
+    pub from_account: Uuid,
+}
+
+/// A customer placed an order to be paid from their account.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderPlaced {
+    /// The order's id; also the stream `order-{order_id}`.
+    pub order_id: Uuid,
+    /// The customer.
+    pub customer_id: Uuid,
+    /// The customer's account that pays.
+    pub account_id: Uuid,
+    /// The merchant's account that is paid.
+    pub merchant_account: Uuid,
+    /// The price, a decimal string.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// What is bought.
+    pub description: String,
+}
+
+/// The payment process reserved the order's amount.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderPaymentHeld {
+    /// The order.
+    pub order_id: Uuid,
+    /// The hold on the customer's account.
+    pub hold_id: Uuid,
+}
+
+/// The merchant accepted and the hold was captured: the order is FINISHED.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderFinished {
+    /// The order.
+    pub order_id: Uuid,
+    /// The movement that paid the merchant.
+    pub transfer_id: Uuid,
+    /// The amount captured.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
+}
+
+/// Why an order was cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CancelReason {
+    /// The customer's account could not cover the amount.
+    InsufficientFunds,
+    /// The customer cancelled it while NEW.
+    CustomerCancelled,
+    /// The hold expired before the merchant accepted.
+    HoldExpired,
+    /// The payment could not be made for another reason (e.g. a frozen account).
+    PaymentRefused,
+}
+
+/// The order is CANCELLED; any hold was released.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderCancelled {
+    /// The order.
+    pub order_id: Uuid,
+    /// Why.
+    pub reason: CancelReason,
+}
+
+/// Part or all of a finished order was paid back (as the `TransferRecorded` with `transfer_id`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRefunded {
+    /// The order.
+    pub order_id: Uuid,
+    /// The movement that paid the customer back.
+    pub transfer_id: Uuid,
+    /// The refunded amount.
+    #[schemars(with = "String")]
+    pub amount: Decimal,
 }
 
 /// What a user may do. Checked on every request, together with ownership.
@@ -338,7 +551,7 @@ pub struct EventTypeInfo {
 /// Declares the `Event` enum and everything that maps it to and from the log,
 /// from one list, so a new event cannot be half registered.
 macro_rules! ledger_events {
-    ($($name:ident => $category:literal),+ $(,)?) => {
+    ($($name:ident => $category:literal v $version:literal),+ $(,)?) => {
         /// Every event the ledger records.
         #[derive(Clone, Debug, PartialEq)]
         pub enum Event {
@@ -347,12 +560,15 @@ macro_rules! ledger_events {
 
         /// Every event type and version the ledger has ever published.
         pub fn event_types() -> Vec<EventTypeInfo> {
-            vec![$(EventTypeInfo {
+            let mut types = vec![$(EventTypeInfo {
                 category: $category,
                 event_type: stringify!($name),
-                schema_version: 1,
+                schema_version: $version,
                 schema: || schemars::schema_for!($name),
-            },)+]
+            },)+];
+            types.extend(published_versions());
+            types.sort_by_key(|t| (t.category, t.event_type, t.schema_version));
+            types
         }
 
         impl Event {
@@ -371,7 +587,9 @@ macro_rules! ledger_events {
 
             /// The schema version this code writes.
             pub fn schema_version(&self) -> i32 {
-                1
+                match self {
+                    $(Event::$name(_) => $version,)+
+                }
             }
 
             pub fn payload(&self) -> serde_json::Value {
@@ -391,8 +609,8 @@ macro_rules! ledger_events {
                 let wrap =
                     |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
                 match (event_type, schema_version) {
-                    $((stringify!($name), 1) => serde_json::from_value(payload).map(Event::$name).map_err(wrap),)+
-                    _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
+                    $((stringify!($name), $version) => serde_json::from_value(payload).map(Event::$name).map_err(wrap),)+
+                    _ => upcast(event_type, schema_version, payload),
                 }
             }
         }
@@ -400,22 +618,93 @@ macro_rules! ledger_events {
 }
 
 ledger_events! {
-    UserRegistered => "user",
-    RoleChanged => "user",
-    UserBlocked => "user",
-    UserUnblocked => "user",
-    PasswordChanged => "user",
-    TwoFactorEnabled => "user",
-    TwoFactorDisabled => "user",
-    AccountOpened => "account",
-    TransferRecorded => "account",
-    AccountFrozen => "account",
-    AccountUnfrozen => "account",
-    UserLoggedIn => "security",
-    LoginFailed => "security",
-    LoggedOut => "security",
-    SessionRevoked => "security",
-    RefreshTokenReused => "security",
-    ApiKeyCreated => "security",
-    ApiKeyRevoked => "security",
+    UserRegistered => "user" v 1,
+    RoleChanged => "user" v 1,
+    UserBlocked => "user" v 1,
+    UserUnblocked => "user" v 1,
+    PasswordChanged => "user" v 1,
+    TwoFactorEnabled => "user" v 1,
+    TwoFactorDisabled => "user" v 1,
+    AccountOpened => "account" v 1,
+    TransferRecorded => "account" v 2,
+    AccountFrozen => "account" v 1,
+    AccountUnfrozen => "account" v 1,
+    HoldPlaced => "account" v 1,
+    HoldCaptured => "account" v 1,
+    HoldReleased => "account" v 1,
+    HoldExpired => "account" v 1,
+    OrderPlaced => "order" v 1,
+    OrderPaymentHeld => "order" v 1,
+    OrderFinished => "order" v 1,
+    OrderCancelled => "order" v 1,
+    OrderRefunded => "order" v 1,
+    UserLoggedIn => "security" v 1,
+    LoginFailed => "security" v 1,
+    LoggedOut => "security" v 1,
+    SessionRevoked => "security" v 1,
+    RefreshTokenReused => "security" v 1,
+    ApiKeyCreated => "security" v 1,
+    ApiKeyRevoked => "security" v 1,
+}
+
+/// Older versions still in the log, with their frozen schemas.
+fn published_versions() -> Vec<EventTypeInfo> {
+    vec![EventTypeInfo {
+        category: "account",
+        event_type: "TransferRecorded",
+        schema_version: 1,
+        schema: || schemars::schema_for!(published::transfer_recorded_v1::TransferRecorded),
+    }]
+}
+
+/// Reads an older version as today's type.
+fn upcast(event_type: &str, schema_version: i32, payload: serde_json::Value) -> Result<Event, EventDecodeError> {
+    let wrap = |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
+    match (event_type, schema_version) {
+        // v1's kinds are a subset of v2's; the fields are the same.
+        ("TransferRecorded", 1) => {
+            let old: published::transfer_recorded_v1::TransferRecorded =
+                serde_json::from_value(payload).map_err(wrap)?;
+            use published::transfer_recorded_v1::TransferKind as V1;
+            Ok(Event::TransferRecorded(TransferRecorded {
+                transfer_id: old.transfer_id,
+                from_account: old.from_account,
+                to_account: old.to_account,
+                amount: old.amount,
+                currency: old.currency,
+                kind: match old.kind {
+                    V1::Deposit => TransferKind::Deposit,
+                    V1::Withdrawal => TransferKind::Withdrawal,
+                    V1::Transfer => TransferKind::Transfer,
+                },
+                reference: old.reference,
+            }))
+        }
+        _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v1_transfer_reads_as_today_s_type() {
+        let id = Uuid::new_v4();
+        let payload = serde_json::json!({
+            "transfer_id": id, "from_account": id, "to_account": id, "amount": "1.50",
+            "currency": "USD", "kind": "withdrawal", "reference": null
+        });
+        let Event::TransferRecorded(t) = Event::from_stored("TransferRecorded", 1, payload).unwrap() else {
+            panic!("a transfer");
+        };
+        assert_eq!(t.kind, TransferKind::Withdrawal);
+        assert_eq!(t.amount, Decimal::new(150, 2));
+        let v1_refuses_new_kinds = serde_json::json!({
+            "transfer_id": id, "from_account": id, "to_account": id, "amount": "1.50",
+            "currency": "USD", "kind": "fee", "reference": null
+        });
+        assert!(Event::from_stored("TransferRecorded", 1, v1_refuses_new_kinds).is_err());
+        assert!(Event::from_stored("TransferRecorded", 3, serde_json::json!({})).is_err());
+    }
 }

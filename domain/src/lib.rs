@@ -7,7 +7,10 @@ pub mod account;
 mod currency;
 mod error;
 pub mod events;
+pub mod fees;
+pub mod hold;
 pub mod money;
+pub mod order;
 pub mod user;
 
 pub use currency::Currency;

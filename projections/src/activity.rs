@@ -28,9 +28,7 @@ fn subject(event: &Event) -> Option<Uuid> {
         Event::RefreshTokenReused(e) => Some(e.user_id),
         Event::ApiKeyCreated(e) => Some(e.user_id),
         Event::ApiKeyRevoked(e) => Some(e.user_id),
-        Event::AccountOpened(_) | Event::TransferRecorded(_) | Event::AccountFrozen(_) | Event::AccountUnfrozen(_) => {
-            None
-        }
+        _ => None,
     }
 }
 

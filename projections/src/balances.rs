@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-pub const TABLES: &[&str] = &["balances"];
+pub const TABLES: &[&str] = &["balances", "holds"];
 
 pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Event) -> Result<(), sqlx::Error> {
     match event {
@@ -47,11 +47,112 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
             .execute(&mut *conn)
             .await?;
         }
+        Event::HoldPlaced(h) => {
+            sqlx::query(
+                "INSERT INTO holds (hold_id, from_account, to_account, amount, currency, status, expires_at,
+                                    reference, order_id, placed_at, position)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10)",
+            )
+            .bind(h.hold_id)
+            .bind(h.from_account)
+            .bind(h.to_account)
+            .bind(h.amount)
+            .bind(&h.currency)
+            .bind(h.expires_at)
+            .bind(&h.reference)
+            .bind(h.order_id)
+            .bind(recorded.metadata.recorded_at)
+            .bind(recorded.position)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE balances SET available = available - $2, last_position = $3 WHERE account_id = $1")
+                .bind(h.from_account)
+                .bind(h.amount)
+                .bind(recorded.position)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Event::HoldCaptured(h) => {
+            resolve_hold(conn, h.hold_id, "captured", h.amount, recorded).await?;
+        }
+        Event::HoldReleased(h) => resolve_hold(conn, h.hold_id, "released", Decimal::ZERO, recorded).await?,
+        Event::HoldExpired(h) => resolve_hold(conn, h.hold_id, "expired", Decimal::ZERO, recorded).await?,
         Event::AccountFrozen(f) => set_frozen(conn, f.account_id, true, recorded.position).await?,
         Event::AccountUnfrozen(f) => set_frozen(conn, f.account_id, false, recorded.position).await?,
         _ => {}
     }
     Ok(())
+}
+
+/// Ends a hold and gives its whole amount back to `available`; a capture's
+/// movement (the `TransferRecorded` that follows) then takes the captured part.
+async fn resolve_hold(
+    conn: &mut PgConnection,
+    hold_id: Uuid,
+    status: &str,
+    captured: Decimal,
+    recorded: &RecordedEvent,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH resolved AS (
+             UPDATE holds SET status = $2, captured_amount = $3, resolved_at = $4
+             WHERE hold_id = $1 AND status = 'pending'
+             RETURNING from_account, amount)
+         UPDATE balances b SET available = b.available + r.amount, last_position = $5
+         FROM resolved r WHERE b.account_id = r.from_account",
+    )
+    .bind(hold_id)
+    .bind(status)
+    .bind(captured)
+    .bind(recorded.metadata.recorded_at)
+    .bind(recorded.position)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct HoldView {
+    pub hold_id: Uuid,
+    pub from_account: Uuid,
+    pub to_account: Uuid,
+    pub amount: Decimal,
+    pub captured_amount: Decimal,
+    pub currency: String,
+    pub status: String,
+    pub expires_at: DateTime<Utc>,
+    pub reference: Option<String>,
+    pub order_id: Option<Uuid>,
+    pub placed_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub position: i64,
+}
+
+const HOLD_COLUMNS: &str = "hold_id, from_account, to_account, amount, captured_amount, currency, status, expires_at,
+     reference, order_id, placed_at, resolved_at, position";
+
+pub async fn hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<HoldView>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE hold_id = $1")).bind(hold_id).fetch_optional(pool).await
+}
+
+/// An account's holds, newest first, optionally of one status.
+pub async fn holds_of(pool: &PgPool, account_id: Uuid, status: Option<&str>) -> Result<Vec<HoldView>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {HOLD_COLUMNS} FROM holds WHERE (from_account = $1 OR to_account = $1)
+           AND ($2::text IS NULL OR status = $2) ORDER BY position DESC LIMIT 500"
+    ))
+    .bind(account_id)
+    .bind(status)
+    .fetch_all(pool)
+    .await
+}
+
+/// Pending holds past their expiry, for the scheduler.
+pub async fn due_holds(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT hold_id FROM holds WHERE status = 'pending' AND expires_at <= now() ORDER BY expires_at LIMIT $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await
 }
 
 async fn set_frozen(conn: &mut PgConnection, account_id: Uuid, frozen: bool, position: i64) -> Result<(), sqlx::Error> {

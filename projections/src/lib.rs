@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod balances;
 pub mod checkpoint;
+pub mod orders;
 pub mod projector;
 pub mod read_side;
 pub mod replay;
@@ -30,16 +31,19 @@ pub enum Projection {
     Balances,
     Statements,
     Activity,
+    Orders,
 }
 
 impl Projection {
-    pub const ALL: [Projection; 3] = [Projection::Balances, Projection::Statements, Projection::Activity];
+    pub const ALL: [Projection; 4] =
+        [Projection::Balances, Projection::Statements, Projection::Activity, Projection::Orders];
 
     pub fn name(self) -> &'static str {
         match self {
             Projection::Balances => "balances",
             Projection::Statements => "statements",
             Projection::Activity => "activity",
+            Projection::Orders => "orders",
         }
     }
 
@@ -53,6 +57,7 @@ impl Projection {
             Projection::Balances => balances::TABLES,
             Projection::Statements => statements::TABLES,
             Projection::Activity => activity::TABLES,
+            Projection::Orders => orders::TABLES,
         }
     }
 
@@ -64,6 +69,7 @@ impl Projection {
             Projection::Balances => balances::apply(conn, recorded, &event).await?,
             Projection::Statements => statements::apply(conn, recorded, &event).await?,
             Projection::Activity => activity::apply(conn, recorded, &event).await?,
+            Projection::Orders => orders::apply(conn, recorded, &event).await?,
         }
         Ok(())
     }

@@ -1,0 +1,380 @@
+//! Holds and orders on the write side: load, decide, and the appends, for
+//! `Ledger::execute`. Every step that touches an order appends to the order's
+//! stream under its version in the same transaction as the hold's events, so
+//! a cancellation and a payment racing on one order cannot both win.
+//!
+//! The nil actor is the system (the payment process and the expiry
+//! scheduler); it may capture, release and expire any hold.
+
+use crate::ledger::{
+    account_state, lock_account, lock_status_shared, Decision, LedgerCommand,
+};
+use crate::store::{self, account_stream, StoreError, StreamAppend};
+use chrono::Utc;
+use ledger_domain::events::{CancelReason, Event, TransferKind};
+use ledger_domain::hold::{self, CaptureHold, PlaceHold};
+use ledger_domain::money::Amount;
+use ledger_domain::order::{self, OrderState, PlaceOrder};
+use ledger_domain::account::{self, AccountState, MoveMoney};
+use ledger_domain::DomainError;
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+type Decided = Result<Result<Decision, DomainError>, StoreError>;
+
+pub fn order_stream(order_id: Uuid) -> String {
+    format!("order-{order_id}")
+}
+
+/// The account a hold was placed on.
+pub async fn hold_account(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<Uuid>, StoreError> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT payload->>'from_account' FROM events WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = $1",
+    )
+    .bind(hold_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.and_then(|s| Uuid::parse_str(&s).ok()))
+}
+
+async fn order_state(conn: &mut PgConnection, order_id: Uuid) -> Result<(OrderState, i64), StoreError> {
+    let (events, version) = store::load_stream(conn, &order_stream(order_id)).await?;
+    Ok((events.iter().fold(OrderState::default(), order::evolve), version))
+}
+
+fn parse(amount: &str) -> Result<Amount, DomainError> {
+    Amount::parse("amount", amount)
+}
+
+/// A hold's account, locked for debits, with its state and version.
+async fn held_account(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(Uuid, AccountState, i64)>, StoreError> {
+    let Some(account_id) = hold_account(conn, hold_id).await? else { return Ok(None) };
+    lock_account(conn, account_id).await?;
+    let (state, version) = account_state(conn, account_id, true).await?;
+    Ok(Some((account_id, state, version)))
+}
+
+fn is_system(actor: Uuid) -> bool {
+    actor.is_nil()
+}
+
+pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: LedgerCommand) -> Decided {
+    let now = Utc::now();
+    match command {
+        LedgerCommand::PlaceHold { from_account, to_account, amount, expires_in_seconds, reference } => {
+            let amount = match parse(&amount) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            lock_account(conn, from_account).await?;
+            let (from, version) = account_state(conn, from_account, true).await?;
+            lock_status_shared(conn, to_account).await?;
+            let (to, _) = account_state(conn, to_account, false).await?;
+            let hold_id = Uuid::now_v7();
+            let cmd = PlaceHold {
+                hold_id,
+                initiated_by: actor,
+                from_account,
+                to_account,
+                amount,
+                expires_in_seconds,
+                reference,
+                order_id: None,
+                now,
+            };
+            Ok(hold::decide_place(&from, &to, cmd).map(|events| {
+                let expires_at = match events.first() {
+                    Some(Event::HoldPlaced(h)) => Some(h.expires_at),
+                    _ => None,
+                };
+                Decision::created(
+                    vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
+                    json!({ "hold_id": hold_id, "expires_at": expires_at }),
+                )
+            }))
+        }
+        LedgerCommand::CaptureHold { hold_id, amount } => {
+            let amount = match amount.as_deref().map(parse).transpose() {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            };
+            let Some(to_account) = from.holds.get(&hold_id).map(|h| h.to_account) else {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            };
+            lock_status_shared(conn, to_account).await?;
+            let (to, _) = account_state(conn, to_account, false).await?;
+            if !is_system(actor) && !hold::is_party(&from, &to, actor) {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            }
+            if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
+                // An order's hold is captured by the order's acceptance, which also finishes the order.
+                return Ok(Err(DomainError::validation("hold_id", "belongs to an order: accept or cancel the order instead")));
+            }
+            let transfer_id = Uuid::now_v7();
+            let cmd = CaptureHold { hold_id, amount, transfer_id, now };
+            Ok(hold::decide_capture(&from, &to, cmd).map(|events| {
+                let (captured, released) = match events.first() {
+                    Some(Event::HoldCaptured(c)) => (Some(c.amount), Some(c.released)),
+                    _ => (None, None),
+                };
+                Decision::created(
+                    vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
+                    json!({ "hold_id": hold_id, "transfer_id": transfer_id, "amount": captured, "released": released }),
+                )
+            }))
+        }
+        LedgerCommand::ReleaseHold { hold_id } => {
+            let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            };
+            let Some(hold) = from.holds.get(&hold_id).cloned() else {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            };
+            let (to, _) = account_state(conn, hold.to_account, false).await?;
+            if !is_system(actor) && !hold::is_party(&from, &to, actor) {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            }
+            if hold.order_id.is_some() && !is_system(actor) {
+                return Ok(Err(DomainError::validation("hold_id", "belongs to an order: cancel the order instead")));
+            }
+            Ok(hold::decide_release(&from, hold_id, now).map(|events| {
+                Decision::created(
+                    vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
+                    json!({ "hold_id": hold_id, "status": "released" }),
+                )
+            }))
+        }
+        LedgerCommand::ExpireHold { hold_id } => {
+            let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {
+                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+            };
+            let events = match hold::decide_expire(&from, hold_id, now) {
+                Ok(events) => events,
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut appends =
+                vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }];
+            // An order waiting on this hold is cancelled with it.
+            if let Some(order_id) = from.holds.get(&hold_id).and_then(|h| h.order_id) {
+                let (order, order_version) = order_state(conn, order_id).await?;
+                if let Ok(events) = order::decide_cancel(&order, order_id, CancelReason::HoldExpired) {
+                    appends.push(StreamAppend {
+                        stream_id: order_stream(order_id),
+                        expected_version: order_version,
+                        events,
+                    });
+                }
+            }
+            let mut decision = Decision::created(appends, json!({ "hold_id": hold_id, "status": "expired" }));
+            decision.status = 200;
+            Ok(Ok(decision))
+        }
+        LedgerCommand::PlaceOrder { account_id, merchant_account, amount, description } => {
+            let amount = match parse(&amount) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e)),
+            };
+            let (account, _) = account_state(conn, account_id, false).await?;
+            let (merchant, _) = account_state(conn, merchant_account, false).await?;
+            let order_id = Uuid::now_v7();
+            let cmd = PlaceOrder { order_id, customer_id: actor, account_id, merchant_account, amount, description };
+            Ok(order::decide_place(&account, &merchant, cmd).map(|events| {
+                Decision::created(
+                    vec![StreamAppend { stream_id: order_stream(order_id), expected_version: 0, events }],
+                    json!({ "order_id": order_id, "status": "NEW" }),
+                )
+            }))
+        }
+        LedgerCommand::PayOrder { order_id } => pay_order(conn, order_id).await,
+        LedgerCommand::AcceptOrder { order_id } => accept_order(conn, actor, order_id).await,
+        LedgerCommand::CancelOrder { order_id } => cancel_order(conn, actor, order_id).await,
+        LedgerCommand::RefundOrder { order_id, amount, as_admin } => {
+            refund_order(conn, actor, order_id, &amount, as_admin).await
+        }
+        other => Ok(Err(DomainError::validation("command", format!("{other:?} is not a payment command")))),
+    }
+}
+
+/// The payment process's first step: hold the order's amount on the
+/// customer's account, or cancel the order when that is refused.
+async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
+    let now = Utc::now();
+    let (order, order_version) = order_state(conn, order_id).await?;
+    let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
+    let hold_id = Uuid::now_v7();
+    // Refused by the order itself (cancelled meanwhile, already paid): nothing to do.
+    if let Err(e) = order::decide_payment_held(&order, order_id, hold_id) {
+        return Ok(Err(e));
+    }
+    lock_account(conn, placed.account_id).await?;
+    let (from, version) = account_state(conn, placed.account_id, true).await?;
+    lock_status_shared(conn, placed.merchant_account).await?;
+    let (to, _) = account_state(conn, placed.merchant_account, false).await?;
+    let cmd = PlaceHold {
+        hold_id,
+        initiated_by: placed.customer_id,
+        from_account: placed.account_id,
+        to_account: placed.merchant_account,
+        amount: match Amount::new("amount", placed.amount) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e)),
+        },
+        expires_in_seconds: None,
+        reference: Some(format!("order {order_id}")),
+        order_id: Some(order_id),
+        now,
+    };
+    match hold::decide_place(&from, &to, cmd) {
+        Ok(hold_events) => {
+            let order_events = match order::decide_payment_held(&order, order_id, hold_id) {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(e)),
+            };
+            let mut d = Decision::created(
+                vec![
+                    StreamAppend { stream_id: account_stream(placed.account_id), expected_version: version, events: hold_events },
+                    StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+                ],
+                json!({ "order_id": order_id, "hold_id": hold_id, "status": "NEW" }),
+            );
+            d.status = 200;
+            Ok(Ok(d))
+        }
+        Err(refusal) => {
+            let reason = match refusal {
+                DomainError::InsufficientFunds { .. } => CancelReason::InsufficientFunds,
+                _ => CancelReason::PaymentRefused,
+            };
+            Ok(order::decide_cancel(&order, order_id, reason).map(|events| {
+                let mut d = Decision::created(
+                    vec![StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events }],
+                    json!({ "order_id": order_id, "status": "CANCELLED", "reason": reason }),
+                );
+                d.status = 200;
+                d
+            }))
+        }
+    }
+}
+
+/// The merchant's acceptance (or the auto-accept policy): capture the whole
+/// hold and finish the order, in one step.
+async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> Decided {
+    let now = Utc::now();
+    let (order, order_version) = order_state(conn, order_id).await?;
+    let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
+    let Some(hold_id) = order.hold_id else {
+        return Ok(Err(DomainError::OrderNotInStatus(order_id, "paid for")));
+    };
+    lock_account(conn, placed.account_id).await?;
+    let (from, version) = account_state(conn, placed.account_id, true).await?;
+    lock_status_shared(conn, placed.merchant_account).await?;
+    let (to, _) = account_state(conn, placed.merchant_account, false).await?;
+    if !is_system(actor) && !to.is_owned_by(actor) {
+        return Ok(Err(DomainError::OrderNotFound(order_id)));
+    }
+    let transfer_id = Uuid::now_v7();
+    let hold_events = match hold::decide_capture(&from, &to, CaptureHold { hold_id, amount: None, transfer_id, now }) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(order::decide_finish(&order, order_id, transfer_id, placed.amount).map(|order_events| {
+        let mut d = Decision::created(
+            vec![
+                StreamAppend { stream_id: account_stream(placed.account_id), expected_version: version, events: hold_events },
+                StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+            ],
+            json!({ "order_id": order_id, "status": "FINISHED", "transfer_id": transfer_id }),
+        );
+        d.status = 200;
+        d
+    }))
+}
+
+/// The customer cancels a NEW order; its hold, if any, is released with it.
+async fn cancel_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> Decided {
+    let now = Utc::now();
+    let (order, order_version) = order_state(conn, order_id).await?;
+    let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
+    if !is_system(actor) && placed.customer_id != actor {
+        return Ok(Err(DomainError::OrderNotFound(order_id)));
+    }
+    let order_events = match order::decide_cancel(&order, order_id, CancelReason::CustomerCancelled) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut appends = vec![];
+    if let Some(hold_id) = order.hold_id {
+        lock_account(conn, placed.account_id).await?;
+        let (from, version) = account_state(conn, placed.account_id, true).await?;
+        match hold::decide_release(&from, hold_id, now) {
+            Ok(events) => appends.push(StreamAppend {
+                stream_id: account_stream(placed.account_id),
+                expected_version: version,
+                events,
+            }),
+            // Expired already: its expiry cancels the order; nothing to release.
+            Err(DomainError::HoldNotPending(_)) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    appends.push(StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events });
+    let mut d = Decision::created(appends, json!({ "order_id": order_id, "status": "CANCELLED" }));
+    d.status = 200;
+    Ok(Ok(d))
+}
+
+/// Pays the customer back from the merchant's account, within what was captured.
+async fn refund_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid, amount: &str, as_admin: bool) -> Decided {
+    let amount = match parse(amount) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
+    };
+    let (order, order_version) = order_state(conn, order_id).await?;
+    let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
+    lock_account(conn, placed.merchant_account).await?;
+    let (merchant, version) = account_state(conn, placed.merchant_account, true).await?;
+    let Some(merchant_owner) = merchant.opened.as_ref().and_then(|a| a.owner_id) else {
+        return Ok(Err(DomainError::OrderNotFound(order_id)));
+    };
+    if !as_admin && merchant_owner != actor {
+        return Ok(Err(DomainError::OrderNotFound(order_id)));
+    }
+    lock_status_shared(conn, placed.account_id).await?;
+    let (customer, _) = account_state(conn, placed.account_id, false).await?;
+    let transfer_id = Uuid::now_v7();
+    let money = match account::decide_transfer(
+        &merchant,
+        &customer,
+        MoveMoney {
+            transfer_id,
+            kind: TransferKind::Refund,
+            initiated_by: merchant_owner,
+            from_account: placed.merchant_account,
+            to_account: placed.account_id,
+            amount,
+            reference: Some(format!("refund of order {order_id}")),
+            fee: None,
+        },
+    ) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let refunded = match money.first() {
+        Some(Event::TransferRecorded(t)) => t.amount,
+        _ => return Ok(Err(DomainError::OrderNotFound(order_id))),
+    };
+    Ok(order::decide_refund(&order, order_id, transfer_id, refunded).map(|order_events| {
+        Decision::created(
+            vec![
+                StreamAppend { stream_id: account_stream(placed.merchant_account), expected_version: version, events: money },
+                StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+            ],
+            json!({ "order_id": order_id, "transfer_id": transfer_id, "amount": refunded }),
+        )
+    }))
+}
