@@ -1,5 +1,6 @@
 //! Configuration, read once from the environment at start-up.
 
+use ledger_domain::fees::FeeSchedule;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -29,6 +30,13 @@ pub struct Config {
     pub login_failures_before_backoff: u32,
     /// A request that takes longer is answered 503 `timeout`.
     pub request_timeout: Duration,
+    /// Fees per kind of movement (`LEDGER_FEES`, e.g. `transfer:0.5%:0.10`); none by default.
+    pub fees: FeeSchedule,
+    /// The payment process captures an order's hold as soon as it is placed
+    /// (`LEDGER_ORDER_AUTO_ACCEPT`, on by default); off, the merchant accepts.
+    pub order_auto_accept: bool,
+    /// How often the scheduler looks for holds to expire.
+    pub hold_expiry_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +87,14 @@ impl Config {
             rate_limit_burst: parsed("LEDGER_RATE_LIMIT_BURST", 100)?,
             login_failures_before_backoff: parsed("LEDGER_LOGIN_FAILURES_BEFORE_BACKOFF", 5)?,
             request_timeout: Duration::from_millis(parsed("LEDGER_REQUEST_TIMEOUT_MS", 30_000)?),
+            fees: match var("LEDGER_FEES") {
+                None => FeeSchedule::default(),
+                Some(text) => {
+                    FeeSchedule::parse(&text).map_err(|reason| ConfigError::Invalid { name: "LEDGER_FEES", reason })?
+                }
+            },
+            order_auto_accept: var("LEDGER_ORDER_AUTO_ACCEPT").is_none_or(|v| v != "0" && v != "false"),
+            hold_expiry_interval: Duration::from_millis(parsed("LEDGER_HOLD_EXPIRY_INTERVAL_MS", 1_000)?),
         })
     }
 }
@@ -90,10 +106,14 @@ pub struct Roles {
     pub query_api: bool,
     pub relay: bool,
     pub projectors: bool,
+    /// The payment process and the hold expiry scheduler.
+    pub processes: bool,
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { command_api: true, query_api: true, relay: true, projectors: true };
+    pub const ALL: Roles = Roles { command_api: true, query_api: true, relay: true, projectors: true, processes: true };
+    const NONE: Roles =
+        Roles { command_api: false, query_api: false, relay: false, projectors: false, processes: false };
 
     pub fn http(&self) -> bool {
         self.command_api || self.query_api
@@ -104,19 +124,22 @@ impl std::str::FromStr for Roles {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Roles, String> {
-        let mut roles = Roles { command_api: false, query_api: false, relay: false, projectors: false };
+        let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "command-api" => roles.command_api = true,
                 "query-api" => roles.query_api = true,
                 "relay" => roles.relay = true,
                 "projectors" => roles.projectors = true,
+                "processes" => roles.processes = true,
                 other => {
-                    return Err(format!("unknown role {other:?}; roles are command-api, query-api, relay, projectors"))
+                    return Err(format!(
+                        "unknown role {other:?}; roles are command-api, query-api, relay, projectors, processes"
+                    ))
                 }
             }
         }
-        if roles == (Roles { command_api: false, query_api: false, relay: false, projectors: false }) {
+        if roles == Roles::NONE {
             return Err("name at least one role".into());
         }
         Ok(roles)

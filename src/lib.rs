@@ -13,6 +13,7 @@ use ledger_commands::nats::NatsNames;
 use ledger_commands::relay::Relay;
 use ledger_commands::store::LogPoint;
 use ledger_commands::{db, Ledger};
+use ledger_projections::processes::{HoldExpiry, PaymentProcess};
 use ledger_projections::projector::Projector;
 use ledger_projections::Projection;
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ impl Running {
 pub fn ledger_for(config: &Config, pool: sqlx::PgPool) -> Ledger {
     let policy =
         IdentityPolicy { failures_before_backoff: config.login_failures_before_backoff, ..IdentityPolicy::default() };
-    Ledger::new(pool, &config.secret_key, policy)
+    Ledger::new(pool, &config.secret_key, policy).with_fees(config.fees.clone())
 }
 
 pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
@@ -68,7 +69,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         db::connect(&config.database_url, config.db_max_connections).await.context("connecting to PostgreSQL")?;
     db::migrate(&pool).await.context("applying migrations")?;
     let names = NatsNames::new(&config.nats_prefix);
-    let needs_nats = roles.relay || roles.projectors || roles.http();
+    let needs_nats = roles.relay || roles.projectors || roles.processes || roles.http();
     let nats = if needs_nats { Some(connect_nats(&config.nats_url).await?) } else { None };
     if config.secret_key_is_default {
         tracing::warn!(
@@ -101,6 +102,19 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             };
             tasks.spawn(projector.run(shutdown.clone()));
         }
+    }
+    if roles.processes {
+        if let Some(client) = &nats {
+            let payments = PaymentProcess {
+                ledger: ledger.clone(),
+                js: async_nats::jetstream::new(client.clone()),
+                names: names.clone(),
+                auto_accept: config.order_auto_accept,
+            };
+            tasks.spawn(payments.run(shutdown.clone()));
+        }
+        let expiry = HoldExpiry { ledger: ledger.clone(), pool: pool.clone(), interval: config.hold_expiry_interval };
+        tasks.spawn(expiry.run(shutdown.clone()));
     }
     let mut addr = None;
     if roles.http() {

@@ -17,8 +17,8 @@ struct Cli {
 enum Command {
     /// Run the service: command API, query API, relay and projectors.
     Serve {
-        /// Comma-separated subset of command-api,query-api,relay,projectors.
-        #[arg(long, default_value = "command-api,query-api,relay,projectors")]
+        /// Comma-separated subset of command-api,query-api,relay,projectors,processes.
+        #[arg(long, default_value = "command-api,query-api,relay,projectors,processes")]
         roles: Roles,
     },
     /// Apply database migrations (serve also does this at start-up).
@@ -99,8 +99,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay { projection, all } => {
             let projections = match (projection, all) {
                 (_, true) => Projection::ALL.to_vec(),
-                (Some(name), false) => vec![Projection::from_name(&name)
-                    .with_context(|| format!("unknown projection {name:?}; known: balances, statements, activity"))?],
+                (Some(name), false) => vec![Projection::from_name(&name).with_context(|| {
+                    format!("unknown projection {name:?}; known: balances, statements, activity, orders")
+                })?],
                 (None, false) => anyhow::bail!("name --projection NAME or --all"),
             };
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;

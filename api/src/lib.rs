@@ -46,6 +46,13 @@ pub fn command_routes() -> Router<AppState> {
         .route("/v1/admin/users/{id}/role", post(routes::admin::change_role))
         .route("/v1/admin/accounts/{id}/freeze", post(routes::admin::freeze))
         .route("/v1/admin/accounts/{id}/unfreeze", post(routes::admin::unfreeze))
+        .route("/v1/holds", post(routes::holds::place))
+        .route("/v1/holds/{id}/capture", post(routes::holds::capture))
+        .route("/v1/holds/{id}/release", post(routes::holds::release))
+        .route("/v1/orders", post(routes::orders::create))
+        .route("/v1/orders/{id}/cancel", post(routes::orders::cancel))
+        .route("/v1/orders/{id}/accept", post(routes::orders::accept))
+        .route("/v1/orders/{id}/refunds", post(routes::orders::refund))
 }
 
 /// Routes that read the read models.
@@ -62,6 +69,10 @@ pub fn query_routes() -> Router<AppState> {
         .route("/v1/admin/users/{id}", get(routes::admin::user))
         .route("/v1/me", get(routes::me::me))
         .route("/v1/me/activity", get(routes::me::activity))
+        .route("/v1/holds/{id}", get(routes::holds::get))
+        .route("/v1/accounts/{id}/holds", get(routes::holds::of_account))
+        .route("/v1/orders", get(routes::orders::list))
+        .route("/v1/orders/{id}", get(routes::orders::get))
 }
 
 /// The whole HTTP app for the selected roles, with health, docs and problem+json fallbacks.

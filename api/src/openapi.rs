@@ -1,4 +1,4 @@
-use crate::routes::{accounts, admin, api_keys, auth, commands, health, me, transfers};
+use crate::routes::{accounts, admin, api_keys, auth, commands, health, holds, me, orders, transfers};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -13,6 +13,8 @@ use utoipa::{Modify, OpenApi};
         me::me, me::activity,
         accounts::open, accounts::list, accounts::get, accounts::deposit, accounts::withdraw, accounts::transactions,
         transfers::create, transfers::get,
+        holds::place, holds::capture, holds::release, holds::get, holds::of_account,
+        orders::create, orders::cancel, orders::accept, orders::refund, orders::get, orders::list,
         commands::get,
         admin::users, admin::user, admin::block, admin::unblock, admin::change_role, admin::freeze, admin::unfreeze,
         health::healthz, health::readyz,

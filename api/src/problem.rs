@@ -153,7 +153,9 @@ pub fn from_domain(e: &DomainError) -> Problem {
         }
         DomainError::TwoFactorNotEnabled => Problem::new(StatusCode::CONFLICT, "two-factor-not-enabled", e.to_string()),
         DomainError::HoldNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "hold-not-found", e.to_string()),
-        DomainError::HoldNotPending(_) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending", e.to_string()),
+        DomainError::HoldNotPending(_) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending", e.to_string())
+        }
         DomainError::OrderNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "order-not-found", e.to_string()),
         DomainError::OrderNotInStatus(..) => Problem::new(StatusCode::CONFLICT, "order-state-conflict", e.to_string()),
         DomainError::RefundExceedsCaptured { .. } => {

@@ -8,8 +8,8 @@ use crate::store::{self, account_stream, transfer_stream, user_stream, EventMeta
 use chrono::Utc;
 use ledger_domain::account::{self, system_account_id, AccountCommand, AccountState, MoveMoney};
 use ledger_domain::events::Role;
-use ledger_domain::fees::FeeSchedule;
 use ledger_domain::events::{AccountKind, TransferKind};
+use ledger_domain::fees::FeeSchedule;
 use ledger_domain::money::Amount;
 use ledger_domain::user::{self, UserCommand, UserState};
 use ledger_domain::{DomainError, Event};
@@ -526,7 +526,11 @@ async fn decide(
             );
             Ok(decided.map(|events| {
                 let body = movement_body(transfer_id, &events);
-                appends.push(StreamAppend { stream_id: account_stream(from_account), expected_version: version, events });
+                appends.push(StreamAppend {
+                    stream_id: account_stream(from_account),
+                    expected_version: version,
+                    events,
+                });
                 Decision::created(appends, body)
             }))
         }
@@ -674,7 +678,10 @@ async fn open_fee_account_if_missing(
 }
 
 /// The first movement in a currency opens its system account in the same append.
-pub(crate) fn open_system_if_missing(system: &mut AccountState, currency: ledger_domain::Currency) -> Vec<StreamAppend> {
+pub(crate) fn open_system_if_missing(
+    system: &mut AccountState,
+    currency: ledger_domain::Currency,
+) -> Vec<StreamAppend> {
     if system.kind() == Some(AccountKind::System) {
         return vec![];
     }

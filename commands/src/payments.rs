@@ -6,16 +6,14 @@
 //! The nil actor is the system (the payment process and the expiry
 //! scheduler); it may capture, release and expire any hold.
 
-use crate::ledger::{
-    account_state, lock_account, lock_status_shared, Decision, LedgerCommand,
-};
+use crate::ledger::{account_state, lock_account, lock_status_shared, Decision, LedgerCommand};
 use crate::store::{self, account_stream, StoreError, StreamAppend};
 use chrono::Utc;
+use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::events::{CancelReason, Event, TransferKind};
 use ledger_domain::hold::{self, CaptureHold, PlaceHold};
 use ledger_domain::money::Amount;
 use ledger_domain::order::{self, OrderState, PlaceOrder};
-use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::DomainError;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -112,7 +110,10 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
             }
             if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
                 // An order's hold is captured by the order's acceptance, which also finishes the order.
-                return Ok(Err(DomainError::validation("hold_id", "belongs to an order: accept or cancel the order instead")));
+                return Ok(Err(DomainError::validation(
+                    "hold_id",
+                    "belongs to an order: accept or cancel the order instead",
+                )));
             }
             let transfer_id = Uuid::now_v7();
             let cmd = CaptureHold { hold_id, amount, transfer_id, now };
@@ -236,8 +237,16 @@ async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
             };
             let mut d = Decision::created(
                 vec![
-                    StreamAppend { stream_id: account_stream(placed.account_id), expected_version: version, events: hold_events },
-                    StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+                    StreamAppend {
+                        stream_id: account_stream(placed.account_id),
+                        expected_version: version,
+                        events: hold_events,
+                    },
+                    StreamAppend {
+                        stream_id: order_stream(order_id),
+                        expected_version: order_version,
+                        events: order_events,
+                    },
                 ],
                 json!({ "order_id": order_id, "hold_id": hold_id, "status": "NEW" }),
             );
@@ -285,8 +294,16 @@ async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
     Ok(order::decide_finish(&order, order_id, transfer_id, placed.amount).map(|order_events| {
         let mut d = Decision::created(
             vec![
-                StreamAppend { stream_id: account_stream(placed.account_id), expected_version: version, events: hold_events },
-                StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+                StreamAppend {
+                    stream_id: account_stream(placed.account_id),
+                    expected_version: version,
+                    events: hold_events,
+                },
+                StreamAppend {
+                    stream_id: order_stream(order_id),
+                    expected_version: order_version,
+                    events: order_events,
+                },
             ],
             json!({ "order_id": order_id, "status": "FINISHED", "transfer_id": transfer_id }),
         );
@@ -322,7 +339,11 @@ async fn cancel_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
             Err(e) => return Ok(Err(e)),
         }
     }
-    appends.push(StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events });
+    appends.push(StreamAppend {
+        stream_id: order_stream(order_id),
+        expected_version: order_version,
+        events: order_events,
+    });
     let mut d = Decision::created(appends, json!({ "order_id": order_id, "status": "CANCELLED" }));
     d.status = 200;
     Ok(Ok(d))
@@ -371,8 +392,16 @@ async fn refund_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid, amou
     Ok(order::decide_refund(&order, order_id, transfer_id, refunded).map(|order_events| {
         Decision::created(
             vec![
-                StreamAppend { stream_id: account_stream(placed.merchant_account), expected_version: version, events: money },
-                StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+                StreamAppend {
+                    stream_id: account_stream(placed.merchant_account),
+                    expected_version: version,
+                    events: money,
+                },
+                StreamAppend {
+                    stream_id: order_stream(order_id),
+                    expected_version: order_version,
+                    events: order_events,
+                },
             ],
             json!({ "order_id": order_id, "transfer_id": transfer_id, "amount": refunded }),
         )

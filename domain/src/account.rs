@@ -90,7 +90,8 @@ impl AccountState {
 
     /// Balance less the pending holds: what a debit or a new hold may use.
     pub fn available(&self) -> Decimal {
-        self.balance - self.holds.values().filter(|h| h.status == HoldStatus::Pending).map(|h| h.amount).sum::<Decimal>()
+        self.balance
+            - self.holds.values().filter(|h| h.status == HoldStatus::Pending).map(|h| h.amount).sum::<Decimal>()
     }
 
     fn id(&self) -> Option<Uuid> {
@@ -306,7 +307,12 @@ pub fn check_pair(
 }
 
 /// Refuses a debit of a user account beyond its available funds.
-pub fn check_available(from: &AccountState, from_account: Uuid, needed: Decimal, currency: Currency) -> Result<(), DomainError> {
+pub fn check_available(
+    from: &AccountState,
+    from_account: Uuid,
+    needed: Decimal,
+    currency: Currency,
+) -> Result<(), DomainError> {
     if from.kind() == Some(AccountKind::User) && from.available() < needed {
         return Err(DomainError::InsufficientFunds {
             account: from_account,

@@ -67,7 +67,12 @@ impl FeeSchedule {
             let money = |i: usize| -> Result<Option<Decimal>, String> {
                 fields
                     .get(i)
-                    .map(|t| Decimal::from_str(t).ok().filter(|d| *d >= Decimal::ZERO).ok_or(format!("{t:?} is not an amount")))
+                    .map(|t| {
+                        Decimal::from_str(t)
+                            .ok()
+                            .filter(|d| *d >= Decimal::ZERO)
+                            .ok_or(format!("{t:?} is not an amount"))
+                    })
                     .transpose()
             };
             let minimum = money(2)?.unwrap_or(Decimal::ZERO);
@@ -128,7 +133,15 @@ mod tests {
 
     #[test]
     fn bad_schedules_are_refused() {
-        for bad in ["deposit:1%", "transfer", "transfer:1", "transfer:-1%", "transfer:1%:x", "transfer:1%,transfer:2%", "transfer:1%:1:2:3"] {
+        for bad in [
+            "deposit:1%",
+            "transfer",
+            "transfer:1",
+            "transfer:-1%",
+            "transfer:1%:x",
+            "transfer:1%,transfer:2%",
+            "transfer:1%:1:2:3",
+        ] {
             assert!(FeeSchedule::parse(bad).is_err(), "{bad}");
         }
         assert!(FeeSchedule::parse("").unwrap().is_empty());

@@ -31,8 +31,17 @@ pub struct PlaceHold {
 }
 
 pub fn decide_place(from: &AccountState, to: &AccountState, command: PlaceHold) -> Result<Vec<Event>, DomainError> {
-    let PlaceHold { hold_id, initiated_by, from_account, to_account, amount, expires_in_seconds, reference, order_id, now } =
-        command;
+    let PlaceHold {
+        hold_id,
+        initiated_by,
+        from_account,
+        to_account,
+        amount,
+        expires_in_seconds,
+        reference,
+        order_id,
+        now,
+    } = command;
     let reference = check_reference(reference)?;
     let seconds = expires_in_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
     if !(1..=MAX_HOLD_SECONDS).contains(&seconds) {
@@ -182,7 +191,14 @@ mod tests {
 
     fn world(balance: &str) -> World {
         let (ann, bob, a, b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        World { ann, a, b, history: vec![opened(a, ann), funded(a, balance)], shop: given(&[opened(b, bob)]), now: Utc::now() }
+        World {
+            ann,
+            a,
+            b,
+            history: vec![opened(a, ann), funded(a, balance)],
+            shop: given(&[opened(b, bob)]),
+            now: Utc::now(),
+        }
     }
 
     fn place(w: &World, amount: &str, seconds: Option<i64>) -> Result<Vec<Event>, DomainError> {
@@ -218,7 +234,10 @@ mod tests {
         let state = given(&w.history);
         assert_eq!(state.balance, Decimal::new(1000, 2));
         assert_eq!(state.available(), Decimal::new(300, 2));
-        assert!(matches!(place(&w, "3.01", None), Err(DomainError::InsufficientFunds { .. })), "a second hold sees the first");
+        assert!(
+            matches!(place(&w, "3.01", None), Err(DomainError::InsufficientFunds { .. })),
+            "a second hold sees the first"
+        );
         assert!(place(&w, "3.00", None).is_ok());
     }
 
@@ -281,8 +300,13 @@ mod tests {
         w.history.extend(placed);
         let later = w.now + Duration::seconds(61);
         let state = given(&w.history);
-        let capture =
-            |s: &AccountState| decide_capture(s, &w.shop, CaptureHold { hold_id: id, amount: None, transfer_id: Uuid::new_v4(), now: later });
+        let capture = |s: &AccountState| {
+            decide_capture(
+                s,
+                &w.shop,
+                CaptureHold { hold_id: id, amount: None, transfer_id: Uuid::new_v4(), now: later },
+            )
+        };
         assert_eq!(capture(&state), Err(DomainError::HoldNotPending(id)));
         assert_eq!(decide_release(&state, id, later), Err(DomainError::HoldNotPending(id)));
         assert_eq!(decide_expire(&state, id, w.now), Err(DomainError::HoldNotPending(id)), "not yet due");
@@ -299,8 +323,11 @@ mod tests {
         let w = world("1.00");
         assert!(matches!(place(&w, "5.00", None), Err(DomainError::InsufficientFunds { .. })));
         let ghost = Uuid::new_v4();
-        let capture =
-            decide_capture(&given(&w.history), &w.shop, CaptureHold { hold_id: ghost, amount: None, transfer_id: Uuid::new_v4(), now: w.now });
+        let capture = decide_capture(
+            &given(&w.history),
+            &w.shop,
+            CaptureHold { hold_id: ghost, amount: None, transfer_id: Uuid::new_v4(), now: w.now },
+        );
         assert_eq!(capture, Err(DomainError::HoldNotFound(ghost)));
     }
 }

@@ -3,9 +3,7 @@
 //! of a finished order never exceed what was captured.
 
 use crate::account::{check_pair, AccountState};
-use crate::events::{
-    CancelReason, Event, OrderCancelled, OrderFinished, OrderPaymentHeld, OrderPlaced, OrderRefunded,
-};
+use crate::events::{CancelReason, Event, OrderCancelled, OrderFinished, OrderPaymentHeld, OrderPlaced, OrderRefunded};
 use crate::money::Amount;
 use crate::DomainError;
 use rust_decimal::Decimal;
@@ -66,7 +64,11 @@ pub struct PlaceOrder {
 }
 
 /// The customer's account must be theirs; the merchant's any open account of the same currency.
-pub fn decide_place(account: &AccountState, merchant: &AccountState, command: PlaceOrder) -> Result<Vec<Event>, DomainError> {
+pub fn decide_place(
+    account: &AccountState,
+    merchant: &AccountState,
+    command: PlaceOrder,
+) -> Result<Vec<Event>, DomainError> {
     let PlaceOrder { order_id, customer_id, account_id, merchant_account, amount, description } = command;
     let description = description.trim().to_owned();
     if description.is_empty() || description.chars().count() > MAX_DESCRIPTION_CHARS {
@@ -108,7 +110,12 @@ pub fn decide_payment_held(state: &OrderState, order_id: Uuid, hold_id: Uuid) ->
     Ok(vec![Event::OrderPaymentHeld(OrderPaymentHeld { order_id, hold_id })])
 }
 
-pub fn decide_finish(state: &OrderState, order_id: Uuid, transfer_id: Uuid, amount: Decimal) -> Result<Vec<Event>, DomainError> {
+pub fn decide_finish(
+    state: &OrderState,
+    order_id: Uuid,
+    transfer_id: Uuid,
+    amount: Decimal,
+) -> Result<Vec<Event>, DomainError> {
     must_be_new(state, order_id)?;
     if state.hold_id.is_none() {
         return Err(DomainError::OrderNotInStatus(order_id, "paid for"));
@@ -121,7 +128,12 @@ pub fn decide_cancel(state: &OrderState, order_id: Uuid, reason: CancelReason) -
     Ok(vec![Event::OrderCancelled(OrderCancelled { order_id, reason })])
 }
 
-pub fn decide_refund(state: &OrderState, order_id: Uuid, transfer_id: Uuid, amount: Decimal) -> Result<Vec<Event>, DomainError> {
+pub fn decide_refund(
+    state: &OrderState,
+    order_id: Uuid,
+    transfer_id: Uuid,
+    amount: Decimal,
+) -> Result<Vec<Event>, DomainError> {
     placed(state, order_id)?;
     if state.status != OrderStatus::Finished {
         return Err(DomainError::OrderNotInStatus(order_id, "FINISHED"));
@@ -144,7 +156,13 @@ mod tests {
     fn account(id: Uuid, owner: Uuid) -> AccountState {
         crate::account::evolve(
             AccountState::default(),
-            &Event::AccountOpened(AccountOpened { account_id: id, owner_id: Some(owner), currency: "EUR".into(), kind: AccountKind::User, name: None }),
+            &Event::AccountOpened(AccountOpened {
+                account_id: id,
+                owner_id: Some(owner),
+                currency: "EUR".into(),
+                kind: AccountKind::User,
+                name: None,
+            }),
         )
     }
 
@@ -153,7 +171,8 @@ mod tests {
     }
 
     fn new_order() -> (Uuid, Vec<Event>) {
-        let (ann, shop_owner, a, shop, order_id) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (ann, shop_owner, a, shop, order_id) =
+            (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let events = decide_place(
             &account(a, ann),
             &account(shop, shop_owner),

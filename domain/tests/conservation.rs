@@ -4,10 +4,12 @@
 //! its hold, whatever the deciders accept or refuse.
 
 use chrono::{Duration, Utc};
-use ledger_domain::account::{self, fee_account_id, system_account_id, AccountCommand, AccountState, HoldStatus, MoveMoney};
+use ledger_domain::account::{
+    self, fee_account_id, system_account_id, AccountCommand, AccountState, HoldStatus, MoveMoney,
+};
+use ledger_domain::events::{AccountKind, TransferKind};
 use ledger_domain::fees::FeeSchedule;
 use ledger_domain::hold::{self, CaptureHold, PlaceHold};
-use ledger_domain::events::{AccountKind, TransferKind};
 use ledger_domain::money::Amount;
 use ledger_domain::{fold_balances, sums_per_currency, Currency, Event};
 use proptest::prelude::*;
@@ -37,7 +39,12 @@ fn op() -> impl Strategy<Value = Op> {
             cents,
             as_owner
         }),
-        (0..6usize, 0..6usize, 1..50_000u64, 1..600i64).prop_map(|(from, to, cents, seconds)| Op::Hold { from, to, cents, seconds }),
+        (0..6usize, 0..6usize, 1..50_000u64, 1..600i64).prop_map(|(from, to, cents, seconds)| Op::Hold {
+            from,
+            to,
+            cents,
+            seconds
+        }),
         (0..8usize, prop::option::of(1..50_000u64)).prop_map(|(hold, cents)| Op::Capture { hold, cents }),
         (0..8usize).prop_map(|hold| Op::Release { hold }),
         (0..8usize).prop_map(|hold| Op::Expire { hold }),
@@ -137,7 +144,12 @@ impl World {
                 let from = &self.states[&f];
                 let to = &self.states[&from.holds[&id].to_account];
                 let c = from.currency().unwrap();
-                let cmd = CaptureHold { hold_id: id, amount: cents.map(|x| amount(x, c)), transfer_id: Uuid::new_v4(), now: self.now };
+                let cmd = CaptureHold {
+                    hold_id: id,
+                    amount: cents.map(|x| amount(x, c)),
+                    transfer_id: Uuid::new_v4(),
+                    now: self.now,
+                };
                 hold::decide_capture(from, to, cmd)
             }
             Op::Release { hold } => {
@@ -160,7 +172,8 @@ impl World {
     }
 
     fn run(&mut self, op: Op) {
-        if matches!(op, Op::Hold { .. } | Op::Capture { .. } | Op::Release { .. } | Op::Expire { .. } | Op::Wait { .. }) {
+        if matches!(op, Op::Hold { .. } | Op::Capture { .. } | Op::Release { .. } | Op::Expire { .. } | Op::Wait { .. })
+        {
             return self.hold_op(op);
         }
         let (kind, by, from, to, amt) = match op {

@@ -132,7 +132,10 @@ const HOLD_COLUMNS: &str = "hold_id, from_account, to_account, amount, captured_
      reference, order_id, placed_at, resolved_at, position";
 
 pub async fn hold(pool: &PgPool, hold_id: Uuid) -> Result<Option<HoldView>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE hold_id = $1")).bind(hold_id).fetch_optional(pool).await
+    sqlx::query_as(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE hold_id = $1"))
+        .bind(hold_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// An account's holds, newest first, optionally of one status.
@@ -148,11 +151,16 @@ pub async fn holds_of(pool: &PgPool, account_id: Uuid, status: Option<&str>) -> 
 }
 
 /// Pending holds past their expiry, for the scheduler.
-pub async fn due_holds(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT hold_id FROM holds WHERE status = 'pending' AND expires_at <= now() ORDER BY expires_at LIMIT $1")
-        .bind(limit)
-        .fetch_all(pool)
-        .await
+/// `now` is the service's clock, the one the expiry decider uses, so a hold
+/// found due here is due there too.
+pub async fn due_holds(pool: &PgPool, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT hold_id FROM holds WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 async fn set_frozen(conn: &mut PgConnection, account_id: Uuid, frozen: bool, position: i64) -> Result<(), sqlx::Error> {

@@ -5,6 +5,7 @@ pub mod activity;
 pub mod balances;
 pub mod checkpoint;
 pub mod orders;
+pub mod processes;
 pub mod projector;
 pub mod read_side;
 pub mod replay;

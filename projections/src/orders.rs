@@ -61,12 +61,14 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
         }
         Event::OrderCancelled(o) => {
             let reason = serde_json::to_value(o.reason).ok().and_then(|v| v.as_str().map(str::to_owned));
-            sqlx::query("UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, position = $3 WHERE order_id = $1")
-                .bind(o.order_id)
-                .bind(reason)
-                .bind(recorded.position)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, position = $3 WHERE order_id = $1",
+            )
+            .bind(o.order_id)
+            .bind(reason)
+            .bind(recorded.position)
+            .execute(&mut *conn)
+            .await?;
             o.order_id
         }
         Event::OrderRefunded(o) => {
@@ -126,11 +128,15 @@ pub struct HistoryView {
     pub recorded_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "order_id, customer_id, account_id, merchant_account, merchant_owner, amount, currency, description,
+const COLUMNS: &str =
+    "order_id, customer_id, account_id, merchant_account, merchant_owner, amount, currency, description,
      status, cancel_reason, hold_id, captured, refunded, created_at, position";
 
 pub async fn order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1")).bind(order_id).fetch_optional(pool).await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// A customer's orders, newest first, optionally of one status.

@@ -4,7 +4,9 @@ pub mod api_keys;
 pub mod auth;
 pub mod commands;
 pub mod health;
+pub mod holds;
 pub mod me;
+pub mod orders;
 pub mod transfers;
 
 use crate::problem::Problem;
