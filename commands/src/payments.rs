@@ -368,6 +368,19 @@ async fn refund_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid, amou
     lock_status_shared(conn, placed.account_id).await?;
     let (customer, _) = account_state(conn, placed.account_id, false).await?;
     let transfer_id = Uuid::now_v7();
+    // The order's own limit first: a refund beyond the captured amount is
+    // refused as such, whatever the merchant's balance.
+    let Some(currency) = ledger_domain::Currency::from_code(&placed.currency) else {
+        return Ok(Err(DomainError::OrderNotFound(order_id)));
+    };
+    let requested = match amount.in_currency("amount", currency) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
+    };
+    let order_events = match order::decide_refund(&order, order_id, transfer_id, requested) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
     let money = match account::decide_transfer(
         &merchant,
         &customer,
@@ -385,25 +398,15 @@ async fn refund_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid, amou
         Ok(e) => e,
         Err(e) => return Ok(Err(e)),
     };
-    let refunded = match money.first() {
-        Some(Event::TransferRecorded(t)) => t.amount,
-        _ => return Ok(Err(DomainError::OrderNotFound(order_id))),
-    };
-    Ok(order::decide_refund(&order, order_id, transfer_id, refunded).map(|order_events| {
-        Decision::created(
-            vec![
-                StreamAppend {
-                    stream_id: account_stream(placed.merchant_account),
-                    expected_version: version,
-                    events: money,
-                },
-                StreamAppend {
-                    stream_id: order_stream(order_id),
-                    expected_version: order_version,
-                    events: order_events,
-                },
-            ],
-            json!({ "order_id": order_id, "transfer_id": transfer_id, "amount": refunded }),
-        )
-    }))
+    Ok(Ok(Decision::created(
+        vec![
+            StreamAppend {
+                stream_id: account_stream(placed.merchant_account),
+                expected_version: version,
+                events: money,
+            },
+            StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events: order_events },
+        ],
+        json!({ "order_id": order_id, "transfer_id": transfer_id, "amount": requested }),
+    )))
 }

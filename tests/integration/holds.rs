@@ -1,0 +1,228 @@
+//! Holds through the public API, including each failure the anchors' bug
+//! trackers record: double release, capture after expiry, capture of a hold
+//! that failed, holds not counted against the balance, races to resolve.
+
+use crate::harness::TestLedger;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn code(v: &Value) -> &str {
+    v["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_hold_reserves_available_and_a_partial_capture_releases_the_rest() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let s = t.account(&shop, "USD").await;
+    t.deposit(&ann, &a, "100.00").await;
+
+    let (st, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "60.00"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{hold}");
+    let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
+    assert!(hold["expires_at"].is_string() && hold["position"].is_i64());
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", hold["position"]), &ann).await;
+    assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some("100.00"), Some("40.00")));
+
+    // Not counted against the balance would let these through; they must not pass.
+    let (st, v) = t.post(&format!("/v1/accounts/{a}/withdrawals"), &ann, json!({"amount": "40.01"})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"), "{v}");
+    let (st, v) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "40.01"})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"), "{v}");
+
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({"amount": "60.01"})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "captured <= held: {v}");
+    let (st, cap) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({"amount": "25.00"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{cap}");
+    assert_eq!((cap["amount"].as_str(), cap["released"].as_str()), (Some("25.00"), Some("35.00")));
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "captured once: {v}");
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
+
+    let position = cap["position"].as_i64().unwrap();
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={position}"), &ann).await;
+    assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some("75.00"), Some("75.00")));
+    let (_, h) = t.get(&format!("/v1/holds/{hold_id}"), &shop).await;
+    assert_eq!((h["status"].as_str(), h["captured_amount"].as_str()), (Some("captured"), Some("25.00")), "{h}");
+    let (_, statement) = t.get(&format!("/v1/accounts/{s}/transactions"), &shop).await;
+    assert_eq!(statement["items"][0]["kind"], "hold_capture");
+    assert_eq!(statement["items"][0]["amount"], "25.00");
+
+    // Third parties see nothing.
+    let (_, eve) = t.user().await;
+    let (st, v) = t.get(&format!("/v1/holds/{hold_id}"), &eve).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "hold-not-found"));
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_double_release_and_a_capture_of_a_failed_hold_are_refused() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let s = t.account(&shop, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "10.00"})).await;
+    let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
+    let (st, _) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
+
+    // A hold refused for funds leaves nothing to capture.
+    let (st, refused) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "50.00"})).await;
+    assert_eq!((st, code(&refused)), (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"));
+    assert!(refused.get("hold_id").is_none());
+    let ghost = uuid::Uuid::new_v4();
+    let (st, v) = t.post(&format!("/v1/holds/{ghost}/capture"), &shop, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "hold-not-found"), "{v}");
+
+    let head = t.head().await;
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={head}"), &ann).await;
+    assert_eq!(view["available"], "10.00");
+    let (_, pending) = t.get(&format!("/v1/accounts/{a}/holds?status=pending"), &ann).await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 0);
+    let (_, released) = t.get(&format!("/v1/accounts/{a}/holds?status=released"), &ann).await;
+    assert_eq!(released["items"].as_array().unwrap().len(), 1);
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_hold_cannot_be_captured_or_released() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let s = t.account(&shop, "USD").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let (st, hold) = t
+        .post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "4.00", "expires_in_seconds": 1}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{hold}");
+    let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
+    let (st, v) = t
+        .post(
+            "/v1/holds",
+            &ann,
+            json!({"from_account": a, "to_account": s, "amount": "1", "expires_in_seconds": 2_592_001}),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "at most 30 days: {v}");
+
+    // The scheduler expires it on its own.
+    let mut status = String::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t.settle().await;
+        let (_, h) = t.get(&format!("/v1/holds/{hold_id}"), &ann).await;
+        status = h["status"].as_str().unwrap_or_default().to_owned();
+        if status == "expired" {
+            break;
+        }
+    }
+    assert_eq!(status, "expired");
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
+    let expiries: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldExpired'")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(expiries, 1, "expired once, however many sweeps ran");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn captures_and_releases_racing_on_one_hold_resolve_it_exactly_once() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let s = t.account(&shop, "USD").await;
+    t.deposit(&ann, &a, "50.00").await;
+    let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "50.00"})).await;
+    let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
+    let capture = format!("/v1/holds/{hold_id}/capture");
+    let release = format!("/v1/holds/{hold_id}/release");
+    let mut calls = vec![];
+    for i in 0..20 {
+        if i % 2 == 0 {
+            calls.push(t.post(&capture, &shop, json!({})));
+        } else {
+            calls.push(t.post(&release, &ann, json!({})));
+        }
+    }
+    let answers = futures::future::join_all(calls).await;
+    let won = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+    assert_eq!(won, 1, "{answers:?}");
+    assert!(answers.iter().all(|(s, v)| *s == StatusCode::CREATED || code(v) == "hold-not-pending"));
+    let resolutions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type IN ('HoldCaptured', 'HoldReleased', 'HoldExpired')",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolutions, 1);
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn fees_are_charged_with_the_transfer_as_their_own_entry() {
+    let t = TestLedger::start_with(|c| {
+        c.fees = ledger_domain::fees::FeeSchedule::parse("transfer:0.5%:0.10").unwrap();
+    })
+    .await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "100.00").await;
+    let (st, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "25.50"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["fee"]["amount"], "0.13", "0.5% of 25.50 = 0.1275, to minor units: {v}");
+    let (st, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "5.00"})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(v["fee"]["amount"], "0.10", "the minimum");
+    // 100 - 25.50 - 0.13 - 5.00 - 0.10 = 69.27: 69.27 would leave nothing for the fee.
+    let (st, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "69.27"})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"), "the fee counts: {v}");
+    let (_, v) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
+    assert_eq!(v["balance"], "69.27");
+    let (_, statement) = t.get(&format!("/v1/accounts/{a}/transactions"), &ann).await;
+    let kinds: Vec<&str> = statement["items"].as_array().unwrap().iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["fee", "transfer", "fee", "transfer", "deposit"]);
+    // Deposits pay no fee.
+    let (_, dep) = t.post(&format!("/v1/accounts/{a}/deposits"), &ann, json!({"amount": "1.00"})).await;
+    assert!(dep.get("fee").is_none());
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_repeated_hold_request_with_one_key_reserves_once() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let s = t.account(&shop, "USD").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let body = json!({"from_account": a, "to_account": s, "amount": "6.00"});
+    let (s1, v1, _) = t.request(Method::POST, "/v1/holds", Some(&ann), Some("hold-once"), Some(body.clone())).await;
+    let (s2, v2, h2) = t.request(Method::POST, "/v1/holds", Some(&ann), Some("hold-once"), Some(body)).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(v1, v2);
+    assert_eq!(h2["idempotent-replayed"], "true");
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
+    assert_eq!(view["available"], "4.00");
+    t.cleanup().await;
+}
