@@ -6,6 +6,7 @@ pub mod config;
 use anyhow::Context;
 use config::{Config, Roles};
 use ledger_api::auth::JwtKeys;
+use ledger_api::live::LiveHub;
 use ledger_api::rate_limit::RateLimiter;
 use ledger_api::AppState;
 use ledger_commands::identity::IdentityPolicy;
@@ -128,7 +129,17 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             secure_cookies: !config.insecure_cookies,
             rate_limit: Arc::new(RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
             request_timeout: config.request_timeout,
+            live: Arc::new(LiveHub::new(pool.clone())),
         };
+        if let Some(client) = &nats {
+            let feed = ledger_api::live::run_feed(
+                state.live.clone(),
+                async_nats::jetstream::new(client.clone()),
+                names.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(feed);
+        }
         if config.rate_limit_per_sec == 0 {
             tracing::warn!("the per-user rate limit is off (LEDGER_RATE_LIMIT_PER_SEC=0)");
         }

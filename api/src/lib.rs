@@ -4,6 +4,7 @@
 pub mod access;
 pub mod auth;
 pub mod extract;
+pub mod live;
 mod openapi;
 pub mod problem;
 pub mod rate_limit;
@@ -73,6 +74,7 @@ pub fn query_routes() -> Router<AppState> {
         .route("/v1/accounts/{id}/holds", get(routes::holds::of_account))
         .route("/v1/orders", get(routes::orders::list))
         .route("/v1/orders/{id}", get(routes::orders::get))
+        .route("/v1/live", get(live::live))
 }
 
 /// The whole HTTP app for the selected roles, with health, docs and problem+json fallbacks.

@@ -1,3 +1,4 @@
+use crate::live;
 use crate::routes::{accounts, admin, api_keys, auth, commands, health, holds, me, orders, transfers};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -17,6 +18,7 @@ use utoipa::{Modify, OpenApi};
         orders::create, orders::cancel, orders::accept, orders::refund, orders::get, orders::list,
         commands::get,
         admin::users, admin::user, admin::block, admin::unblock, admin::change_role, admin::freeze, admin::unfreeze,
+        live::live,
         health::healthz, health::readyz,
     ),
     modifiers(&SecuritySchemes),

@@ -21,4 +21,6 @@ pub struct AppState {
     pub rate_limit: Arc<RateLimiter>,
     /// A request that takes longer is answered 503 `timeout`.
     pub request_timeout: Duration,
+    /// This instance's WebSocket clients.
+    pub live: Arc<crate::live::LiveHub>,
 }

@@ -8,6 +8,7 @@ mod concurrency;
 mod event_store;
 mod holds;
 mod idempotency;
+mod live;
 mod nats_outage;
 mod no_secrets;
 mod orders;

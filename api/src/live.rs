@@ -1,0 +1,374 @@
+//! Live updates over WebSocket: `GET /v1/live`.
+//!
+//! Every instance follows the JetStream stream with an ephemeral consumer of
+//! its own and forwards each money event (movements, holds, orders, freezes)
+//! to the sockets of the users it concerns that are connected to *this*
+//! instance; several instances behind a balancer each serve their own
+//! sockets. A reconnecting client sends `?after_position=N` and first gets
+//! what it missed from the log, or `{"type":"resync"}` when that is more than
+//! `REPLAY_LIMIT` events back. Each socket has a bounded queue: a client that
+//! falls behind is disconnected, never buffered without bound.
+
+use crate::auth::AuthUser;
+use crate::extract::QueryParams;
+use crate::problem::Problem;
+use crate::state::AppState;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures::StreamExt;
+use ledger_commands::nats::{ensure_stream, NatsNames};
+use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_domain::Event;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+/// Messages a socket may have queued before it counts as too slow.
+pub const QUEUE: usize = 256;
+/// How far back a reconnect is replayed; beyond it the client must resync.
+pub const REPLAY_LIMIT: i64 = 1_000;
+
+type Clients = HashMap<Uuid, Vec<(u64, mpsc::Sender<String>)>>;
+
+/// The sockets connected to this instance, by user, and who owns which account.
+pub struct LiveHub {
+    pool: PgPool,
+    clients: Mutex<Clients>,
+    owners: Mutex<HashMap<Uuid, Option<Uuid>>>,
+    next_id: AtomicU64,
+}
+
+impl LiveHub {
+    pub fn new(pool: PgPool) -> LiveHub {
+        LiveHub {
+            pool,
+            clients: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, Clients> {
+        // A poisoned lock only means a panic mid-update of this map; it stays usable.
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, user: Uuid) -> (u64, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.clients().entry(user).or_default().push((id, tx));
+        (id, rx)
+    }
+
+    fn unregister(&self, user: Uuid, id: u64) {
+        let mut clients = self.clients();
+        if let Some(list) = clients.get_mut(&user) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                clients.remove(&user);
+            }
+        }
+    }
+
+    pub fn connected(&self) -> usize {
+        self.clients().values().map(Vec::len).sum()
+    }
+
+    /// Queues a message for every socket of `user`; a full queue drops that socket.
+    fn send(&self, user: Uuid, text: &str) {
+        let mut clients = self.clients();
+        if let Some(list) = clients.get_mut(&user) {
+            list.retain(|(_, tx)| match tx.try_send(text.to_owned()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::info!(%user, "live client too slow; disconnecting it");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+    }
+
+    async fn owner(&self, account: Uuid) -> Option<Uuid> {
+        if let Some(known) = self.owners.lock().unwrap_or_else(|p| p.into_inner()).get(&account) {
+            return *known;
+        }
+        // From the log: an account's owner never changes, and the read models may lag.
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT payload->>'owner_id' FROM events WHERE stream_id = $1 AND stream_version = 1")
+                .bind(format!("account-{account}"))
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten()
+                .flatten();
+        let owner = owner.and_then(|o| Uuid::parse_str(&o).ok());
+        self.owners.lock().unwrap_or_else(|p| p.into_inner()).insert(account, owner);
+        owner
+    }
+
+    /// The users an event concerns, if it is one the live feed carries.
+    async fn audience(&self, event: &Event) -> Vec<Uuid> {
+        let (accounts, users): (Vec<Uuid>, Vec<Uuid>) = match event {
+            Event::TransferRecorded(t) => (vec![t.from_account, t.to_account], vec![]),
+            Event::HoldPlaced(h) => (vec![h.from_account, h.to_account], vec![]),
+            Event::HoldCaptured(h) => (vec![h.from_account, h.to_account], vec![]),
+            Event::HoldReleased(h) => (vec![h.from_account], vec![]),
+            Event::HoldExpired(h) => (vec![h.from_account], vec![]),
+            Event::AccountFrozen(a) => (vec![a.account_id], vec![]),
+            Event::AccountUnfrozen(a) => (vec![a.account_id], vec![]),
+            Event::OrderPlaced(o) => (vec![o.merchant_account], vec![o.customer_id]),
+            Event::OrderPaymentHeld(_)
+            | Event::OrderFinished(_)
+            | Event::OrderCancelled(_)
+            | Event::OrderRefunded(_) => {
+                return self.order_audience(event).await;
+            }
+            _ => return vec![],
+        };
+        let mut audience = users;
+        for account in accounts {
+            if let Some(owner) = self.owner(account).await {
+                audience.push(owner);
+            }
+        }
+        audience.sort();
+        audience.dedup();
+        audience
+    }
+
+    async fn order_audience(&self, event: &Event) -> Vec<Uuid> {
+        let order_id = match event {
+            Event::OrderPaymentHeld(o) => o.order_id,
+            Event::OrderFinished(o) => o.order_id,
+            Event::OrderCancelled(o) => o.order_id,
+            Event::OrderRefunded(o) => o.order_id,
+            _ => return vec![],
+        };
+        let placed: Option<Value> =
+            sqlx::query_scalar("SELECT payload FROM events WHERE stream_id = $1 AND stream_version = 1")
+                .bind(format!("order-{order_id}"))
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten();
+        let Some(placed) = placed else { return vec![] };
+        let mut audience = vec![];
+        if let Some(customer) = placed["customer_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) {
+            audience.push(customer);
+        }
+        if let Some(merchant) = placed["merchant_account"].as_str().and_then(|s| Uuid::parse_str(s).ok()) {
+            if let Some(owner) = self.owner(merchant).await {
+                audience.push(owner);
+            }
+        }
+        audience.sort();
+        audience.dedup();
+        audience
+    }
+
+    /// Forwards one event to the connected users it concerns.
+    pub async fn publish(&self, recorded: &RecordedEvent) {
+        let Ok(event) = recorded.decode() else { return };
+        let audience = self.audience(&event).await;
+        if audience.is_empty() {
+            return;
+        }
+        let text = message(recorded);
+        for user in audience {
+            self.send(user, &text);
+        }
+    }
+}
+
+fn message(recorded: &RecordedEvent) -> String {
+    json!({ "type": recorded.event_type, "position": recorded.position, "data": recorded.payload }).to_string()
+}
+
+/// Follows JetStream from now on and feeds the hub, reconnecting on errors.
+pub async fn run_feed(
+    hub: Arc<LiveHub>,
+    js: async_nats::jetstream::Context,
+    names: NatsNames,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = feed(&hub, &js, &names) => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "live feed interrupted; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNames) -> Result<(), String> {
+    let stream = ensure_stream(js, names).await.map_err(|e| e.to_string())?;
+    // Ephemeral and unacknowledged: each instance sees everything from now on;
+    // what a socket missed while down comes from the log on reconnect.
+    let consumer = stream
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::None,
+            deliver_policy: DeliverPolicy::New,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        if let Ok(recorded) = serde_json::from_slice::<RecordedEvent>(&message.payload) {
+            hub.publish(&recorded).await;
+        }
+    }
+    Err("the live feed's message stream ended".into())
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct LiveQuery {
+    /// Replay what this client missed after this log position first.
+    pub after_position: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/live", tag = "live", params(LiveQuery),
+    responses((status = 101, description = "WebSocket: messages {type, position, data}; {\"type\":\"resync\"} when a replay is too far back")))]
+pub async fn live(
+    State(state): State<AppState>,
+    user: AuthUser,
+    QueryParams(query): QueryParams<LiveQuery>,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, Problem> {
+    let upgrade = upgrade.map_err(|e| {
+        Problem::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "websocket-required",
+            format!("this route is a WebSocket: {e}"),
+        )
+    })?;
+    if query.after_position.is_some_and(|p| p < 0) {
+        return Err(Problem::validation("after_position", "must be a non-negative integer"));
+    }
+    let hub = state.live.clone();
+    Ok(upgrade.on_upgrade(move |socket| serve_socket(socket, hub, user.user_id, query.after_position)))
+}
+
+async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, user: Uuid, after: Option<i64>) {
+    // Registered before the replay, so nothing falls between the two; a client
+    // may see an event twice and keeps the highest position it has seen.
+    let (id, mut rx) = hub.register(user);
+    if let Some(after) = after {
+        for text in replay(&hub, user, after).await {
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                hub.unregister(user, id);
+                return;
+            }
+        }
+    }
+    loop {
+        tokio::select! {
+            queued = rx.recv() => match queued {
+                Some(text) => {
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                // Dropped as too slow (or the hub is gone): say so and close.
+                None => {
+                    let _ = socket.send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: 1008,
+                        reason: "too slow: reconnect with after_position".into(),
+                    }))).await;
+                    break;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    hub.unregister(user, id);
+}
+
+/// The user's events after `after`, or a single resync message.
+async fn replay(hub: &LiveHub, user: Uuid, after: i64) -> Vec<String> {
+    let mut conn = match hub.pool.acquire().await {
+        Ok(c) => c,
+        Err(_) => return vec![json!({ "type": "resync" }).to_string()],
+    };
+    let from = match store::point_of(&mut conn, after).await {
+        Ok(Some(point)) => point,
+        Ok(None) if after == 0 => LogPoint::START,
+        _ => return vec![json!({ "type": "resync" }).to_string()],
+    };
+    drop(conn);
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) LIMIT $3) behind",
+    )
+    .bind(from.transaction_id.to_string())
+    .bind(from.position)
+    .bind(REPLAY_LIMIT + 1)
+    .fetch_one(&hub.pool)
+    .await
+    .unwrap_or(REPLAY_LIMIT + 1);
+    if count > REPLAY_LIMIT {
+        return vec![json!({ "type": "resync" }).to_string()];
+    }
+    let Ok(mut conn) = hub.pool.acquire().await else { return vec![json!({ "type": "resync" }).to_string()] };
+    let through = LogPoint { transaction_id: u64::MAX >> 1, position: i64::MAX };
+    let Ok(events) = store::read_range(&mut conn, from, through).await else {
+        return vec![json!({ "type": "resync" }).to_string()];
+    };
+    drop(conn);
+    let mut out = vec![];
+    for recorded in events {
+        let Ok(event) = recorded.decode() else { continue };
+        if hub.audience(&event).await.contains(&user) {
+            out.push(message(&recorded));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_slow_client_is_dropped_not_buffered() {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let hub = LiveHub::new(pool);
+        let user = Uuid::new_v4();
+        let (_, mut slow) = hub.register(user);
+        let (_, mut other) = hub.register(Uuid::new_v4());
+        for i in 0..QUEUE {
+            hub.send(user, &format!("{i}"));
+        }
+        assert_eq!(hub.connected(), 2, "a full queue is still connected");
+        hub.send(user, "one too many");
+        assert_eq!(hub.connected(), 1, "the slow socket is gone");
+        let mut received = 0;
+        while slow.recv().await.is_some() {
+            received += 1;
+        }
+        assert_eq!(received, QUEUE, "what was queued is delivered, then the channel closes");
+        assert!(other.try_recv().is_err(), "other users got nothing");
+    }
+}
