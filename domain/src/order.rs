@@ -77,6 +77,10 @@ pub fn decide_place(
     if !account.is_owned_by(customer_id) {
         return Err(DomainError::AccountNotFound(account_id));
     }
+    // Shops are users' accounts; a system account has nobody to accept or refund.
+    if merchant.kind() != Some(crate::events::AccountKind::User) {
+        return Err(DomainError::AccountNotFound(merchant_account));
+    }
     let currency = check_pair(account, merchant, account_id, merchant_account)?;
     let amount = amount.in_currency("amount", currency)?;
     Ok(vec![Event::OrderPlaced(OrderPlaced {
