@@ -19,6 +19,7 @@ use ledger_projections::projector::Projector;
 use ledger_projections::Projection;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +92,11 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             idle_poll: config.relay_poll,
         };
         tasks.spawn(relay.run(shutdown.clone()));
+        let sealer = ledger_audit::chain::Sealer {
+            pool: pool.clone(),
+            interval: config.relay_poll.max(Duration::from_millis(200)),
+        };
+        tasks.spawn(sealer.run(shutdown.clone()));
     }
     if let (true, Some(client)) = (roles.projectors, &nats) {
         for projection in Projection::ALL {

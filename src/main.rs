@@ -23,6 +23,11 @@ enum Command {
     },
     /// Apply database migrations (serve also does this at start-up).
     Migrate,
+    /// Tamper-evident audit exports and their verification.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Administration from the command line.
     Admin {
         #[command(subcommand)]
@@ -36,6 +41,41 @@ enum Command {
         /// Rebuild every projection.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export events in log order with a hash chain and a closing manifest.
+    Export {
+        /// RFC 3339 time, inclusive.
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// RFC 3339 time, exclusive.
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Events by or about this user, or touching their accounts.
+        #[arg(long)]
+        user: Option<uuid::Uuid>,
+        /// Events touching this account.
+        #[arg(long)]
+        account: Option<uuid::Uuid>,
+        /// Only this event type (repeatable).
+        #[arg(long = "type")]
+        types: Vec<String>,
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// A file, or - for standard output.
+        #[arg(long)]
+        output: String,
+    },
+    /// Verify an export's chain and manifest (FILE), or the database's own chain (--db).
+    Verify {
+        #[arg(required_unless_present = "db")]
+        file: Option<std::path::PathBuf>,
+        #[arg(long, conflicts_with = "file")]
+        db: bool,
     },
 }
 
@@ -96,6 +136,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{user_id}");
             tracing::info!(%user_id, role = role.as_str(), "user created");
         }
+        Command::Audit { command } => {
+            let code = audit(&config, command).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Command::Replay { projection, all } => {
             let projections = match (projection, all) {
                 (_, true) => Projection::ALL.to_vec(),
@@ -139,5 +185,84 @@ fn init_tracing() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// Runs an audit command; the exit code is 0 only when everything verified.
+async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<i32> {
+    use ledger_audit::export::{self, Filter, Format};
+    use std::io::Write;
+    match command {
+        AuditCommand::Export { from, to, user, account, types, format, output } => {
+            let format = Format::parse(&format).context("--format must be jsonl or csv")?;
+            let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("applying migrations")?;
+            let filter = Filter { from, to, user, account, types };
+            let total = export::count(&pool, &filter).await?;
+            let mut sink: Box<dyn Write + Send> = if output == "-" {
+                Box::new(std::io::BufWriter::new(std::io::stdout()))
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&output).with_context(|| format!("creating {output}"))?,
+                ))
+            };
+            let bar = if output == "-" { ProgressBar::hidden() } else { ProgressBar::new(total) };
+            bar.set_style(
+                ProgressStyle::with_template("export [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")?
+                    .progress_chars("=> "),
+            );
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+            let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                while let Some(line) = rx.blocking_recv() {
+                    sink.write_all(line.as_bytes())?;
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+                sink.flush()
+            });
+            let summary = export::export(&pool, &filter, format, tx).await?;
+            writer.await.context("the writer stopped")?.context("writing the export")?;
+            tracing::info!(count = summary.count, final_hash = %summary.final_hash, "exported");
+            Ok(0)
+        }
+        AuditCommand::Verify { file: Some(path), .. } => {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            match ledger_audit::verify::verify(std::io::BufReader::new(file)) {
+                Ok(v) => {
+                    println!("OK: {} records, final hash {}", v.count, v.final_hash);
+                    if let Some(anchor) = v.chain_anchor {
+                        println!("chain anchor: {anchor}");
+                    }
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("FAILED: {e}");
+                    Ok(1)
+                }
+            }
+        }
+        AuditCommand::Verify { .. } => {
+            let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("applying migrations")?;
+            let bar = ProgressBar::new_spinner();
+            let result = ledger_audit::chain::verify_db(&pool, |n| {
+                if n % 10_000 == 0 {
+                    bar.set_message(format!("{n} links checked"));
+                    bar.tick();
+                }
+            })
+            .await?;
+            bar.finish_and_clear();
+            match result.first_break {
+                None => {
+                    println!("OK: {} sealed events verified, {} not sealed yet", result.sealed, result.unsealed);
+                    Ok(0)
+                }
+                Some(b) => {
+                    eprintln!("FAILED: {b:?} (after {} sealed events)", result.sealed);
+                    Ok(1)
+                }
+            }
+        }
     }
 }

@@ -123,8 +123,12 @@ impl AuthUser {
 /// The client's address (the TCP peer) and user agent.
 pub fn client_info(parts: &Parts) -> ClientInfo {
     let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_string());
-    let user_agent =
-        parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(300).collect());
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|ua| !ua.trim().is_empty())
+        .map(|ua| ua.chars().take(300).collect());
     ClientInfo { ip, user_agent }
 }
 

@@ -149,45 +149,8 @@ pub fn rate_limit_client(state: &AppState, client: &ledger_commands::ClientInfo)
     })
 }
 
-/// JSON with object keys sorted at every level, so that two bodies that mean
-/// the same thing fingerprint the same.
-pub fn canonical_json(value: &Value) -> String {
-    // Sorted explicitly, so it stays canonical even if a dependency turns on
-    // serde_json's `preserve_order`.
-    let mut out = String::new();
-    write_canonical(value, &mut out);
-    out
-}
-
-fn write_canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(v, out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
-}
+/// JSON with object keys sorted at every level (see `ledger_domain::canonical`).
+pub use ledger_domain::canonical::to_string as canonical_json;
 
 /// Query parameters; a bad one is a 422 naming it.
 pub struct QueryParams<T>(pub T);

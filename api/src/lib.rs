@@ -75,6 +75,7 @@ pub fn query_routes() -> Router<AppState> {
         .route("/v1/orders", get(routes::orders::list))
         .route("/v1/orders/{id}", get(routes::orders::get))
         .route("/v1/live", get(live::live))
+        .route("/v1/admin/audit/export", get(routes::audit::export))
 }
 
 /// The whole HTTP app for the selected roles, with health, docs and problem+json fallbacks.

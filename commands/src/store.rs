@@ -157,11 +157,11 @@ pub async fn append(
     }
 }
 
-const RECORDED_COLUMNS: &str = "position, transaction_id::text AS transaction_id, event_id, stream_id,
+pub const RECORDED_COLUMNS: &str = "position, transaction_id::text AS transaction_id, event_id, stream_id,
      stream_version, event_type, schema_version, payload, command_id, correlation_id, causation_id,
      actor_id, recorded_at, client_ip, user_agent";
 
-fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
+pub fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
     let txid: String = row.try_get("transaction_id")?;
     Ok(RecordedEvent {
         position: row.try_get("position")?,

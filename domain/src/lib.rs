@@ -4,6 +4,7 @@
 //! Result<Vec<Event>, DomainError>` and `evolve(State, &Event) -> State`.
 
 pub mod account;
+pub mod canonical;
 mod currency;
 mod error;
 pub mod events;

@@ -4,6 +4,7 @@ mod harness;
 
 mod access_matrix;
 mod api;
+mod audit;
 mod concurrency;
 mod event_store;
 mod holds;

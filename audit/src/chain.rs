@@ -1,0 +1,201 @@
+//! The database's own hash chain over the log (`event_chain`), written by a
+//! sealer that follows the log in tailing order, and its verification.
+//!
+//! What it proves: a row of `events` altered or deleted after it was sealed,
+//! or a row inserted among sealed ones (with an explicit position), shows up
+//! as the first link that does not recompute. What it does not prove: a
+//! forger who can write both tables and recompute every later link leaves no
+//! trace here; exports handed to auditors (and their `chain_anchor`) are the
+//! outside copies that catch that. Events not yet sealed (the last seconds)
+//! are not covered, and an insert that takes a fresh position is sealed like
+//! any other event.
+
+use crate::{link, record, AuditError, GENESIS};
+use futures::TryStreamExt;
+use ledger_commands::store::{self, recorded_from_row, LogPoint, RECORDED_COLUMNS};
+use sqlx::{PgConnection, PgPool, Row};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const BATCH: i64 = 1_000;
+/// The session advisory lock that makes one sealer lead.
+const SEALER_LOCK: i64 = 0x4c45_4447_4348_4149;
+
+/// The last sealed link: its point in the log and its hash.
+async fn last_link(conn: &mut PgConnection) -> Result<(LogPoint, String), AuditError> {
+    let row = sqlx::query(
+        "SELECT transaction_id::text AS t, position, hash FROM event_chain ORDER BY transaction_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok((LogPoint::START, GENESIS.to_owned())),
+        Some(r) => {
+            let t: String = r.try_get("t")?;
+            let point = LogPoint {
+                transaction_id: t
+                    .parse()
+                    .map_err(|_| AuditError::Invalid("a bad transaction id in event_chain".into()))?,
+                position: r.try_get("position")?,
+            };
+            Ok((point, r.try_get("hash")?))
+        }
+    }
+}
+
+/// Seals what is settled and not yet sealed, one batch; returns how many.
+pub async fn seal_batch(pool: &PgPool) -> Result<usize, AuditError> {
+    let mut tx = pool.begin().await?;
+    let (at, mut hash) = last_link(&mut tx).await?;
+    let events = store::read_settled_after(&mut tx, at, BATCH).await?;
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let (mut positions, mut txids, mut hashes) = (vec![], vec![], vec![]);
+    for e in &events {
+        hash = link(&hash, &record(e));
+        positions.push(e.position);
+        txids.push(e.transaction_id.to_string());
+        hashes.push(hash.clone());
+    }
+    sqlx::query(
+        "INSERT INTO event_chain (position, transaction_id, hash)
+         SELECT p, t::xid8, h FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS l(p, t, h)",
+    )
+    .bind(&positions)
+    .bind(&txids)
+    .bind(&hashes)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(events.len())
+}
+
+/// Follows the log and seals it. Several instances may run: one leads (a
+/// session lock), and the chain's primary key refuses a second link anyway.
+pub struct Sealer {
+    pub pool: PgPool,
+    pub interval: Duration,
+}
+
+impl Sealer {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.lead() => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "chain sealer interrupted; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn lead(&self) -> Result<(), AuditError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        loop {
+            let leader: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(SEALER_LOCK).fetch_one(&mut conn).await?;
+            if leader {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tracing::info!("chain sealer is leading");
+        loop {
+            let sealed = seal_batch(&self.pool).await?;
+            if sealed == 0 {
+                tokio::time::sleep(self.interval).await;
+            }
+            // Keep the lock's session alive and detect a lost connection.
+            sqlx::query("SELECT 1").execute(&mut conn).await?;
+        }
+    }
+}
+
+/// The first place the table and the chain disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainBreak {
+    /// The event's row does not hash to its sealed link: altered after sealing.
+    Altered { position: i64 },
+    /// A sealed link whose event is gone: deleted.
+    Missing { position: i64 },
+    /// An event among sealed ones that was never sealed: inserted out of band.
+    Inserted { position: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbVerification {
+    pub sealed: u64,
+    /// Events after the last link, not yet covered.
+    pub unsealed: u64,
+    pub first_break: Option<ChainBreak>,
+}
+
+/// Recomputes the chain from the events table and compares it with the links,
+/// streaming both in tailing order. `progress(checked)` is called as it goes.
+pub async fn verify_db(pool: &PgPool, mut progress: impl FnMut(u64)) -> Result<DbVerification, AuditError> {
+    let mut events_conn = pool.acquire().await?;
+    let mut links_conn = pool.acquire().await?;
+    let sql = format!("SELECT {RECORDED_COLUMNS} FROM events ORDER BY transaction_id, position");
+    let mut events = sqlx::query(&sql).fetch(&mut *events_conn);
+    let mut links = sqlx::query(
+        "SELECT position, transaction_id::text AS t, hash FROM event_chain ORDER BY transaction_id, position",
+    )
+    .fetch(&mut *links_conn);
+    let mut result = DbVerification { sealed: 0, unsealed: 0, first_break: None };
+    let mut hash = GENESIS.to_owned();
+    let mut next_link = links.try_next().await?;
+    let mut next_event = events.try_next().await?;
+    loop {
+        let link_point = match &next_link {
+            Some(l) => Some(LogPoint {
+                transaction_id: l.try_get::<String, _>("t")?.parse().unwrap_or(u64::MAX),
+                position: l.try_get("position")?,
+            }),
+            None => None,
+        };
+        let event = match &next_event {
+            Some(row) => Some(recorded_from_row(row)?),
+            None => None,
+        };
+        match (event, link_point) {
+            (None, None) => break,
+            (Some(_), None) => {
+                result.unsealed += 1;
+                next_event = events.try_next().await?;
+            }
+            (None, Some(p)) => {
+                result.first_break.get_or_insert(ChainBreak::Missing { position: p.position });
+                next_link = links.try_next().await?;
+            }
+            (Some(e), Some(p)) if e.point() == p => {
+                hash = link(&hash, &record(&e));
+                let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();
+                if sealed != hash && result.first_break.is_none() {
+                    result.first_break = Some(ChainBreak::Altered { position: e.position });
+                }
+                // Continue from the sealed hash, so one altered row is reported once.
+                hash = sealed;
+                result.sealed += 1;
+                progress(result.sealed);
+                next_event = events.try_next().await?;
+                next_link = links.try_next().await?;
+            }
+            (Some(e), Some(p)) if e.point() < p => {
+                result.first_break.get_or_insert(ChainBreak::Inserted { position: e.position });
+                next_event = events.try_next().await?;
+            }
+            (Some(_), Some(p)) => {
+                result.first_break.get_or_insert(ChainBreak::Missing { position: p.position });
+                next_link = links.try_next().await?;
+            }
+        }
+    }
+    Ok(result)
+}

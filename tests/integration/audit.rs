@@ -1,0 +1,210 @@
+//! The audit trail: exports that verify offline and fail on any tampering,
+//! the database's own chain, and the admin HTTP export.
+
+use crate::harness::TestLedger;
+use ledger_audit::chain::{verify_db, ChainBreak};
+use ledger_audit::export::{self, Filter, Format};
+use ledger_audit::verify::{verify, VerifyError};
+use ledger_domain::events::Role;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+
+/// A small ledger with movements, and a sealed chain.
+async fn populated() -> (TestLedger, String) {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "100.00").await;
+    for amount in ["1.00", "2.50", "3.25"] {
+        let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": amount})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // The sealer covers the log within moments.
+    for _ in 0..100 {
+        let (events, sealed): (i64, i64) =
+            sqlx::query_as("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM event_chain)")
+                .fetch_one(&t.pool)
+                .await
+                .unwrap();
+        if events == sealed {
+            return (t, a);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the chain sealer did not catch up");
+}
+
+async fn export_text(t: &TestLedger, filter: &Filter, format: Format) -> String {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let pool = t.pool.clone();
+    let filter = filter.clone();
+    let task = tokio::spawn(async move { export::export(&pool, &filter, format, tx).await });
+    let mut out = String::new();
+    while let Some(line) = rx.recv().await {
+        out.push_str(&line);
+    }
+    task.await.unwrap().expect("export");
+    out
+}
+
+fn check(text: &str) -> Result<ledger_audit::verify::Verified, VerifyError> {
+    verify(std::io::Cursor::new(text.as_bytes()))
+}
+
+fn first_bad_line(text: &str) -> u64 {
+    match check(text) {
+        Err(VerifyError::Record { line, .. }) => line,
+        other => panic!("expected a bad record, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_export_verifies_and_any_tampering_names_the_first_bad_record() {
+    let (t, _) = populated().await;
+    let text = export_text(&t, &Filter::default(), Format::Jsonl).await;
+    let verified = check(&text).expect("a fresh export verifies");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(verified.count as usize, lines.len() - 1);
+    let anchor = verified.chain_anchor.expect("the manifest carries the ledger's chain anchor");
+    let last: String =
+        sqlx::query_scalar("SELECT hash FROM event_chain ORDER BY transaction_id DESC, position DESC LIMIT 1")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+    assert_eq!(anchor["hash"], last.as_str(), "a full export ends on the database's own chain");
+
+    let join = |ls: Vec<&str>| ls.join("\n") + "\n";
+    // Changed: an amount edited on the first line that carries one.
+    let at = lines.iter().position(|l| l.contains("\"amount\":\"")).expect("a movement");
+    let mut changed = lines.clone();
+    let edited = lines[at].replacen("\"amount\":\"", "\"amount\":\"9", 1);
+    changed[at] = &edited;
+    assert_eq!(first_bad_line(&join(changed)), at as u64 + 1);
+    // Removed: line 4 dropped.
+    let mut removed = lines.clone();
+    removed.remove(3);
+    assert_eq!(first_bad_line(&join(removed)), 4);
+    // Reordered: lines 3 and 4 swapped.
+    let mut reordered = lines.clone();
+    reordered.swap(2, 3);
+    assert_eq!(first_bad_line(&join(reordered)), 3);
+    // Inserted: line 2 repeated after itself.
+    let mut inserted = lines.clone();
+    inserted.insert(2, lines[1]);
+    assert_eq!(first_bad_line(&join(inserted)), 3);
+    // Cut short: no manifest.
+    let cut = join(lines[..lines.len() - 1].to_vec());
+    assert!(matches!(check(&cut), Err(VerifyError::Manifest(_))));
+    // A manifest that lies about the count.
+    let lying =
+        text.replacen(&format!("\"count\":{}", verified.count), &format!("\"count\":{}", verified.count + 1), 1);
+    assert!(matches!(check(&lying), Err(VerifyError::Manifest(_))));
+
+    // CSV: the same chain, a fixed column set.
+    let csv = export_text(&t, &Filter::default(), Format::Csv).await;
+    assert!(csv.starts_with("position,recorded_at,event_type,schema_version,stream_id,stream_version,event_id,"));
+    let csv_verified = check(&csv).expect("a CSV export verifies");
+    assert_eq!(csv_verified.final_hash, verified.final_hash, "both formats chain the same records");
+    let tampered = csv.replacen(",2.50,", ",2.51,", 1).replacen("\"\"2.50\"\"", "\"\"2.51\"\"", 1);
+    assert!(check(&tampered).is_err());
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_filtered_export_through_the_cli_verifies_and_exits_non_zero_when_tampered() {
+    let (t, a) = populated().await;
+    let dir = std::env::temp_dir().join(format!("ledger-audit-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("account.jsonl");
+    let ledger = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(args)
+            .env("LEDGER_DATABASE_URL", &t.config.database_url)
+            .env("LEDGER_LOG", "warn")
+            .output()
+            .expect("ledger runs")
+    };
+    let out = ledger(&["audit", "export", "--account", &a, "--format", "jsonl", "--output", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let verified = check(&text).unwrap();
+    assert_eq!(verified.count, 5, "the account's opening, its deposit and three transfers");
+    let out = ledger(&["audit", "verify", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&file, text.replacen("\"3.25\"", "\"0.25\"", 1)).unwrap();
+    let out = ledger(&["audit", "verify", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 5"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ledger(&["audit", "verify", "--db"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_database_chain_finds_a_row_a_superuser_edited_or_deleted() {
+    let (t, _) = populated().await;
+    let clean = verify_db(&t.pool, |_| {}).await.unwrap();
+    assert_eq!(clean.first_break, None);
+    assert!(clean.sealed >= 8);
+    let target: i64 = sqlx::query_scalar(
+        "SELECT position FROM events WHERE event_type = 'TransferRecorded' AND payload->>'amount' = '2.50'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    // A superuser gets past the append-only trigger, edits, and puts it back.
+    let mut tx = t.pool.begin().await.unwrap();
+    for sql in [
+        "ALTER TABLE events DISABLE TRIGGER events_append_only_rows",
+        "UPDATE events SET payload = jsonb_set(payload, '{amount}', '\"25.00\"') WHERE position = $1",
+        "ALTER TABLE events ENABLE TRIGGER events_append_only_rows",
+    ] {
+        sqlx::query(sql).bind(target).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let found = verify_db(&t.pool, |_| {}).await.unwrap();
+    assert_eq!(found.first_break, Some(ChainBreak::Altered { position: target }));
+
+    let first: i64 = sqlx::query_scalar("SELECT min(position) FROM events").fetch_one(&t.pool).await.unwrap();
+    let mut tx = t.pool.begin().await.unwrap();
+    for sql in [
+        "ALTER TABLE events DISABLE TRIGGER events_append_only_rows",
+        "DELETE FROM events WHERE position = $1",
+        "ALTER TABLE events ENABLE TRIGGER events_append_only_rows",
+    ] {
+        sqlx::query(sql).bind(first).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let found = verify_db(&t.pool, |_| {}).await.unwrap();
+    assert_eq!(found.first_break, Some(ChainBreak::Missing { position: first }), "the earliest break is reported");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn staff_stream_the_export_over_http_and_users_cannot() {
+    let (t, _) = populated().await;
+    let support = t.person_with_role(Role::Support).await;
+    let (_, user) = t.user().await;
+    let response = t
+        .http
+        .get(format!("{}/v1/admin/audit/export?type=TransferRecorded&format=jsonl", t.base))
+        .bearer_auth(&support.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let text = response.text().await.unwrap();
+    let verified = check(&text).expect("the HTTP export verifies");
+    assert_eq!(verified.count, 4, "the deposit and three transfers");
+    let (s, _) = t.get("/v1/admin/audit/export", &user).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = t.get("/v1/admin/audit/export?from=yesterday", &support.token).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    t.cleanup().await;
+}
