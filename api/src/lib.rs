@@ -62,6 +62,7 @@ pub fn query_routes() -> Router<AppState> {
         .route("/v1/accounts", get(routes::accounts::list))
         .route("/v1/accounts/{id}", get(routes::accounts::get))
         .route("/v1/accounts/{id}/transactions", get(routes::accounts::transactions))
+        .route("/v1/accounts/{id}/statement", get(routes::accounts::statement))
         .route("/v1/transfers/{id}", get(routes::transfers::get))
         .route("/v1/commands/{key}", get(routes::commands::get))
         .route("/v1/auth/sessions", get(routes::auth::sessions))

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
         auth::two_factor_disable,
         api_keys::create, api_keys::list, api_keys::revoke,
         me::me, me::activity,
-        accounts::open, accounts::list, accounts::get, accounts::deposit, accounts::withdraw, accounts::transactions,
+        accounts::open, accounts::list, accounts::get, accounts::deposit, accounts::withdraw, accounts::transactions, accounts::statement,
         transfers::create, transfers::get,
         holds::place, holds::capture, holds::release, holds::get, holds::of_account,
         orders::create, orders::cancel, orders::accept, orders::refund, orders::get, orders::list,

@@ -10,6 +10,7 @@ pub mod projector;
 pub mod read_side;
 pub mod replay;
 pub mod statements;
+pub mod time_travel;
 
 use ledger_commands::store::RecordedEvent;
 use sqlx::PgConnection;

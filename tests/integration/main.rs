@@ -16,3 +16,4 @@ mod orders;
 mod property;
 mod replay;
 mod security;
+mod time_travel;

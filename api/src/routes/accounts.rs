@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
 use ledger_commands::{CommandEnvelope, LedgerCommand};
+use ledger_projections::time_travel::{self, AsOf};
 use ledger_projections::{balances, statements};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -54,6 +55,10 @@ pub struct AccountResponse {
     pub position: i64,
     /// A frozen account refuses debits and credits.
     pub frozen: bool,
+    /// With `as_of` or `as_of_position`: the point the balance is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub as_of: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -71,6 +76,7 @@ impl From<balances::AccountView> for AccountResponse {
             version: a.version,
             position: a.last_position,
             frozen: a.frozen,
+            as_of: None,
             currency: a.currency,
         }
     }
@@ -171,16 +177,129 @@ async fn readable_account(state: &AppState, user: &AuthUser, id: &str) -> Result
     Ok(account)
 }
 
+#[derive(Deserialize, IntoParams)]
+pub struct AccountQuery {
+    /// Time travel: the balance at this RFC 3339 time.
+    pub as_of: Option<String>,
+    /// Time travel: the balance right after this log position.
+    pub as_of_position: Option<i64>,
+    #[allow(dead_code)]
+    pub min_position: Option<String>,
+}
+
 #[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts",
-    params(("id" = Uuid, Path), ("min_position" = Option<i64>, Query)),
+    params(("id" = Uuid, Path), AccountQuery),
     responses((status = 200, body = AccountResponse), (status = 404, description = "account-not-found"), (status = 504, description = "projection-lag")))]
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
     PathParam(id): PathParam,
+    QueryParams(query): QueryParams<AccountQuery>,
     _: ReadAfter,
 ) -> Result<Json<AccountResponse>, Problem> {
-    Ok(Json(readable_account(&state, &user, &id).await?.into()))
+    let account = readable_account(&state, &user, &id).await?;
+    let as_of = match (query.as_of.as_deref(), query.as_of_position) {
+        (None, None) => return Ok(Json(account.into())),
+        (Some(_), Some(_)) => return Err(Problem::validation("as_of", "give as_of or as_of_position, not both")),
+        (Some(t), None) => AsOf::Time(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|_| Problem::validation("as_of", "must be an RFC 3339 time, e.g. 2026-01-31T00:00:00Z"))?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, Some(p)) => {
+            let mut conn = state.pool.acquire().await?;
+            let point = ledger_commands::store::point_of(&mut conn, p)
+                .await
+                .map_err(|_| Problem::validation("as_of_position", "could not be read"))?
+                .ok_or_else(|| Problem::validation("as_of_position", "is not a position in the log"))?;
+            AsOf::Point(point)
+        }
+    };
+    let (balance, available) = time_travel::balance_as_of(&state.pool, account.account_id, as_of).await?;
+    let mut response: AccountResponse = account.into();
+    response.balance = money(balance, &response.currency);
+    response.available = money(available, &response.currency);
+    response.as_of = Some(match as_of {
+        AsOf::Point(p) => serde_json::json!({ "position": p.position }),
+        AsOf::Time(t) => serde_json::json!({ "time": t }),
+    });
+    Ok(Json(response))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct StatementQuery {
+    /// RFC 3339, inclusive; the start of the log when absent.
+    pub from: Option<String>,
+    /// RFC 3339, exclusive; now when absent.
+    pub to: Option<String>,
+    #[allow(dead_code)]
+    pub min_position: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StatementResponse {
+    pub account_id: Uuid,
+    pub currency: String,
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    pub opening_balance: String,
+    /// Oldest first.
+    pub entries: Vec<TransactionItem>,
+    pub closing_balance: String,
+}
+
+#[utoipa::path(get, path = "/v1/accounts/{id}/statement", tag = "accounts", params(("id" = Uuid, Path), StatementQuery),
+    responses((status = 200, body = StatementResponse), (status = 404, description = "account-not-found")))]
+pub async fn statement(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PathParam(id): PathParam,
+    QueryParams(query): QueryParams<StatementQuery>,
+    _: ReadAfter,
+) -> Result<Json<StatementResponse>, Problem> {
+    let time = |field: &str, value: Option<&str>| -> Result<Option<chrono::DateTime<chrono::Utc>>, Problem> {
+        value
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                chrono::DateTime::parse_from_rfc3339(v)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .map_err(|_| Problem::validation(field, "must be an RFC 3339 time, e.g. 2026-01-31T00:00:00Z"))
+            })
+            .transpose()
+    };
+    let from = time("from", query.from.as_deref())?;
+    let to = time("to", query.to.as_deref())?;
+    if let (Some(f), Some(t)) = (from, to) {
+        if f > t {
+            return Err(Problem::validation("from", "must not be after to"));
+        }
+    }
+    let account = readable_account(&state, &user, &id).await?;
+    let s = time_travel::statement(&state.pool, account.account_id, from, to).await?;
+    let currency = account.currency;
+    Ok(Json(StatementResponse {
+        account_id: account.account_id,
+        from,
+        to,
+        opening_balance: money(s.opening_balance, &currency),
+        closing_balance: money(s.closing_balance, &currency),
+        entries: s.entries.into_iter().map(|e| item(e, &currency)).collect(),
+        currency,
+    }))
+}
+
+fn item(e: statements::EntryView, currency: &str) -> TransactionItem {
+    TransactionItem {
+        transfer_id: e.transfer_id,
+        direction: e.direction,
+        amount: money(e.amount, currency),
+        balance_after: money(e.balance_after, currency),
+        counterparty_account: e.counterparty_account,
+        kind: e.kind,
+        reference: e.reference,
+        recorded_at: e.recorded_at,
+        position: e.position,
+    }
 }
 
 #[derive(Deserialize, IntoParams)]
