@@ -9,7 +9,7 @@
 //! `REPLAY_LIMIT` events back. Each socket has a bounded queue: a client that
 //! falls behind is disconnected, never buffered without bound.
 
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, Credential};
 use crate::extract::QueryParams;
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -18,6 +18,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures::StreamExt;
+use ledger_commands::identity::CredentialCheck;
 use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
 use ledger_domain::Event;
@@ -37,6 +38,14 @@ use uuid::Uuid;
 pub const QUEUE: usize = 256;
 /// How far back a reconnect is replayed; beyond it the client must resync.
 pub const REPLAY_LIMIT: i64 = 1_000;
+/// Accounts whose owner is remembered before the memory is cleared.
+const OWNER_CACHE: usize = 100_000;
+/// A send that takes longer means the client stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a socket's session or API key is checked again.
+const RECHECK: Duration = Duration::from_secs(15);
+/// Queued (never sent) to make a socket check its credential now.
+const RECHECK_NOW: &str = "\u{0}recheck";
 
 type Clients = HashMap<Uuid, Vec<(u64, mpsc::Sender<String>)>>;
 
@@ -104,17 +113,33 @@ impl LiveHub {
             return *known;
         }
         // From the log: an account's owner never changes, and the read models may lag.
-        let owner: Option<String> =
+        let found: Result<Option<Option<String>>, sqlx::Error> =
             sqlx::query_scalar("SELECT payload->>'owner_id' FROM events WHERE stream_id = $1 AND stream_version = 1")
                 .bind(format!("account-{account}"))
                 .fetch_optional(&self.pool)
-                .await
-                .ok()
-                .flatten()
-                .flatten();
+                .await;
+        // Only an answer is remembered; an error is tried again next time.
+        let Ok(Some(owner)) = found else { return None };
         let owner = owner.and_then(|o| Uuid::parse_str(&o).ok());
-        self.owners.lock().unwrap_or_else(|p| p.into_inner()).insert(account, owner);
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if owners.len() > OWNER_CACHE {
+            owners.clear();
+        }
+        owners.insert(account, owner);
         owner
+    }
+
+    /// The payee's account of a hold, from its placement in the log.
+    async fn hold_payee(&self, hold_id: Uuid) -> Option<Uuid> {
+        let to: Option<String> = sqlx::query_scalar(
+            "SELECT payload->>'to_account' FROM events WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = $1",
+        )
+        .bind(hold_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .ok()
+        .flatten();
+        to.and_then(|t| Uuid::parse_str(&t).ok())
     }
 
     /// The users an event concerns, if it is one the live feed carries.
@@ -123,8 +148,12 @@ impl LiveHub {
             Event::TransferRecorded(t) => (vec![t.from_account, t.to_account], vec![]),
             Event::HoldPlaced(h) => (vec![h.from_account, h.to_account], vec![]),
             Event::HoldCaptured(h) => (vec![h.from_account, h.to_account], vec![]),
-            Event::HoldReleased(h) => (vec![h.from_account], vec![]),
-            Event::HoldExpired(h) => (vec![h.from_account], vec![]),
+            Event::HoldReleased(h) => {
+                (std::iter::once(h.from_account).chain(self.hold_payee(h.hold_id).await).collect(), vec![])
+            }
+            Event::HoldExpired(h) => {
+                (std::iter::once(h.from_account).chain(self.hold_payee(h.hold_id).await).collect(), vec![])
+            }
             Event::AccountFrozen(a) => (vec![a.account_id], vec![]),
             Event::AccountUnfrozen(a) => (vec![a.account_id], vec![]),
             Event::OrderPlaced(o) => (vec![o.merchant_account], vec![o.customer_id]),
@@ -180,6 +209,20 @@ impl LiveHub {
     /// Forwards one event to the connected users it concerns.
     pub async fn publish(&self, recorded: &RecordedEvent) {
         let Ok(event) = recorded.decode() else { return };
+        // Credentials ended: that user's sockets check theirs again at once.
+        let ended = match &event {
+            Event::LoggedOut(e) => Some(e.user_id),
+            Event::SessionRevoked(e) => Some(e.user_id),
+            Event::RefreshTokenReused(e) => Some(e.user_id),
+            Event::PasswordChanged(e) => Some(e.user_id),
+            Event::UserBlocked(e) => Some(e.user_id),
+            Event::ApiKeyRevoked(e) => Some(e.user_id),
+            _ => None,
+        };
+        if let Some(user) = ended {
+            self.send(user, RECHECK_NOW);
+            return;
+        }
         let audience = self.audience(&event).await;
         if audience.is_empty() {
             return;
@@ -266,35 +309,70 @@ pub async fn live(
         return Err(Problem::validation("after_position", "must be a non-negative integer"));
     }
     let hub = state.live.clone();
-    Ok(upgrade.on_upgrade(move |socket| serve_socket(socket, hub, user.user_id, query.after_position)))
+    Ok(upgrade.on_upgrade(move |socket| serve_socket(socket, hub, state, user, query.after_position)))
 }
 
-async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, user: Uuid, after: Option<i64>) {
+/// Whether the socket's credential still holds, as every request would check it.
+async fn still_valid(state: &AppState, user: &AuthUser) -> bool {
+    match &user.credential {
+        Credential::Session { session_id, .. } => matches!(
+            state.ledger.check_session(user.user_id, *session_id).await,
+            Ok(CredentialCheck::Valid(p)) if !p.blocked
+        ),
+        Credential::ApiKey { key_id, .. } => {
+            matches!(state.ledger.api_key_status(*key_id).await, Ok(Some(p)) if !p.blocked)
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, text: String) -> bool {
+    matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await, Ok(Ok(())))
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(axum::extract::ws::CloseFrame { code, reason: reason.into() }));
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await;
+}
+
+async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, state: AppState, caller: AuthUser, after: Option<i64>) {
+    let user = caller.user_id;
     // Registered before the replay, so nothing falls between the two; a client
     // may see an event twice and keeps the highest position it has seen.
     let (id, mut rx) = hub.register(user);
     if let Some(after) = after {
         for text in replay(&hub, user, after).await {
-            if socket.send(Message::Text(text.into())).await.is_err() {
+            if !send(&mut socket, text).await {
                 hub.unregister(user, id);
                 return;
             }
         }
     }
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.tick().await;
     loop {
         tokio::select! {
             queued = rx.recv() => match queued {
+                Some(text) if text == RECHECK_NOW => {
+                    if !still_valid(&state, &caller).await {
+                        close(&mut socket, 1008, "the session ended").await;
+                        break;
+                    }
+                }
+                // A client that stops reading is cut off, not waited for.
                 Some(text) => {
-                    if socket.send(Message::Text(text.into())).await.is_err() {
+                    if !send(&mut socket, text).await {
                         break;
                     }
                 }
                 // Dropped as too slow (or the hub is gone): say so and close.
                 None => {
-                    let _ = socket.send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                        code: 1008,
-                        reason: "too slow: reconnect with after_position".into(),
-                    }))).await;
+                    close(&mut socket, 1008, "too slow: reconnect with after_position").await;
+                    break;
+                }
+            },
+            _ = recheck.tick() => {
+                if !still_valid(&state, &caller).await {
+                    close(&mut socket, 1008, "the session ended").await;
                     break;
                 }
             },

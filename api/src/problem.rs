@@ -103,6 +103,7 @@ fn title(code: &str) -> &'static str {
         "session-not-found" => "Session not found",
         "api-key-not-found" => "API key not found",
         "hold-not-found" => "Hold not found",
+        "websocket-required" => "This route is a WebSocket",
         "hold-not-pending" => "The hold is no longer pending",
         "order-not-found" => "Order not found",
         "order-state-conflict" => "The order is not in a state that allows this",

@@ -986,6 +986,18 @@ impl Ledger {
         }))
     }
 
+    /// The owner of a live API key, for re-checking long-lived connections.
+    pub async fn api_key_status(&self, key_id: Uuid) -> Result<Option<Principal>, CommandError> {
+        let row = sqlx::query(
+            "SELECT k.user_id, c.role, c.blocked FROM api_keys k JOIN credentials c USING (user_id)
+             WHERE k.key_id = $1 AND k.revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| principal(r.try_get("user_id")?, &r)).transpose().map_err(CommandError::from)
+    }
+
     /// Users for the admin list, searched by a fragment of the email, by id order.
     pub async fn users(&self, query: &str, after: Option<Uuid>, limit: i64) -> Result<Vec<UserSummary>, CommandError> {
         let pattern =

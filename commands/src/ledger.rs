@@ -176,7 +176,13 @@ pub struct CommandEnvelope {
     pub request_hash: Vec<u8>,
     pub correlation_id: Option<Uuid>,
     pub client: ClientInfo,
+    /// The event that caused this command, for commands the system sends in
+    /// reaction to one; its command id is then derived from the key.
+    pub causation_id: Option<Uuid>,
 }
+
+/// Namespace of command ids derived from an Idempotency-Key.
+const COMMAND_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_6467_6572_2d63_6f6d_6d61_6e64_2d69);
 
 /// The HTTP outcome of a command: the first one, or its replay.
 #[derive(Clone, Debug, PartialEq)]
@@ -282,13 +288,16 @@ impl Ledger {
         if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
             return replay(previous, envelope);
         }
-        let command_id = Uuid::now_v7();
+        let command_id = match envelope.causation_id {
+            Some(_) => Uuid::new_v5(&COMMAND_ID_NAMESPACE, envelope.idempotency_key.as_bytes()),
+            None => Uuid::now_v7(),
+        };
         let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone(), &self.fees).await? {
             Ok(Decision { appends, mut body, status, effect }) => {
                 let metadata = EventMetadata {
                     command_id: Some(command_id),
                     correlation_id: Some(envelope.correlation_id.unwrap_or(command_id)),
-                    causation_id: None,
+                    causation_id: envelope.causation_id,
                     actor_id: Some(envelope.actor),
                     recorded_at: Utc::now(),
                     client_ip: envelope.client.ip.clone(),

@@ -10,6 +10,7 @@ use crate::ledger::{account_state, lock_account, lock_status_shared, Decision, L
 use crate::store::{self, account_stream, StoreError, StreamAppend};
 use chrono::Utc;
 use ledger_domain::account::{self, AccountState, MoveMoney};
+use ledger_domain::events::AccountKind;
 use ledger_domain::events::{CancelReason, Event, TransferKind};
 use ledger_domain::hold::{self, CaptureHold, PlaceHold};
 use ledger_domain::money::Amount;
@@ -53,12 +54,17 @@ async fn held_account(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(
     Ok(Some((account_id, state, version)))
 }
 
+/// The database's clock: every instance decides expiries by the same one.
+async fn db_now(conn: &mut PgConnection) -> Result<chrono::DateTime<Utc>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await?)
+}
+
 fn is_system(actor: Uuid) -> bool {
     actor.is_nil()
 }
 
 pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: LedgerCommand) -> Decided {
-    let now = Utc::now();
+    let now = db_now(conn).await?;
     match command {
         LedgerCommand::PlaceHold { from_account, to_account, amount, expires_in_seconds, reference } => {
             let amount = match parse(&amount) {
@@ -69,6 +75,10 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
             let (from, version) = account_state(conn, from_account, true).await?;
             lock_status_shared(conn, to_account).await?;
             let (to, _) = account_state(conn, to_account, false).await?;
+            // Holds pay people: a hold to a system account would be a withdrawal without its rules.
+            if to.opened.is_some() && to.kind() != Some(AccountKind::User) {
+                return Ok(Err(DomainError::AccountNotFound(to_account)));
+            }
             let hold_id = Uuid::now_v7();
             let cmd = PlaceHold {
                 hold_id,
@@ -139,6 +149,14 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
             if !is_system(actor) && !hold::is_party(&from, &to, actor) {
                 return Ok(Err(DomainError::HoldNotFound(hold_id)));
             }
+            // The payer cannot take back what a hold guarantees the payee: only
+            // the payee releases early; otherwise the hold expires.
+            if !is_system(actor) && !to.is_owned_by(actor) {
+                return Ok(Err(DomainError::validation(
+                    "hold_id",
+                    "only the payee releases a hold; the payer waits for its expiry",
+                )));
+            }
             if hold.order_id.is_some() && !is_system(actor) {
                 return Ok(Err(DomainError::validation("hold_id", "belongs to an order: cancel the order instead")));
             }
@@ -203,7 +221,7 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
 /// The payment process's first step: hold the order's amount on the
 /// customer's account, or cancel the order when that is refused.
 async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
-    let now = Utc::now();
+    let now = db_now(conn).await?;
     let (order, order_version) = order_state(conn, order_id).await?;
     let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
     let hold_id = Uuid::now_v7();
@@ -273,20 +291,24 @@ async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
 /// The merchant's acceptance (or the auto-accept policy): capture the whole
 /// hold and finish the order, in one step.
 async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> Decided {
-    let now = Utc::now();
+    let now = db_now(conn).await?;
     let (order, order_version) = order_state(conn, order_id).await?;
     let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
-    let Some(hold_id) = order.hold_id else {
-        return Ok(Err(DomainError::OrderNotInStatus(order_id, "paid for")));
-    };
     lock_account(conn, placed.account_id).await?;
     let (from, version) = account_state(conn, placed.account_id, true).await?;
     lock_status_shared(conn, placed.merchant_account).await?;
     let (to, _) = account_state(conn, placed.merchant_account, false).await?;
+    // Only the merchant learns anything about the order's state.
     if !is_system(actor) && !to.is_owned_by(actor) {
         return Ok(Err(DomainError::OrderNotFound(order_id)));
     }
     let transfer_id = Uuid::now_v7();
+    if let Err(e) = order::decide_finish(&order, order_id, transfer_id, placed.amount) {
+        return Ok(Err(e));
+    }
+    let Some(hold_id) = order.hold_id else {
+        return Ok(Err(DomainError::OrderNotInStatus(order_id, "paid for")));
+    };
     let hold_events = match hold::decide_capture(&from, &to, CaptureHold { hold_id, amount: None, transfer_id, now }) {
         Ok(e) => e,
         Err(e) => return Ok(Err(e)),
@@ -314,7 +336,7 @@ async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
 
 /// The customer cancels a NEW order; its hold, if any, is released with it.
 async fn cancel_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> Decided {
-    let now = Utc::now();
+    let now = db_now(conn).await?;
     let (order, order_version) = order_state(conn, order_id).await?;
     let Some(placed) = order.placed.clone() else { return Ok(Err(DomainError::OrderNotFound(order_id))) };
     if !is_system(actor) && placed.customer_id != actor {

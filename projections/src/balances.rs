@@ -150,14 +150,12 @@ pub async fn holds_of(pool: &PgPool, account_id: Uuid, status: Option<&str>) -> 
     .await
 }
 
-/// Pending holds past their expiry, for the scheduler.
-/// `now` is the service's clock, the one the expiry decider uses, so a hold
-/// found due here is due there too.
-pub async fn due_holds(pool: &PgPool, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
+/// Pending holds past their expiry, for the scheduler, by the database's
+/// clock: the one the hold deciders are given, so every instance agrees.
+pub async fn due_holds(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT hold_id FROM holds WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        "SELECT hold_id FROM holds WHERE status = 'pending' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
     )
-    .bind(now)
     .bind(limit)
     .fetch_all(pool)
     .await

@@ -139,13 +139,20 @@ pub async fn order(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, s
         .await
 }
 
-/// A customer's orders, newest first, optionally of one status.
-pub async fn orders_of(pool: &PgPool, customer_id: Uuid, status: Option<&str>) -> Result<Vec<OrderView>, sqlx::Error> {
+/// A user's orders as customer (or, `as_merchant`, as the shop's owner),
+/// newest first, optionally of one status.
+pub async fn orders_of(
+    pool: &PgPool,
+    user_id: Uuid,
+    as_merchant: bool,
+    status: Option<&str>,
+) -> Result<Vec<OrderView>, sqlx::Error> {
+    let whose = if as_merchant { "merchant_owner" } else { "customer_id" };
     sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM orders WHERE customer_id = $1 AND ($2::text IS NULL OR status = $2)
+        "SELECT {COLUMNS} FROM orders WHERE {whose} = $1 AND ($2::text IS NULL OR status = $2)
          ORDER BY created_at DESC LIMIT 500"
     ))
-    .bind(customer_id)
+    .bind(user_id)
     .bind(status)
     .fetch_all(pool)
     .await

@@ -25,7 +25,7 @@ fn render(e: &DomainError) -> (u16, Value) {
 }
 
 /// An envelope for a command the system sends on its own behalf (the nil actor).
-fn system_envelope(key: String, correlation: Option<Uuid>) -> CommandEnvelope {
+fn system_envelope(key: String, correlation: Option<Uuid>, causation: Option<Uuid>) -> CommandEnvelope {
     let request_hash = Sha256::digest(key.as_bytes()).to_vec();
     CommandEnvelope {
         actor: Uuid::nil(),
@@ -33,6 +33,7 @@ fn system_envelope(key: String, correlation: Option<Uuid>) -> CommandEnvelope {
         request_hash,
         correlation_id: correlation,
         client: ClientInfo::default(),
+        causation_id: causation,
     }
 }
 
@@ -119,7 +120,7 @@ impl PaymentProcess {
         };
         let outcome = self
             .ledger
-            .execute(&system_envelope(key, Some(order_id)), command, render)
+            .execute(&system_envelope(key, Some(order_id), Some(recorded.event_id)), command, render)
             .await
             .map_err(|e| ProjectionError::Nats(format!("command failed: {e}")))?;
         tracing::debug!(%order_id, status = outcome.status, replayed = outcome.replayed, "payment step");
@@ -151,13 +152,13 @@ impl HoldExpiry {
 
     /// Expires what is due now; returns how many holds it expired.
     pub async fn sweep(&self) -> Result<usize, ProjectionError> {
-        let due = balances::due_holds(&self.pool, chrono::Utc::now(), 500).await?;
+        let due = balances::due_holds(&self.pool, 500).await?;
         let mut expired = 0;
         for hold_id in due {
             let outcome = self
                 .ledger
                 .execute(
-                    &system_envelope(format!("expire:{hold_id}"), None),
+                    &system_envelope(format!("expire:{hold_id}"), None, None),
                     LedgerCommand::ExpireHold { hold_id },
                     render,
                 )

@@ -40,7 +40,7 @@ async fn a_hold_reserves_available_and_a_partial_capture_releases_the_rest() {
     assert_eq!((cap["amount"].as_str(), cap["released"].as_str()), (Some("25.00"), Some("35.00")));
     let (st, v) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({})).await;
     assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "captured once: {v}");
-    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &shop, json!({})).await;
     assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
 
     let position = cap["position"].as_i64().unwrap();
@@ -70,9 +70,12 @@ async fn a_double_release_and_a_capture_of_a_failed_hold_are_refused() {
     t.deposit(&ann, &a, "10.00").await;
     let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "10.00"})).await;
     let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
-    let (st, _) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
-    assert_eq!(st, StatusCode::CREATED);
+    // The payer cannot take back a hold: it guarantees the payee until expiry.
     let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    let (st, _) = t.post(&format!("/v1/holds/{hold_id}/release"), &shop, json!({})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &shop, json!({})).await;
     assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
 
     // A hold refused for funds leaves nothing to capture.
@@ -130,7 +133,7 @@ async fn an_expired_hold_cannot_be_captured_or_released() {
     assert_eq!(status, "expired");
     let (st, v) = t.post(&format!("/v1/holds/{hold_id}/capture"), &shop, json!({})).await;
     assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
-    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &ann, json!({})).await;
+    let (st, v) = t.post(&format!("/v1/holds/{hold_id}/release"), &shop, json!({})).await;
     assert_eq!((st, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "hold-not-pending"), "{v}");
     let expiries: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldExpired'")
         .fetch_one(&t.pool)
@@ -158,7 +161,7 @@ async fn captures_and_releases_racing_on_one_hold_resolve_it_exactly_once() {
         if i % 2 == 0 {
             calls.push(t.post(&capture, &shop, json!({})));
         } else {
-            calls.push(t.post(&release, &ann, json!({})));
+            calls.push(t.post(&release, &shop, json!({})));
         }
     }
     let answers = futures::future::join_all(calls).await;

@@ -85,3 +85,24 @@ async fn a_reconnect_too_far_back_is_told_to_resync() {
     assert_eq!(message["type"], "resync");
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_socket_closes_when_its_session_ends() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let mut socket = connect(&t, &ann, "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, _) = t.post_plain("/v1/auth/logout-all", &ann, json!({})).await;
+    assert_eq!(s, reqwest::StatusCode::OK);
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket was closed after logout-all");
+    t.cleanup().await;
+}

@@ -89,6 +89,7 @@ fn envelope<T>(request: &CommandRequest<T>) -> CommandEnvelope {
         request_hash: request.request_hash.clone(),
         correlation_id: request.correlation_id,
         client: request.user.client.clone(),
+        causation_id: None,
     }
 }
 

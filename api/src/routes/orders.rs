@@ -167,6 +167,8 @@ pub async fn get(
 pub struct OrderListQuery {
     /// NEW, FINISHED or CANCELLED.
     pub status: Option<String>,
+    /// `customer` (default): orders you placed; `merchant`: orders to your accounts.
+    pub role: Option<String>,
     #[allow(dead_code)]
     pub min_position: Option<String>,
 }
@@ -188,7 +190,12 @@ pub async fn list(
         return Err(Problem::validation("status", "must be NEW, FINISHED or CANCELLED"));
     }
     let mut items = vec![];
-    for o in orders::orders_of(&state.pool, user.user_id, status).await? {
+    let as_merchant = match query.role.as_deref() {
+        None | Some("") | Some("customer") => false,
+        Some("merchant") => true,
+        Some(_) => return Err(Problem::validation("role", "must be customer or merchant")),
+    };
+    for o in orders::orders_of(&state.pool, user.user_id, as_merchant, status).await? {
         items.push(response(&state, o).await?);
     }
     Ok(Json(OrderList { items }))
