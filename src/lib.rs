@@ -108,6 +108,12 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
                 applied: tokio::sync::watch::channel(LogPoint::START).0,
             };
             tasks.spawn(projector.run(shutdown.clone()));
+            let upgrade_pool = pool.clone();
+            tasks.spawn(async move {
+                if let Err(e) = ledger_projections::rebuild::upgrade(upgrade_pool, projection).await {
+                    tracing::error!(projection = projection.name(), error = %e, "projection upgrade failed");
+                }
+            });
         }
     }
     if roles.processes {

@@ -35,12 +35,21 @@ enum Command {
     },
     /// Rebuild read models from the event log.
     Replay {
-        /// The projection to rebuild: balances or statements.
+        /// The projection to rebuild: balances, statements, activity or orders.
         #[arg(long, conflicts_with = "all", required_unless_present = "all")]
         projection: Option<String>,
         /// Rebuild every projection.
         #[arg(long)]
         all: bool,
+        /// Rebuild into shadow tables and report differences from the live
+        /// read model, without swapping (with --compare).
+        #[arg(long, requires = "compare")]
+        dry_run: bool,
+        #[arg(long, requires = "dry_run")]
+        compare: bool,
+        /// Start over instead of resuming an interrupted rebuild.
+        #[arg(long)]
+        fresh: bool,
     },
 }
 
@@ -142,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(code);
             }
         }
-        Command::Replay { projection, all } => {
+        Command::Replay { projection, all, dry_run, compare: _, fresh } => {
             let projections = match (projection, all) {
                 (_, true) => Projection::ALL.to_vec(),
                 (Some(name), false) => vec![Projection::from_name(&name).with_context(|| {
@@ -152,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
             db::migrate(&pool).await.context("applying migrations")?;
+            let mut exit_code = 0;
             for projection in projections {
                 let bar = ProgressBar::new(0).with_style(
                     ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")?
@@ -159,18 +169,39 @@ async fn main() -> anyhow::Result<()> {
                 );
                 bar.set_prefix(projection.name());
                 let started = std::time::Instant::now();
-                let applied = ledger_projections::replay::replay(&pool, projection, |done, total| {
+                let mut progress = |done: u64, total: u64| {
                     bar.set_length(total);
                     bar.set_position(done);
-                })
-                .await?;
+                };
+                if dry_run {
+                    let differences = ledger_projections::rebuild::compare(&pool, projection, &mut progress).await?;
+                    bar.finish_and_clear();
+                    if differences.is_empty() {
+                        println!("{}: the rebuilt read model equals the live one", projection.name());
+                    } else {
+                        for (table, only_rebuilt, only_live) in &differences.tables {
+                            for row in only_rebuilt {
+                                println!("{table}: only in the rebuild: {row}");
+                            }
+                            for row in only_live {
+                                println!("{table}: only in the live model: {row}");
+                            }
+                        }
+                        exit_code = 1;
+                    }
+                    continue;
+                }
+                let applied = ledger_projections::rebuild::rebuild(&pool, projection, fresh, &mut progress).await?;
                 bar.finish();
                 tracing::info!(
                     projection = projection.name(),
                     events = applied,
                     seconds = started.elapsed().as_secs_f64(),
-                    "replayed"
+                    "rebuilt and swapped in"
                 );
+            }
+            if exit_code != 0 {
+                std::process::exit(exit_code);
             }
         }
     }

@@ -8,7 +8,7 @@ pub mod orders;
 pub mod processes;
 pub mod projector;
 pub mod read_side;
-pub mod replay;
+pub mod rebuild;
 pub mod statements;
 pub mod time_travel;
 
@@ -46,6 +46,18 @@ impl Projection {
             Projection::Statements => "statements",
             Projection::Activity => "activity",
             Projection::Orders => "orders",
+        }
+    }
+
+    /// The version of this projection's code. Bump it when a change means the
+    /// tables must be rebuilt: `ledger serve` then rebuilds them blue/green in
+    /// the background while the old ones keep serving.
+    pub fn version(self) -> i32 {
+        match self {
+            Projection::Balances => 1,
+            Projection::Statements => 1,
+            Projection::Activity => 1,
+            Projection::Orders => 1,
         }
     }
 

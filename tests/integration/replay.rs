@@ -70,3 +70,106 @@ async fn replay_rebuilds_byte_identical_read_models() {
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_dry_run_compare_reports_a_drifted_row_and_a_rebuild_repairs_it() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    t.deposit(&ann, &a, "10.00").await;
+    t.settle().await;
+    let before = dumps(&t).await;
+    let out = ledger_cli(&t, &["replay", "--projection", "balances", "--dry-run", "--compare"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("equals the live one"));
+
+    // A read model that drifted from the log (a bug, a hand edit) is found...
+    sqlx::query("UPDATE balances SET balance = balance + 1 WHERE account_id = $1::uuid")
+        .bind(&a)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let out = ledger_cli(&t, &["replay", "--projection", "balances", "--dry-run", "--compare"]);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("only in the live model") && report.contains(&a), "{report}");
+    // ...left alone by the dry run, and repaired by a rebuild.
+    let (_, v) = t.get(&format!("/v1/accounts/{a}"), &ann).await;
+    assert_eq!(v["balance"], "11.00");
+    let out = ledger_cli(&t, &["replay", "--projection", "balances"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dumps(&t).await, before);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_rebuild_resumes_and_the_query_api_keeps_answering() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    for _ in 0..5 {
+        t.deposit(&ann, &a, "1.00").await;
+    }
+    t.settle().await;
+    let before = dumps(&t).await;
+    let log = t.log().await;
+    let halfway = log[log.len() / 2].point();
+    let applied =
+        ledger_projections::rebuild::build_until(&t.pool, ledger_projections::Projection::Statements, halfway)
+            .await
+            .unwrap();
+    assert!(applied > 0 && (applied as usize) < log.len());
+    // Meanwhile the live tables answer as before.
+    let (s, v) = t.get(&format!("/v1/accounts/{a}/transactions"), &ann).await;
+    assert_eq!(s, reqwest::StatusCode::OK);
+    assert_eq!(v["items"].as_array().unwrap().len(), 5);
+    let resumed = ledger_projections::rebuild::rebuild(
+        &t.pool,
+        ledger_projections::Projection::Statements,
+        false,
+        &mut |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(applied as usize + resumed as usize, log.len(), "the rest, not everything again");
+    assert_eq!(dumps(&t).await, before);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_newer_projection_version_is_rebuilt_in_the_background_at_start_up() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    t.deposit(&ann, &a, "3.00").await;
+    t.settle().await;
+    let before = dumps(&t).await;
+    // As if the tables were built by version 0 (and wrongly so).
+    sqlx::query("UPDATE projection_versions SET version = 0 WHERE projection = 'balances'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE balances SET balance = 42 WHERE account_id = $1::uuid")
+        .bind(&a)
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    // A second instance, as a deploy would start, upgrades it.
+    let second = ledger::start(t.config.clone(), ledger::config::Roles::ALL).await.unwrap();
+    let mut upgraded = false;
+    for _ in 0..100 {
+        let v: i32 = sqlx::query_scalar("SELECT version FROM projection_versions WHERE projection = 'balances'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+        if v == ledger_projections::Projection::Balances.version() {
+            upgraded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(upgraded);
+    assert_eq!(dumps(&t).await, before, "rebuilt from the log");
+    second.stop().await;
+    t.cleanup().await;
+}

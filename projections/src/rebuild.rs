@@ -1,0 +1,251 @@
+//! Blue/green rebuilds: a projection is rebuilt into shadow tables while the
+//! live ones keep serving, caught up to the head of the log, then swapped in
+//! atomically.
+//!
+//! The shadow tables live in a schema of their own (`rebuild_{projection}`)
+//! with the live tables' names, so the projection's own code writes into
+//! them unchanged: each page runs with `SET LOCAL search_path` pointing at the
+//! shadow schema first (the log itself, `events`, is found in `public`). The
+//! shadow schema also holds its own checkpoint, committed with every page, so
+//! an interrupted rebuild resumes where it stopped.
+//!
+//! The swap takes the live checkpoint's row lock (the live projector waits
+//! on it), applies the last events, moves the live tables out and the shadow
+//! tables in, and moves the checkpoint, in one transaction.
+
+use crate::{checkpoint, Projection, ProjectionError};
+use ledger_commands::store::{self, LogPoint};
+use sqlx::{PgConnection, PgPool};
+
+const PAGE: i64 = 2_000;
+
+fn shadow_schema(projection: Projection) -> String {
+    format!("rebuild_{}", projection.name())
+}
+
+fn retired_schema(projection: Projection) -> String {
+    format!("retired_{}", projection.name())
+}
+
+/// Progress of a rebuild: events applied so far, and the log's size.
+pub type Progress<'a> = &'a mut (dyn FnMut(u64, u64) + Send);
+
+/// What a comparison found: rows only in the rebuilt tables, rows only in
+/// the live ones (each as JSON), per table.
+#[derive(Debug, Default)]
+pub struct Differences {
+    pub tables: Vec<(String, Vec<String>, Vec<String>)>,
+}
+
+impl Differences {
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(|(_, a, b)| a.is_empty() && b.is_empty())
+    }
+}
+
+/// Creates the shadow schema and tables if missing. `fresh` drops a previous
+/// (interrupted) rebuild first instead of resuming it.
+async fn prepare(pool: &PgPool, projection: Projection, fresh: bool) -> Result<(), ProjectionError> {
+    let schema = shadow_schema(projection);
+    let mut tx = pool.begin().await?;
+    if fresh {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *tx).await?;
+    }
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&mut *tx).await?;
+    for table in projection.tables().iter().chain(["projection_checkpoints"].iter()) {
+        sqlx::query(&format!("CREATE TABLE IF NOT EXISTS {schema}.{table} (LIKE public.{table} INCLUDING ALL)"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn use_shadow(conn: &mut PgConnection, projection: Projection) -> Result<(), ProjectionError> {
+    sqlx::query(&format!("SET LOCAL search_path TO {}, public", shadow_schema(projection))).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Applies events after the shadow checkpoint, up to `until` if given, one
+/// page per transaction. Returns the events applied.
+async fn build(
+    pool: &PgPool,
+    projection: Projection,
+    until: Option<LogPoint>,
+    applied: &mut u64,
+    total: u64,
+    progress: Progress<'_>,
+) -> Result<(), ProjectionError> {
+    loop {
+        let mut tx = pool.begin().await?;
+        use_shadow(&mut tx, projection).await?;
+        let at = checkpoint::lock(&mut tx, projection.name()).await?;
+        let mut events = store::read_settled_after(&mut tx, at, PAGE).await?;
+        if let Some(limit) = until {
+            events.retain(|e| e.point() <= limit);
+        }
+        let Some(last) = events.last().map(|e| e.point()) else {
+            tx.rollback().await?;
+            return Ok(());
+        };
+        for event in &events {
+            projection.apply(&mut tx, event).await?;
+        }
+        checkpoint::save(&mut tx, projection.name(), last).await?;
+        tx.commit().await?;
+        *applied += events.len() as u64;
+        progress(*applied, total.max(*applied));
+        if (events.len() as i64) < PAGE && until.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+/// Inside `tx` (which holds the live checkpoint's lock): applies what the
+/// shadow still lacks up to `target`.
+async fn finish(tx: &mut PgConnection, projection: Projection, target: LogPoint) -> Result<LogPoint, ProjectionError> {
+    use_shadow(tx, projection).await?;
+    let mut at = checkpoint::lock(tx, projection.name()).await?;
+    while at < target {
+        let events = store::read_range(tx, at, target).await?;
+        let Some(last) = events.last().map(|e| e.point()) else { break };
+        for event in &events {
+            projection.apply(tx, event).await?;
+        }
+        at = last;
+    }
+    checkpoint::save(tx, projection.name(), at).await?;
+    sqlx::query("SET LOCAL search_path TO public").execute(&mut *tx).await?;
+    Ok(at)
+}
+
+/// The live checkpoint, locked until the transaction ends; or, when the live
+/// projection is behind the settled log, the settled head (so the swap
+/// brings it forward).
+async fn swap_target(tx: &mut PgConnection, projection: Projection) -> Result<LogPoint, ProjectionError> {
+    let live = checkpoint::lock(tx, projection.name()).await?;
+    let head: Option<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text, position FROM events WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let head = head
+        .and_then(|(t, p)| t.parse().ok().map(|transaction_id| LogPoint { transaction_id, position: p }))
+        .unwrap_or(LogPoint::START);
+    Ok(live.max(head))
+}
+
+/// Rebuilds `projection` blue/green and swaps it in; resumes an interrupted
+/// rebuild unless `fresh`. Returns the events applied by this run.
+pub async fn rebuild(
+    pool: &PgPool,
+    projection: Projection,
+    fresh: bool,
+    progress: Progress<'_>,
+) -> Result<u64, ProjectionError> {
+    prepare(pool, projection, fresh).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+    let mut applied = 0;
+    build(pool, projection, None, &mut applied, total as u64, progress).await?;
+    let schema = shadow_schema(projection);
+    let retired = retired_schema(projection);
+    let mut tx = pool.begin().await?;
+    let target = swap_target(&mut tx, projection).await?;
+    let reached = finish(&mut tx, projection, target).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {retired} CASCADE")).execute(&mut *tx).await?;
+    sqlx::query(&format!("CREATE SCHEMA {retired}")).execute(&mut *tx).await?;
+    for table in projection.tables() {
+        sqlx::query(&format!("ALTER TABLE public.{table} SET SCHEMA {retired}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("ALTER TABLE {schema}.{table} SET SCHEMA public")).execute(&mut *tx).await?;
+    }
+    checkpoint::save(&mut tx, projection.name(), reached).await?;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *tx).await?;
+    sqlx::query(&format!("DROP SCHEMA {retired} CASCADE")).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Rebuilds into the shadow tables up to the live checkpoint and reports
+/// every row that differs from the live read model, without swapping.
+pub async fn compare(
+    pool: &PgPool,
+    projection: Projection,
+    progress: Progress<'_>,
+) -> Result<Differences, ProjectionError> {
+    prepare(pool, projection, true).await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+    let mut applied = 0;
+    let live = {
+        let mut conn = pool.acquire().await?;
+        checkpoint::all(&mut conn).await?.into_iter().find(|(n, _)| n == projection.name()).map(|(_, p)| p)
+    }
+    .unwrap_or(LogPoint::START);
+    build(pool, projection, Some(live), &mut applied, total as u64, progress).await?;
+    let schema = shadow_schema(projection);
+    let mut tx = pool.begin().await?;
+    // Hold the live projection still at its checkpoint while comparing.
+    let live = checkpoint::lock(&mut tx, projection.name()).await?;
+    finish(&mut tx, projection, live).await?;
+    let mut differences = Differences::default();
+    for table in projection.tables() {
+        let rows = |a: &str, b: &str| {
+            format!("SELECT row_to_json(r)::text FROM (SELECT * FROM {a}.{table} EXCEPT ALL SELECT * FROM {b}.{table}) r LIMIT 50")
+        };
+        let only_rebuilt: Vec<String> = sqlx::query_scalar(&rows(&schema, "public")).fetch_all(&mut *tx).await?;
+        let only_live: Vec<String> = sqlx::query_scalar(&rows("public", &schema)).fetch_all(&mut *tx).await?;
+        differences.tables.push(((*table).to_owned(), only_rebuilt, only_live));
+    }
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(differences)
+}
+
+/// Builds the shadow tables up to `until` and stops, as an interrupted
+/// rebuild would; `rebuild` resumes from there.
+pub async fn build_until(pool: &PgPool, projection: Projection, until: LogPoint) -> Result<u64, ProjectionError> {
+    prepare(pool, projection, true).await?;
+    let mut applied = 0;
+    build(pool, projection, Some(until), &mut applied, 0, &mut |_, _| {}).await?;
+    Ok(applied)
+}
+
+/// Whether the tables were built by an older version of the projection's
+/// code. A projection seen for the first time is recorded as current.
+pub async fn outdated(pool: &PgPool, projection: Projection) -> Result<bool, ProjectionError> {
+    sqlx::query("INSERT INTO projection_versions (projection, version) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(projection.name())
+        .bind(projection.version())
+        .execute(pool)
+        .await?;
+    let stored: i32 = sqlx::query_scalar("SELECT version FROM projection_versions WHERE projection = $1")
+        .bind(projection.name())
+        .fetch_one(pool)
+        .await?;
+    Ok(stored < projection.version())
+}
+
+/// Rebuilds an outdated projection in the background of `ledger serve`; the
+/// old tables serve until the swap. One instance does it (a session lock).
+pub async fn upgrade(pool: PgPool, projection: Projection) -> Result<(), ProjectionError> {
+    let mut conn = pool.acquire().await?.detach();
+    let key = format!("projection upgrade {}", projection.name());
+    let leader: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(&key).fetch_one(&mut conn).await?;
+    if !leader || !outdated(&pool, projection).await? {
+        return Ok(());
+    }
+    tracing::info!(
+        projection = projection.name(),
+        version = projection.version(),
+        "rebuilding a projection for its new version"
+    );
+    let applied = rebuild(&pool, projection, false, &mut |_, _| {}).await?;
+    sqlx::query("UPDATE projection_versions SET version = $2, updated_at = now() WHERE projection = $1")
+        .bind(projection.name())
+        .bind(projection.version())
+        .execute(&pool)
+        .await?;
+    tracing::info!(projection = projection.name(), events = applied, "projection rebuilt and swapped in");
+    Ok(())
+}
