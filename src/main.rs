@@ -251,7 +251,8 @@ async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<i32> {
                 bar.finish_and_clear();
                 sink.flush()
             });
-            let summary = export::export(&pool, &filter, format, tx).await?;
+            let ledger = ledger::ledger_for(config, pool.clone());
+            let summary = export::export(&pool, &filter, format, tx, Some(&ledger)).await?;
             writer.await.context("the writer stopped")?.context("writing the export")?;
             tracing::info!(count = summary.count, final_hash = %summary.final_hash, "exported");
             Ok(0)

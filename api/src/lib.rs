@@ -45,6 +45,7 @@ pub fn command_routes() -> Router<AppState> {
         .route("/v1/admin/users/{id}/block", post(routes::admin::block))
         .route("/v1/admin/users/{id}/unblock", post(routes::admin::unblock))
         .route("/v1/admin/users/{id}/role", post(routes::admin::change_role))
+        .route("/v1/admin/users/{id}/forget", post(routes::admin::forget))
         .route("/v1/admin/accounts/{id}/freeze", post(routes::admin::freeze))
         .route("/v1/admin/accounts/{id}/unfreeze", post(routes::admin::unfreeze))
         .route("/v1/holds", post(routes::holds::place))

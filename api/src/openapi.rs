@@ -17,7 +17,7 @@ use utoipa::{Modify, OpenApi};
         holds::place, holds::capture, holds::release, holds::get, holds::of_account,
         orders::create, orders::cancel, orders::accept, orders::refund, orders::get, orders::list,
         commands::get,
-        admin::users, admin::user, audit::export, admin::block, admin::unblock, admin::change_role, admin::freeze, admin::unfreeze,
+        admin::users, admin::user, audit::export, admin::block, admin::unblock, admin::change_role, admin::forget, admin::freeze, admin::unfreeze,
         live::live,
         health::healthz, health::readyz,
     ),

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// The fixed CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 15] = [
+pub const CSV_COLUMNS: [&str; 16] = [
     "position",
     "recorded_at",
     "event_type",
@@ -30,6 +30,7 @@ pub const CSV_COLUMNS: [&str; 15] = [
     "user_agent",
     "payload",
     "hash",
+    "personal",
 ];
 
 /// The `event_type` of the CSV row that carries the manifest.
@@ -130,17 +131,23 @@ pub fn csv_row(record: &Value, hash: &str) -> Vec<String> {
         .map(|c| match *c {
             "payload" => ledger_domain::canonical::to_string(&record["payload"]),
             "hash" => hash.to_owned(),
+            "personal" => String::new(),
             other => text(&record[other]),
         })
         .collect()
 }
 
 /// Streams the export into `lines` (each a complete line, newline included).
+///
+/// With `personal`, each record that has personal fields also carries them
+/// opened (or `[erased]`) beside the record, outside what the hash covers:
+/// the chain covers the sealed values, so forgetting a user changes no hash.
 pub async fn export(
     pool: &PgPool,
     filter: &Filter,
     format: Format,
     lines: mpsc::Sender<String>,
+    personal: Option<&ledger_commands::Ledger>,
 ) -> Result<Summary, AuditError> {
     let send = |line: String| {
         let lines = lines.clone();
@@ -168,14 +175,30 @@ pub async fn export(
         summary.count += 1;
         summary.first_position.get_or_insert(event.position);
         summary.last_position = Some(event.position);
+        let opened = match personal {
+            Some(ledger) => ledger
+                .reveal_personal(&event.event_type, &event.payload)
+                .await
+                .map_err(|e| AuditError::Invalid(format!("opening personal data: {e}")))?,
+            None => None,
+        };
         let line = match format {
             Format::Jsonl => {
-                let mut l =
-                    ledger_domain::canonical::to_string(&json!({ "event": record, "hash": summary.final_hash }));
+                let mut out = json!({ "event": record, "hash": summary.final_hash });
+                if let Some(p) = opened {
+                    out["personal"] = p;
+                }
+                let mut l = ledger_domain::canonical::to_string(&out);
                 l.push('\n');
                 l
             }
-            Format::Csv => csv_line(&csv_row(&record, &summary.final_hash))?,
+            Format::Csv => {
+                let mut row = csv_row(&record, &summary.final_hash);
+                if let Some(p) = opened {
+                    row[15] = ledger_domain::canonical::to_string(&p);
+                }
+                csv_line(&row)?
+            }
         };
         send(line).await?;
     }

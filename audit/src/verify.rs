@@ -122,7 +122,7 @@ fn verify_jsonl(first: String, lines: impl Iterator<Item = std::io::Result<Strin
 fn record_from_csv(row: &csv::StringRecord, line: u64) -> Result<Value, VerifyError> {
     let mut map = Map::new();
     for (i, column) in CSV_COLUMNS.iter().enumerate() {
-        if *column == "hash" {
+        if *column == "hash" || *column == "personal" {
             continue;
         }
         let cell = row.get(i).unwrap_or("");

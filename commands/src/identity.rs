@@ -259,7 +259,11 @@ impl Ledger {
                 other?;
             }
         }
-        let appends = [StreamAppend { stream_id: user_stream(user_id), expected_version: 0, events }];
+        let mut sealed = Vec::with_capacity(events.len());
+        for event in events {
+            sealed.push(seal_event(&mut tx, &self.secrets, user_id, event).await?);
+        }
+        let appends = [StreamAppend { stream_id: user_stream(user_id), expected_version: 0, events: sealed }];
         let position = store::append(&mut tx, &appends, &metadata(Some(user_id), client)).await?.unwrap_or_default();
         tx.commit().await?;
         self.appended.notify_one();
@@ -453,9 +457,20 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         settle_attempt(&mut tx, subjects, attempt).await?;
         let email: String = email.chars().take(254).collect();
+        // Personal data: sealed with the user's key, or a pseudonym for nobody's address.
+        let event = match user_id {
+            Some(id) => {
+                seal_event(&mut tx, &self.secrets, id, Event::LoginFailed(LoginFailed { user_id, email, reason }))
+                    .await?
+            }
+            None => Event::LoginFailed(LoginFailed {
+                user_id,
+                email: crate::personal::pseudonym(&self.pseudonym_key, &email),
+                reason,
+            }),
+        };
         // Whoever tried is unknown: the actor is anonymous, the user only the subject.
-        record_security_event(&mut tx, Event::LoginFailed(LoginFailed { user_id, email, reason }), None, client)
-            .await?;
+        record_security_event(&mut tx, event, None, client).await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(())
@@ -986,6 +1001,17 @@ impl Ledger {
         }))
     }
 
+    /// An event's personal fields as readers may see them: opened, or
+    /// `[erased]` for a forgotten user. `None` for events without any.
+    pub async fn reveal_personal(
+        &self,
+        event_type: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Option<serde_json::Value>, CommandError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(crate::personal::reveal(&mut conn, &self.secrets, event_type, payload).await?)
+    }
+
     /// The owner of a live API key, for re-checking long-lived connections.
     pub async fn api_key_status(&self, key_id: Uuid) -> Result<Option<Principal>, CommandError> {
         let row = sqlx::query(
@@ -1069,6 +1095,22 @@ pub fn parse_scope(name: &str) -> Option<ApiScope> {
         "write" => Some(ApiScope::Write),
         _ => None,
     }
+}
+
+/// An event with its personal fields sealed with the user's key.
+async fn seal_event(
+    conn: &mut PgConnection,
+    secrets: &crate::secrets::SecretBox,
+    user_id: Uuid,
+    event: Event,
+) -> Result<Event, CommandError> {
+    if crate::personal::personal_fields(event.event_type()).is_empty() {
+        return Ok(event);
+    }
+    let mut payload = event.payload();
+    crate::personal::seal_payload(conn, secrets, user_id, event.event_type(), &mut payload).await?;
+    Event::from_stored(event.event_type(), event.schema_version(), payload)
+        .map_err(|e| CommandError::Store(crate::store::StoreError::Decode(e)))
 }
 
 /// How an attempt ended, for the throttle.

@@ -159,6 +159,11 @@ pub enum LedgerCommand {
         amount: String,
         as_admin: bool,
     },
+    /// Crypto-shredding: destroys the user's personal-data key.
+    ForgetUser {
+        user_id: Uuid,
+        reason: String,
+    },
 }
 
 /// Where a request came from, recorded in the metadata of identity events.
@@ -207,6 +212,8 @@ pub struct Ledger {
     /// registrations queues instead of exhausting memory.
     pub(crate) hashing: Arc<tokio::sync::Semaphore>,
     pub(crate) fees: Arc<FeeSchedule>,
+    /// Keys pseudonyms of addresses that belong to nobody (failed logins).
+    pub(crate) pseudonym_key: Arc<Vec<u8>>,
 }
 
 pub(crate) struct Decision {
@@ -227,6 +234,7 @@ impl Decision {
 pub(crate) enum Effect {
     Role(Uuid, Role),
     Blocked(Uuid, bool),
+    Forgotten(Uuid),
 }
 
 impl Ledger {
@@ -239,6 +247,7 @@ impl Ledger {
             policy,
             hashing: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
             fees: Arc::new(FeeSchedule::default()),
+            pseudonym_key: Arc::new(secret_key.to_vec()),
         }
     }
 
@@ -585,6 +594,18 @@ async fn decide(
                 effect: Some(Effect::Role(user_id, role)),
             }))
         }
+        LedgerCommand::ForgetUser { user_id, reason } => {
+            if user_id == actor {
+                return Ok(Err(DomainError::validation("user_id", "is you: an admin cannot forget themselves")));
+            }
+            let decided = user_change(conn, user_id, UserCommand::Forget { user_id, reason }).await?;
+            Ok(decided.map(|(appends, _)| Decision {
+                appends,
+                body: json!({ "user_id": user_id, "forgotten": true }),
+                status: 200,
+                effect: Some(Effect::Forgotten(user_id)),
+            }))
+        }
         LedgerCommand::FreezeAccount { account_id, reason } => {
             let decided = account_change(conn, account_id, AccountCommand::Freeze { account_id, reason }).await?;
             Ok(decided.map(|appends| Decision {
@@ -654,6 +675,23 @@ async fn apply_effect(conn: &mut PgConnection, effect: Effect) -> Result<(), sql
             if blocked {
                 crate::identity::revoke_sessions(conn, user_id, None, "user-blocked").await?;
             }
+        }
+        Effect::Forgotten(user_id) => {
+            // The key goes, and with it every sealed personal field. The login
+            // row keeps no address and no password: nobody logs in as them.
+            sqlx::query("DELETE FROM personal_data_keys WHERE user_id = $1").bind(user_id).execute(&mut *conn).await?;
+            sqlx::query("INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(user_id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "UPDATE credentials SET email = 'erased-' || user_id || '@erased.invalid', password_hash = '!',
+                     blocked = true WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+            crate::identity::revoke_sessions(conn, user_id, None, "user-forgotten").await?;
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod nats;
 pub mod passwords;
 pub mod payments;
+pub mod personal;
 pub mod relay;
 pub mod secrets;
 pub mod store;

@@ -35,6 +35,11 @@ impl SecretBox {
         SecretBox { cipher: XChaCha20Poly1305::new(&key) }
     }
 
+    /// A box with a raw 32-byte key (a user's personal-data key).
+    pub fn from_key(key: &[u8; 32]) -> SecretBox {
+        SecretBox { cipher: XChaCha20Poly1305::new(key.into()) }
+    }
+
     /// nonce || ciphertext+tag.
     pub fn seal(&self, owner: Uuid, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut nonce = [0u8; NONCE_LEN];

@@ -8,16 +8,28 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// A user joined the ledger. Credentials are never part of an event.
+/// A user joined the ledger. Credentials are never part of an event; the
+/// personal fields are sealed with the user's own key (crypto-shredding).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserRegistered {
     /// The new user's id; also the stream `user-{user_id}`.
     pub user_id: Uuid,
-    /// Normalised (trimmed, lower-case) email address.
+    /// Personal: the normalised email, sealed as `pii:v1:<base64>` with the user's key.
     pub email: String,
-    /// Optional name shown to other people.
+    /// Personal: the name shown to others, sealed like `email`.
     pub display_name: Option<String>,
+}
+
+/// An admin forgot a user: their personal-data key was destroyed, so every
+/// sealed personal field of theirs now reads as `[erased]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserForgotten {
+    /// The forgotten user.
+    pub user_id: Uuid,
+    /// Why, as the admin gave it.
+    pub reason: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -92,6 +104,45 @@ impl TransferKind {
 /// Published versions that today's code reads through an upcaster. Frozen:
 /// their schemas must stay byte-identical (see `events-schema/`).
 pub mod published {
+    /// `UserRegistered` v1: personal fields in the clear.
+    pub mod user_registered_v1 {
+        use schemars::JsonSchema;
+        use serde::{Deserialize, Serialize};
+        use uuid::Uuid;
+
+        /// A user joined the ledger. Credentials are never part of an event.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct UserRegistered {
+            /// The new user's id; also the stream `user-{user_id}`.
+            pub user_id: Uuid,
+            /// Normalised (trimmed, lower-case) email address.
+            pub email: String,
+            /// Optional name shown to other people.
+            pub display_name: Option<String>,
+        }
+    }
+
+    /// `LoginFailed` v1: the email in the clear.
+    pub mod login_failed_v1 {
+        use super::super::LoginFailure;
+        use schemars::JsonSchema;
+        use serde::{Deserialize, Serialize};
+        use uuid::Uuid;
+
+        /// A login was refused. The password tried is never recorded.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct LoginFailed {
+            /// The user the email belongs to, if any.
+            pub user_id: Option<Uuid>,
+            /// The email as normalised, or as sent if it was not a valid address (truncated).
+            pub email: String,
+            /// Why it was refused.
+            pub reason: LoginFailure,
+        }
+    }
+
     /// `TransferRecorded` v1, before holds, fees and refunds added transfer kinds.
     pub mod transfer_recorded_v1 {
         use rust_decimal::Decimal;
@@ -437,7 +488,8 @@ pub enum LoginFailure {
 pub struct LoginFailed {
     /// The user the email belongs to, if any.
     pub user_id: Option<Uuid>,
-    /// The email as normalised, or as sent if it was not a valid address (truncated).
+    /// Personal: the email tried, sealed with the user's key when the user is
+    /// known; otherwise a keyed pseudonym `pseudonym:<hex>` of the address.
     pub email: String,
     /// Why it was refused.
     pub reason: LoginFailure,
@@ -618,7 +670,8 @@ macro_rules! ledger_events {
 }
 
 ledger_events! {
-    UserRegistered => "user" v 1,
+    UserRegistered => "user" v 2,
+    UserForgotten => "user" v 1,
     RoleChanged => "user" v 1,
     UserBlocked => "user" v 1,
     UserUnblocked => "user" v 1,
@@ -639,7 +692,7 @@ ledger_events! {
     OrderCancelled => "order" v 1,
     OrderRefunded => "order" v 1,
     UserLoggedIn => "security" v 1,
-    LoginFailed => "security" v 1,
+    LoginFailed => "security" v 2,
     LoggedOut => "security" v 1,
     SessionRevoked => "security" v 1,
     RefreshTokenReused => "security" v 1,
@@ -649,12 +702,26 @@ ledger_events! {
 
 /// Older versions still in the log, with their frozen schemas.
 fn published_versions() -> Vec<EventTypeInfo> {
-    vec![EventTypeInfo {
-        category: "account",
-        event_type: "TransferRecorded",
-        schema_version: 1,
-        schema: || schemars::schema_for!(published::transfer_recorded_v1::TransferRecorded),
-    }]
+    vec![
+        EventTypeInfo {
+            category: "account",
+            event_type: "TransferRecorded",
+            schema_version: 1,
+            schema: || schemars::schema_for!(published::transfer_recorded_v1::TransferRecorded),
+        },
+        EventTypeInfo {
+            category: "user",
+            event_type: "UserRegistered",
+            schema_version: 1,
+            schema: || schemars::schema_for!(published::user_registered_v1::UserRegistered),
+        },
+        EventTypeInfo {
+            category: "security",
+            event_type: "LoginFailed",
+            schema_version: 1,
+            schema: || schemars::schema_for!(published::login_failed_v1::LoginFailed),
+        },
+    ]
 }
 
 /// Reads an older version as today's type.
@@ -679,6 +746,20 @@ fn upcast(event_type: &str, schema_version: i32, payload: serde_json::Value) -> 
                 },
                 reference: old.reference,
             }))
+        }
+        // v1 kept personal fields in the clear; v2 seals them. Same shape: the
+        // clear value reads as is (and is masked once the user is forgotten).
+        ("UserRegistered", 1) => {
+            let old: published::user_registered_v1::UserRegistered = serde_json::from_value(payload).map_err(wrap)?;
+            Ok(Event::UserRegistered(UserRegistered {
+                user_id: old.user_id,
+                email: old.email,
+                display_name: old.display_name,
+            }))
+        }
+        ("LoginFailed", 1) => {
+            let old: published::login_failed_v1::LoginFailed = serde_json::from_value(payload).map_err(wrap)?;
+            Ok(Event::LoginFailed(LoginFailed { user_id: old.user_id, email: old.email, reason: old.reason }))
         }
         _ => Err(EventDecodeError::UnknownType { event_type: event_type.to_owned(), schema_version }),
     }

@@ -2,8 +2,8 @@
 
 use crate::account::check_reason;
 use crate::events::{
-    Event, PasswordChanged, Role, RoleChanged, TwoFactorDisabled, TwoFactorEnabled, UserBlocked, UserRegistered,
-    UserUnblocked,
+    Event, PasswordChanged, Role, RoleChanged, TwoFactorDisabled, TwoFactorEnabled, UserBlocked, UserForgotten,
+    UserRegistered, UserUnblocked,
 };
 use crate::DomainError;
 use uuid::Uuid;
@@ -14,17 +14,43 @@ pub struct UserState {
     pub role: Role,
     pub blocked: bool,
     pub two_factor: bool,
+    pub forgotten: bool,
 }
 
 #[derive(Clone, Debug)]
 pub enum UserCommand {
-    Register { user_id: Uuid, email: String, display_name: Option<String> },
-    ChangeRole { user_id: Uuid, role: Role, reason: Option<String> },
-    Block { user_id: Uuid, reason: String },
-    Unblock { user_id: Uuid, reason: String },
-    ChangePassword { user_id: Uuid },
-    EnableTwoFactor { user_id: Uuid },
-    DisableTwoFactor { user_id: Uuid },
+    Register {
+        user_id: Uuid,
+        email: String,
+        display_name: Option<String>,
+    },
+    ChangeRole {
+        user_id: Uuid,
+        role: Role,
+        reason: Option<String>,
+    },
+    Block {
+        user_id: Uuid,
+        reason: String,
+    },
+    Unblock {
+        user_id: Uuid,
+        reason: String,
+    },
+    ChangePassword {
+        user_id: Uuid,
+    },
+    EnableTwoFactor {
+        user_id: Uuid,
+    },
+    DisableTwoFactor {
+        user_id: Uuid,
+    },
+    /// Destroys the user's personal-data key; an admin action with a reason.
+    Forget {
+        user_id: Uuid,
+        reason: String,
+    },
 }
 
 pub const MIN_PASSWORD_CHARS: usize = 10;
@@ -114,6 +140,14 @@ pub fn decide(state: &UserState, command: UserCommand) -> Result<Vec<Event>, Dom
             }
             Ok(vec![Event::TwoFactorEnabled(TwoFactorEnabled { user_id })])
         }
+        UserCommand::Forget { user_id, reason } => {
+            registered(state, user_id)?;
+            let reason = check_reason(&reason)?;
+            if state.forgotten {
+                return Err(DomainError::validation("user_id", "is already forgotten"));
+            }
+            Ok(vec![Event::UserForgotten(UserForgotten { user_id, reason })])
+        }
         UserCommand::DisableTwoFactor { user_id } => {
             registered(state, user_id)?;
             if !state.two_factor {
@@ -139,6 +173,7 @@ pub fn evolve(mut state: UserState, event: &Event) -> UserState {
         Event::UserUnblocked(_) => state.blocked = false,
         Event::TwoFactorEnabled(_) => state.two_factor = true,
         Event::TwoFactorDisabled(_) => state.two_factor = false,
+        Event::UserForgotten(_) => state.forgotten = true,
         _ => {}
     }
     state

@@ -28,6 +28,7 @@ fn subject(event: &Event) -> Option<Uuid> {
         Event::RefreshTokenReused(e) => Some(e.user_id),
         Event::ApiKeyCreated(e) => Some(e.user_id),
         Event::ApiKeyRevoked(e) => Some(e.user_id),
+        Event::UserForgotten(e) => Some(e.user_id),
         _ => None,
     }
 }

@@ -42,7 +42,8 @@ async fn export_text(t: &TestLedger, filter: &Filter, format: Format) -> String 
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let pool = t.pool.clone();
     let filter = filter.clone();
-    let task = tokio::spawn(async move { export::export(&pool, &filter, format, tx).await });
+    let ledger = ledger::ledger_for(&t.config, pool.clone());
+    let task = tokio::spawn(async move { export::export(&pool, &filter, format, tx, Some(&ledger)).await });
     let mut out = String::new();
     while let Some(line) = rx.recv().await {
         out.push_str(&line);
@@ -107,6 +108,7 @@ async fn an_export_verifies_and_any_tampering_names_the_first_bad_record() {
     // CSV: the same chain, a fixed column set.
     let csv = export_text(&t, &Filter::default(), Format::Csv).await;
     assert!(csv.starts_with("position,recorded_at,event_type,schema_version,stream_id,stream_version,event_id,"));
+    assert!(csv.lines().next().unwrap().ends_with(",payload,hash,personal"));
     let csv_verified = check(&csv).expect("a CSV export verifies");
     assert_eq!(csv_verified.final_hash, verified.final_hash, "both formats chain the same records");
     let tampered = csv.replacen(",2.50,", ",2.51,", 1).replacen("\"\"2.50\"\"", "\"\"2.51\"\"", 1);

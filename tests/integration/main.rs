@@ -13,6 +13,7 @@ mod live;
 mod nats_outage;
 mod no_secrets;
 mod orders;
+mod privacy;
 mod property;
 mod replay;
 mod security;

@@ -174,6 +174,19 @@ pub async fn change_role(
     admin_command(&state, &request, LedgerCommand::ChangeRole { user_id, role, reason }).await
 }
 
+#[utoipa::path(post, path = "/v1/admin/users/{id}/forget", tag = "admin", request_body = ReasonRequest,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 200, description = "forgotten: the personal-data key is destroyed"), (status = 404, description = "user-not-found")))]
+pub async fn forget(
+    State(state): State<AppState>,
+    PathParam(id): PathParam,
+    request: CommandRequest<ReasonRequest>,
+) -> Result<Response, Problem> {
+    let user_id = path_id(&id, user_not_found)?;
+    let reason = request.body.reason.clone();
+    admin_command(&state, &request, LedgerCommand::ForgetUser { user_id, reason }).await
+}
+
 #[utoipa::path(post, path = "/v1/admin/accounts/{id}/freeze", tag = "admin", request_body = ReasonRequest,
     params(("id" = Uuid, Path), ("Idempotency-Key" = String, Header)),
     responses((status = 200, description = "frozen"), (status = 404, description = "account-not-found"), (status = 409, description = "account-already-frozen")))]

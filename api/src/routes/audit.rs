@@ -69,8 +69,9 @@ pub async fn export(State(state): State<AppState>, user: AuthUser, uri: Uri) -> 
     let (filter, format) = parse_filter(uri.query().unwrap_or(""))?;
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let pool = state.pool.clone();
+    let ledger = state.ledger.clone();
     tokio::spawn(async move {
-        if let Err(e) = export::export(&pool, &filter, format, tx).await {
+        if let Err(e) = export::export(&pool, &filter, format, tx, Some(&ledger)).await {
             // The client sees a body without a manifest, which verification refuses.
             tracing::warn!(error = %e, "audit export over HTTP stopped");
         }

@@ -90,19 +90,26 @@ pub async fn activity(
     };
     let rows = activity::of_user(&state.pool, user.user_id, limit, before).await?;
     let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.position.to_string())).flatten();
-    Ok(Json(ActivityPage {
-        items: rows
-            .into_iter()
-            .map(|r| ActivityItem {
-                event_type: r.event_type,
-                detail: r.detail,
-                actor_id: r.actor_id,
-                ip: r.client_ip,
-                user_agent: r.user_agent,
-                recorded_at: r.recorded_at,
-                position: r.position,
-            })
-            .collect(),
-        next_cursor,
-    }))
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        // Personal fields are stored sealed; they are opened here, or read `[erased]`.
+        let mut detail = r.detail;
+        let mut sealed = detail.clone();
+        sealed["user_id"] = serde_json::Value::String(user.user_id.to_string());
+        if let Some(serde_json::Value::Object(open)) = state.ledger.reveal_personal(&r.event_type, &sealed).await? {
+            for (field, value) in open {
+                detail[field] = value;
+            }
+        }
+        items.push(ActivityItem {
+            event_type: r.event_type,
+            detail,
+            actor_id: r.actor_id,
+            ip: r.client_ip,
+            user_agent: r.user_agent,
+            recorded_at: r.recorded_at,
+            position: r.position,
+        });
+    }
+    Ok(Json(ActivityPage { items, next_cursor }))
 }
