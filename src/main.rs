@@ -80,10 +80,11 @@ enum AuditCommand {
         output: String,
     },
     /// Verify an export's chain and manifest (FILE), or the database's own chain (--db).
+    /// With both, the export's anchor is also checked against the database's chain.
     Verify {
         #[arg(required_unless_present = "db")]
         file: Option<std::path::PathBuf>,
-        #[arg(long, conflicts_with = "file")]
+        #[arg(long)]
         db: bool,
     },
 }
@@ -257,21 +258,44 @@ async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<i32> {
             tracing::info!(count = summary.count, final_hash = %summary.final_hash, "exported");
             Ok(0)
         }
-        AuditCommand::Verify { file: Some(path), .. } => {
+        AuditCommand::Verify { file: Some(path), db } => {
             let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            match ledger_audit::verify::verify(std::io::BufReader::new(file)) {
-                Ok(v) => {
-                    println!("OK: {} records, final hash {}", v.count, v.final_hash);
-                    if let Some(anchor) = v.chain_anchor {
-                        println!("chain anchor: {anchor}");
-                    }
-                    Ok(0)
-                }
+            let v = match ledger_audit::verify::verify(std::io::BufReader::new(file)) {
+                Ok(v) => v,
                 Err(e) => {
                     eprintln!("FAILED: {e}");
-                    Ok(1)
+                    return Ok(1);
                 }
+            };
+            println!("OK: {} records, final hash {}", v.count, v.final_hash);
+            match &v.chain_anchor {
+                Some(anchor) => println!("chain anchor: {anchor}"),
+                None if v.count > 0 => {
+                    println!("warning: no chain anchor (the last event was not sealed yet when exported)")
+                }
+                None => {}
             }
+            if v.unverified_personal > 0 {
+                println!("note: {} records carry opened personal data, which no hash covers", v.unverified_personal);
+            }
+            if db {
+                // The file's anchor must be the ledger's own link at that position.
+                let pool = db::connect(&config.database_url, 2).await.context("connecting to PostgreSQL")?;
+                let (Some(anchor), Some(position)) = (v.chain_anchor.as_ref(), v.last_position) else {
+                    eprintln!("FAILED: the export has no anchor to check against the database");
+                    return Ok(1);
+                };
+                let link: Option<String> = sqlx::query_scalar("SELECT hash FROM event_chain WHERE position = $1")
+                    .bind(position)
+                    .fetch_optional(&pool)
+                    .await?;
+                if link.as_deref() != anchor["hash"].as_str() {
+                    eprintln!("FAILED: the anchor at position {position} is not the database's chain link there");
+                    return Ok(1);
+                }
+                println!("anchor matches the database's chain at position {position}");
+            }
+            Ok(0)
         }
         AuditCommand::Verify { .. } => {
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;

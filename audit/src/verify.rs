@@ -2,6 +2,11 @@
 //! then check the manifest. The first record whose hash does not follow is
 //! named: a changed, removed, reordered or inserted line breaks the chain at
 //! that line.
+//!
+//! Lines must be exactly canonical (no duplicate keys, no reformatting, no
+//! blank lines, nothing beside `event`, `hash` and `personal`), so that no
+//! reader can see anything but what the hash covers. `personal` (opened
+//! personal data) is outside the hash, and is reported as unverified.
 
 use crate::export::{CSV_COLUMNS, CSV_MANIFEST_MARK};
 use crate::{link, GENESIS};
@@ -12,7 +17,13 @@ use std::io::BufRead;
 pub struct Verified {
     pub count: u64,
     pub final_hash: String,
+    pub last_position: Option<i64>,
+    /// The ledger's own chain link at the last exported event, from the manifest.
     pub chain_anchor: Option<Value>,
+    /// The export has no filter: it chains exactly as the ledger does.
+    pub whole_log: bool,
+    /// Records carrying opened personal data, which no hash covers.
+    pub unverified_personal: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -34,11 +45,17 @@ struct Chain {
     count: u64,
     first: Option<i64>,
     last: Option<i64>,
+    personal: u64,
+}
+
+fn filter_is_everything(filter: &Value) -> bool {
+    ["from", "to", "user", "account"].iter().all(|k| filter[*k].is_null())
+        && filter["types"].as_array().is_none_or(|t| t.is_empty())
 }
 
 impl Chain {
     fn new() -> Chain {
-        Chain { hash: GENESIS.to_owned(), count: 0, first: None, last: None }
+        Chain { hash: GENESIS.to_owned(), count: 0, first: None, last: None, personal: 0 }
     }
 
     fn push(&mut self, line: u64, record: &Value, claimed: &str) -> Result<(), VerifyError> {
@@ -74,10 +91,24 @@ impl Chain {
         check("final_hash", m["final_hash"].as_str() == Some(self.hash.as_str()))?;
         check("first_position", m["first_position"].as_i64() == self.first)?;
         check("last_position", m["last_position"].as_i64() == self.last)?;
+        let whole_log = filter_is_everything(&m["filter"]);
+        let anchor = m.get("chain_anchor").cloned().filter(|a| !a.is_null());
+        if let Some(a) = &anchor {
+            // The anchor is the ledger's own link at the export's last event.
+            check("chain_anchor.position", a["position"].as_i64() == self.last)?;
+            check("chain_anchor.hash", a["hash"].as_str().is_some_and(|h| h.len() == 64))?;
+            if whole_log {
+                // A whole-log export chains exactly as the ledger does.
+                check("chain_anchor.hash", a["hash"].as_str() == Some(self.hash.as_str()))?;
+            }
+        }
         Ok(Verified {
             count: self.count,
             final_hash: self.hash,
-            chain_anchor: m.get("chain_anchor").cloned().filter(|a| !a.is_null()),
+            last_position: self.last,
+            chain_anchor: anchor,
+            whole_log,
+            unverified_personal: self.personal,
         })
     }
 }
@@ -101,24 +132,36 @@ fn verify_jsonl(first: String, lines: impl Iterator<Item = std::io::Result<Strin
     for (i, line) in all.enumerate() {
         let n = i as u64 + 1;
         let line = line.map_err(|e| VerifyError::Read(e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
         if manifest.is_some() {
             return Err(record_error(n, None, "a line after the manifest"));
         }
         let v: Value = serde_json::from_str(&line).map_err(|e| record_error(n, None, format!("not JSON: {e}")))?;
+        let position = v["event"]["position"].as_i64();
+        if ledger_domain::canonical::to_string(&v) != line {
+            return Err(record_error(n, position, "not in canonical form (reformatted, or duplicate keys)"));
+        }
+        let keys: Vec<&str> = v.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
         if let Some(m) = v.get("manifest") {
+            if keys.len() != 1 {
+                return Err(record_error(n, None, "the manifest line carries other fields"));
+            }
             manifest = Some(m.clone());
             continue;
         }
-        let claimed = v["hash"].as_str().ok_or_else(|| record_error(n, None, "no hash"))?;
+        if keys.iter().any(|k| !["event", "hash", "personal"].contains(k)) {
+            return Err(record_error(n, position, "fields beside event, hash and personal"));
+        }
+        if v.get("personal").is_some() {
+            chain.personal += 1;
+        }
+        let claimed = v["hash"].as_str().ok_or_else(|| record_error(n, position, "no hash"))?;
         chain.push(n, &v["event"], claimed)?;
     }
     chain.finish(manifest)
 }
 
-/// Rebuilds a record from a CSV row: empty cells are nulls, numbers are numbers.
+/// Rebuilds a record from a CSV row: empty cells are nulls, numbers are
+/// numbers; every cell must be in the one form the export writes.
 fn record_from_csv(row: &csv::StringRecord, line: u64) -> Result<Value, VerifyError> {
     let mut map = Map::new();
     for (i, column) in CSV_COLUMNS.iter().enumerate() {
@@ -129,9 +172,21 @@ fn record_from_csv(row: &csv::StringRecord, line: u64) -> Result<Value, VerifyEr
         let value = match *column {
             _ if cell.is_empty() => Value::Null,
             "position" | "schema_version" | "stream_version" => {
-                json!(cell.parse::<i64>().map_err(|_| record_error(line, None, format!("{column} is not a number")))?)
+                let n =
+                    cell.parse::<i64>().map_err(|_| record_error(line, None, format!("{column} is not a number")))?;
+                if n.to_string() != cell {
+                    return Err(record_error(line, None, format!("{column} is not in canonical form")));
+                }
+                json!(n)
             }
-            "payload" => serde_json::from_str(cell).map_err(|e| record_error(line, None, format!("payload: {e}")))?,
+            "payload" => {
+                let payload: Value =
+                    serde_json::from_str(cell).map_err(|e| record_error(line, None, format!("payload: {e}")))?;
+                if ledger_domain::canonical::to_string(&payload) != cell {
+                    return Err(record_error(line, None, "payload is not in canonical form (or has duplicate keys)"));
+                }
+                payload
+            }
             _ => Value::String(cell.to_owned()),
         };
         map.insert((*column).to_owned(), value);
@@ -155,11 +210,17 @@ fn verify_csv(header: &str, lines: impl Iterator<Item = std::io::Result<String>>
         if manifest.is_some() {
             return Err(record_error(n, None, "a row after the manifest"));
         }
+        if row.len() != CSV_COLUMNS.len() {
+            return Err(record_error(n, None, "not the documented number of columns"));
+        }
         if row.get(2) == Some(CSV_MANIFEST_MARK) {
             let m: Value = serde_json::from_str(row.get(13).unwrap_or(""))
                 .map_err(|e| VerifyError::Manifest(format!("not JSON: {e}")))?;
             manifest = Some(m);
             continue;
+        }
+        if !row.get(15).unwrap_or("").is_empty() {
+            chain.personal += 1;
         }
         let record = record_from_csv(&row, n)?;
         chain.push(n, &record, row.get(14).unwrap_or(""))?;

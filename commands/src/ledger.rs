@@ -680,6 +680,13 @@ async fn apply_effect(conn: &mut PgConnection, effect: Effect) -> Result<(), sql
             // The key goes, and with it every sealed personal field. The login
             // row keeps no address and no password: nobody logs in as them.
             sqlx::query("DELETE FROM personal_data_keys WHERE user_id = $1").bind(user_id).execute(&mut *conn).await?;
+            // The throttle names the address too.
+            sqlx::query(
+                "DELETE FROM login_throttle WHERE subject = 'email:' || (SELECT email FROM credentials WHERE user_id = $1)",
+            )
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
             sqlx::query("INSERT INTO forgotten_users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
                 .bind(user_id)
                 .execute(&mut *conn)

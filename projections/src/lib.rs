@@ -25,6 +25,8 @@ pub enum ProjectionError {
     Decode { position: i64, source: ledger_domain::events::EventDecodeError },
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// A read model built from the log.

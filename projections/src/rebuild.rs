@@ -23,6 +23,10 @@ fn shadow_schema(projection: Projection) -> String {
     format!("rebuild_{}", projection.name())
 }
 
+fn compare_schema(projection: Projection) -> String {
+    format!("compare_{}", projection.name())
+}
+
 fn retired_schema(projection: Projection) -> String {
     format!("retired_{}", projection.name())
 }
@@ -43,10 +47,31 @@ impl Differences {
     }
 }
 
+/// One rebuild or comparison of a projection at a time, across processes
+/// (the CLI, a background upgrade): a session lock held for the duration.
+struct Exclusive(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+async fn exclusive(pool: &PgPool, projection: Projection) -> Result<Exclusive, ProjectionError> {
+    let mut conn = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(format!("projection rebuild {}", projection.name()))
+        .fetch_one(&mut *conn)
+        .await?;
+    if !got {
+        return Err(ProjectionError::Busy(format!("another rebuild of {} is running", projection.name())));
+    }
+    Ok(Exclusive(conn))
+}
+
+impl Exclusive {
+    async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *self.0).await;
+    }
+}
+
 /// Creates the shadow schema and tables if missing. `fresh` drops a previous
-/// (interrupted) rebuild first instead of resuming it.
-async fn prepare(pool: &PgPool, projection: Projection, fresh: bool) -> Result<(), ProjectionError> {
-    let schema = shadow_schema(projection);
+/// (interrupted) build first instead of resuming it.
+async fn prepare(pool: &PgPool, projection: Projection, schema: &str, fresh: bool) -> Result<(), ProjectionError> {
     let mut tx = pool.begin().await?;
     if fresh {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *tx).await?;
@@ -61,16 +86,17 @@ async fn prepare(pool: &PgPool, projection: Projection, fresh: bool) -> Result<(
     Ok(())
 }
 
-async fn use_shadow(conn: &mut PgConnection, projection: Projection) -> Result<(), ProjectionError> {
-    sqlx::query(&format!("SET LOCAL search_path TO {}, public", shadow_schema(projection))).execute(&mut *conn).await?;
+async fn use_shadow(conn: &mut PgConnection, schema: &str) -> Result<(), ProjectionError> {
+    sqlx::query(&format!("SET LOCAL search_path TO {schema}, public")).execute(&mut *conn).await?;
     Ok(())
 }
 
 /// Applies events after the shadow checkpoint, up to `until` if given, one
-/// page per transaction. Returns the events applied.
+/// page per transaction.
 async fn build(
     pool: &PgPool,
     projection: Projection,
+    schema: &str,
     until: Option<LogPoint>,
     applied: &mut u64,
     total: u64,
@@ -78,7 +104,7 @@ async fn build(
 ) -> Result<(), ProjectionError> {
     loop {
         let mut tx = pool.begin().await?;
-        use_shadow(&mut tx, projection).await?;
+        use_shadow(&mut tx, schema).await?;
         let at = checkpoint::lock(&mut tx, projection.name()).await?;
         let mut events = store::read_settled_after(&mut tx, at, PAGE).await?;
         if let Some(limit) = until {
@@ -103,8 +129,13 @@ async fn build(
 
 /// Inside `tx` (which holds the live checkpoint's lock): applies what the
 /// shadow still lacks up to `target`.
-async fn finish(tx: &mut PgConnection, projection: Projection, target: LogPoint) -> Result<LogPoint, ProjectionError> {
-    use_shadow(tx, projection).await?;
+async fn finish(
+    tx: &mut PgConnection,
+    projection: Projection,
+    schema: &str,
+    target: LogPoint,
+) -> Result<LogPoint, ProjectionError> {
+    use_shadow(tx, schema).await?;
     let mut at = checkpoint::lock(tx, projection.name()).await?;
     while at < target {
         let events = store::read_range(tx, at, target).await?;
@@ -144,15 +175,29 @@ pub async fn rebuild(
     fresh: bool,
     progress: Progress<'_>,
 ) -> Result<u64, ProjectionError> {
-    prepare(pool, projection, fresh).await?;
+    let lock = exclusive(pool, projection).await?;
+    let result = rebuild_locked(pool, projection, fresh, progress).await;
+    lock.release().await;
+    result
+}
+
+async fn rebuild_locked(
+    pool: &PgPool,
+    projection: Projection,
+    fresh: bool,
+    progress: Progress<'_>,
+) -> Result<u64, ProjectionError> {
+    let schema = shadow_schema(projection);
+    prepare(pool, projection, &schema, fresh).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
     let mut applied = 0;
-    build(pool, projection, None, &mut applied, total as u64, progress).await?;
-    let schema = shadow_schema(projection);
+    build(pool, projection, &schema, None, &mut applied, total as u64, progress).await?;
     let retired = retired_schema(projection);
     let mut tx = pool.begin().await?;
+    // Readers wait at most this long for the swap's table locks; the swap retries later.
+    sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
     let target = swap_target(&mut tx, projection).await?;
-    let reached = finish(&mut tx, projection, target).await?;
+    let reached = finish(&mut tx, projection, &schema, target).await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {retired} CASCADE")).execute(&mut *tx).await?;
     sqlx::query(&format!("CREATE SCHEMA {retired}")).execute(&mut *tx).await?;
     for table in projection.tables() {
@@ -166,14 +211,27 @@ pub async fn rebuild(
     Ok(applied)
 }
 
-/// Rebuilds into the shadow tables up to the live checkpoint and reports
+/// Rebuilds into tables of its own up to the live checkpoint and reports
 /// every row that differs from the live read model, without swapping.
 pub async fn compare(
     pool: &PgPool,
     projection: Projection,
     progress: Progress<'_>,
 ) -> Result<Differences, ProjectionError> {
-    prepare(pool, projection, true).await?;
+    let lock = exclusive(pool, projection).await?;
+    let result = compare_locked(pool, projection, progress).await;
+    lock.release().await;
+    result
+}
+
+async fn compare_locked(
+    pool: &PgPool,
+    projection: Projection,
+    progress: Progress<'_>,
+) -> Result<Differences, ProjectionError> {
+    // A schema of its own: an interrupted rebuild's progress is left alone.
+    let schema = compare_schema(projection);
+    prepare(pool, projection, &schema, true).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
     let mut applied = 0;
     let live = {
@@ -181,16 +239,17 @@ pub async fn compare(
         checkpoint::all(&mut conn).await?.into_iter().find(|(n, _)| n == projection.name()).map(|(_, p)| p)
     }
     .unwrap_or(LogPoint::START);
-    build(pool, projection, Some(live), &mut applied, total as u64, progress).await?;
-    let schema = shadow_schema(projection);
+    build(pool, projection, &schema, Some(live), &mut applied, total as u64, progress).await?;
     let mut tx = pool.begin().await?;
     // Hold the live projection still at its checkpoint while comparing.
     let live = checkpoint::lock(&mut tx, projection.name()).await?;
-    finish(&mut tx, projection, live).await?;
+    finish(&mut tx, projection, &schema, live).await?;
     let mut differences = Differences::default();
     for table in projection.tables() {
         let rows = |a: &str, b: &str| {
-            format!("SELECT row_to_json(r)::text FROM (SELECT * FROM {a}.{table} EXCEPT ALL SELECT * FROM {b}.{table}) r LIMIT 50")
+            format!(
+                "SELECT row_to_json(r)::text FROM (SELECT * FROM {a}.{table} EXCEPT ALL SELECT * FROM {b}.{table}) r LIMIT 50"
+            )
         };
         let only_rebuilt: Vec<String> = sqlx::query_scalar(&rows(&schema, "public")).fetch_all(&mut *tx).await?;
         let only_live: Vec<String> = sqlx::query_scalar(&rows("public", &schema)).fetch_all(&mut *tx).await?;
@@ -204,10 +263,17 @@ pub async fn compare(
 /// Builds the shadow tables up to `until` and stops, as an interrupted
 /// rebuild would; `rebuild` resumes from there.
 pub async fn build_until(pool: &PgPool, projection: Projection, until: LogPoint) -> Result<u64, ProjectionError> {
-    prepare(pool, projection, true).await?;
-    let mut applied = 0;
-    build(pool, projection, Some(until), &mut applied, 0, &mut |_, _| {}).await?;
-    Ok(applied)
+    let lock = exclusive(pool, projection).await?;
+    let schema = shadow_schema(projection);
+    let result = async {
+        prepare(pool, projection, &schema, true).await?;
+        let mut applied = 0;
+        build(pool, projection, &schema, Some(until), &mut applied, 0, &mut |_, _| {}).await?;
+        Ok(applied)
+    }
+    .await;
+    lock.release().await;
+    result
 }
 
 /// Whether the tables were built by an older version of the projection's
@@ -226,13 +292,10 @@ pub async fn outdated(pool: &PgPool, projection: Projection) -> Result<bool, Pro
 }
 
 /// Rebuilds an outdated projection in the background of `ledger serve`; the
-/// old tables serve until the swap. One instance does it (a session lock).
+/// old tables serve until the swap. One instance does it: the others find
+/// the rebuild lock taken and leave it.
 pub async fn upgrade(pool: PgPool, projection: Projection) -> Result<(), ProjectionError> {
-    let mut conn = pool.acquire().await?.detach();
-    let key = format!("projection upgrade {}", projection.name());
-    let leader: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(&key).fetch_one(&mut conn).await?;
-    if !leader || !outdated(&pool, projection).await? {
+    if !outdated(&pool, projection).await? {
         return Ok(());
     }
     tracing::info!(
@@ -240,7 +303,10 @@ pub async fn upgrade(pool: PgPool, projection: Projection) -> Result<(), Project
         version = projection.version(),
         "rebuilding a projection for its new version"
     );
-    let applied = rebuild(&pool, projection, false, &mut |_, _| {}).await?;
+    let applied = match rebuild(&pool, projection, false, &mut |_, _| {}).await {
+        Err(ProjectionError::Busy(_)) => return Ok(()),
+        other => other?,
+    };
     sqlx::query("UPDATE projection_versions SET version = $2, updated_at = now() WHERE projection = $1")
         .bind(projection.name())
         .bind(projection.version())

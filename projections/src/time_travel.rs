@@ -45,40 +45,51 @@ pub async fn balance_as_of(pool: &PgPool, account_id: Uuid, as_of: AsOf) -> Resu
     Ok((balance, balance - held))
 }
 
-/// A statement for `[from, to)`: the opening balance, the entries, the closing balance.
+/// At most this many entries in one statement; a longer period is refused.
+pub const MAX_STATEMENT_ENTRIES: i64 = 10_000;
+
+/// A statement for `[from, to)`: the opening balance, the entries, the
+/// closing balance. Membership is by `recorded_at`, and the opening and
+/// closing balances are sums over the same predicate, so opening + entries =
+/// closing always, whatever order concurrent movements committed in.
 pub struct Statement {
     pub opening_balance: Decimal,
     pub entries: Vec<EntryView>,
     pub closing_balance: Decimal,
 }
 
+/// `None` when the period holds more than `MAX_STATEMENT_ENTRIES` entries.
 pub async fn statement(
     pool: &PgPool,
     account_id: Uuid,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-) -> Result<Statement, sqlx::Error> {
-    let opening: Option<Decimal> = sqlx::query_scalar(
-        "SELECT balance_after FROM statement_entries WHERE account_id = $1 AND $2::timestamptz IS NOT NULL AND recorded_at < $2
-         ORDER BY entry_no DESC LIMIT 1",
-    )
+) -> Result<Option<Statement>, sqlx::Error> {
+    const SIGNED: &str = "CASE direction WHEN 'credit' THEN amount ELSE -amount END";
+    let opening_balance: Decimal = sqlx::query_scalar(&format!(
+        "SELECT coalesce(sum({SIGNED}), 0) FROM statement_entries
+         WHERE account_id = $1 AND $2::timestamptz IS NOT NULL AND recorded_at < $2"
+    ))
     .bind(account_id)
     .bind(from)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    let opening_balance = opening.unwrap_or(Decimal::ZERO);
     let entries: Vec<EntryView> = sqlx::query_as(
         "SELECT entry_no, transfer_id, direction, amount, balance_after, counterparty_account, kind,
                 reference, recorded_at, position
          FROM statement_entries
          WHERE account_id = $1 AND ($2::timestamptz IS NULL OR recorded_at >= $2) AND ($3::timestamptz IS NULL OR recorded_at < $3)
-         ORDER BY entry_no LIMIT 10000",
+         ORDER BY recorded_at, entry_no LIMIT $4",
     )
     .bind(account_id)
     .bind(from)
     .bind(to)
+    .bind(MAX_STATEMENT_ENTRIES + 1)
     .fetch_all(pool)
     .await?;
-    let closing_balance = entries.last().map(|e| e.balance_after).unwrap_or(opening_balance);
-    Ok(Statement { opening_balance, entries, closing_balance })
+    if entries.len() as i64 > MAX_STATEMENT_ENTRIES {
+        return Ok(None);
+    }
+    let moved: Decimal = entries.iter().map(|e| if e.direction == "credit" { e.amount } else { -e.amount }).sum();
+    Ok(Some(Statement { opening_balance, closing_balance: opening_balance + moved, entries }))
 }

@@ -105,6 +105,42 @@ async fn an_export_verifies_and_any_tampering_names_the_first_bad_record() {
         text.replacen(&format!("\"count\":{}", verified.count), &format!("\"count\":{}", verified.count + 1), 1);
     assert!(matches!(check(&lying), Err(VerifyError::Manifest(_))));
 
+    // Cut short with the manifest rewritten to match: the anchor still names the real last event.
+    let n = lines.len();
+    let mut shortened: Vec<String> = lines[..n - 2].iter().map(|l| l.to_string()).collect();
+    let prefix = check(&(shortened.join("\n") + "\n" + lines[n - 1] + "\n"));
+    assert!(prefix.is_err(), "the old manifest does not fit a shorter file");
+    let mut manifest: serde_json::Value = serde_json::from_str(lines[n - 1]).unwrap();
+    let kept = check(
+        &(shortened.join("\n")
+            + "\n"
+            + &ledger_domain::canonical::to_string(&json!({"manifest": {"count": 0}}))
+            + "\n"),
+    )
+    .err();
+    assert!(kept.is_some());
+    let short_last = serde_json::from_str::<serde_json::Value>(&shortened[shortened.len() - 1]).unwrap();
+    manifest["manifest"]["count"] = json!(verified.count - 1);
+    manifest["manifest"]["last_position"] = short_last["event"]["position"].clone();
+    manifest["manifest"]["final_hash"] = short_last["hash"].clone();
+    shortened.push(ledger_domain::canonical::to_string(&manifest));
+    assert!(
+        matches!(check(&(shortened.join("\n") + "\n")), Err(VerifyError::Manifest(m)) if m.contains("chain_anchor")),
+        "a truncated file with a forged manifest fails on its anchor"
+    );
+    // Lines another reader could read differently are refused.
+    let duplicate_key = lines[at].replacen("\"amount\":\"", "\"amount\":\"2500.00\",\"amount\":\"", 1);
+    let mut dup = lines.clone();
+    dup[at] = &duplicate_key;
+    assert_eq!(first_bad_line(&join(dup)), at as u64 + 1);
+    let extra = lines[1].replacen("{\"event\"", "{\"approved_by\":\"CFO\",\"event\"", 1);
+    let mut with_extra = lines.clone();
+    with_extra[1] = &extra;
+    assert_eq!(first_bad_line(&join(with_extra)), 2);
+    let mut blank = lines.clone();
+    blank.insert(2, "");
+    assert_eq!(first_bad_line(&join(blank)), 3);
+
     // CSV: the same chain, a fixed column set.
     let csv = export_text(&t, &Filter::default(), Format::Csv).await;
     assert!(csv.starts_with("position,recorded_at,event_type,schema_version,stream_id,stream_version,event_id,"));
@@ -143,6 +179,11 @@ async fn a_filtered_export_through_the_cli_verifies_and_exits_non_zero_when_tamp
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 5"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = ledger(&["audit", "verify", "--db"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The untampered file's anchor is the database's own link.
+    std::fs::write(&file, &text).unwrap();
+    let out = ledger(&["audit", "verify", file.to_str().unwrap(), "--db"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("anchor matches"));
     std::fs::remove_dir_all(&dir).unwrap();
     t.cleanup().await;
 }
@@ -207,6 +248,8 @@ async fn staff_stream_the_export_over_http_and_users_cannot() {
     let (s, _) = t.get("/v1/admin/audit/export", &user).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, v) = t.get("/v1/admin/audit/export?from=yesterday", &support.token).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = t.get("/v1/admin/audit/export?type=%00", &support.token).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     t.cleanup().await;
 }

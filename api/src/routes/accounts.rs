@@ -276,7 +276,12 @@ pub async fn statement(
         }
     }
     let account = readable_account(&state, &user, &id).await?;
-    let s = time_travel::statement(&state.pool, account.account_id, from, to).await?;
+    let s = time_travel::statement(&state.pool, account.account_id, from, to).await?.ok_or_else(|| {
+        Problem::validation(
+            "from",
+            format!("the period holds more than {} entries; ask for a shorter one", time_travel::MAX_STATEMENT_ENTRIES),
+        )
+    })?;
     let currency = account.currency;
     Ok(Json(StatementResponse {
         account_id: account.account_id,

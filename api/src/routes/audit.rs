@@ -38,6 +38,9 @@ fn parse_filter(query: &str) -> Result<(Filter, Format), Problem> {
         if value.is_empty() {
             continue;
         }
+        if value.contains('\0') {
+            return Err(Problem::validation(&name, "must not contain NUL characters"));
+        }
         let time = |field: &str| {
             chrono::DateTime::parse_from_rfc3339(value)
                 .map(|t| t.with_timezone(&chrono::Utc))
