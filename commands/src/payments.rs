@@ -309,10 +309,19 @@ async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
     let Some(hold_id) = order.hold_id else {
         return Ok(Err(DomainError::OrderNotInStatus(order_id, "paid for")));
     };
-    let hold_events = match hold::decide_capture(&from, &to, CaptureHold { hold_id, amount: None, transfer_id, now }) {
-        Ok(e) => e,
-        Err(e) => return Ok(Err(e)),
-    };
+    let mut hold_events =
+        match hold::decide_capture(&from, &to, CaptureHold { hold_id, amount: None, transfer_id, now }) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e)),
+        };
+    if is_system(actor) {
+        // Accepted by the auto-accept policy, not by anyone's request.
+        for event in &mut hold_events {
+            if let Event::TransferRecorded(t) = event {
+                t.channel = ledger_domain::events::Channel::System;
+            }
+        }
+    }
     Ok(order::decide_finish(&order, order_id, transfer_id, placed.amount).map(|order_events| {
         let mut d = Decision::created(
             vec![

@@ -5,7 +5,7 @@
 //! command side appends the movement under the debit account's stream version.
 
 use crate::events::{
-    AccountFrozen, AccountKind, AccountOpened, AccountUnfrozen, Event, TransferKind, TransferRecorded,
+    AccountFrozen, AccountKind, AccountOpened, AccountUnfrozen, Channel, Event, TransferKind, TransferRecorded,
 };
 use crate::fees::FeeRule;
 use crate::money::Amount;
@@ -371,6 +371,7 @@ pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMone
         currency: currency.code().to_owned(),
         kind,
         reference,
+        channel: Channel::Api,
     })];
     if fee > Decimal::ZERO {
         events.push(Event::TransferRecorded(TransferRecorded {
@@ -381,6 +382,7 @@ pub fn decide_transfer(from: &AccountState, to: &AccountState, command: MoveMone
             currency: currency.code().to_owned(),
             kind: TransferKind::Fee,
             reference: Some(format!("fee for {transfer_id}")),
+            channel: Channel::Api,
         }));
     }
     Ok(events)
@@ -422,6 +424,7 @@ mod tests {
             currency: "USD".into(),
             kind,
             reference: None,
+            channel: Channel::Api,
         })
     }
 
@@ -605,6 +608,7 @@ mod tests {
             currency: "USD".into(),
             kind: TransferKind::Deposit,
             reference: None,
+            channel: Channel::Api,
         });
         let freeze = decide(
             &given(&[opened(a, ann, "USD")]),

@@ -104,6 +104,53 @@ impl TransferKind {
 /// Published versions that today's code reads through an upcaster. Frozen:
 /// their schemas must stay byte-identical (see `events-schema/`).
 pub mod published {
+    /// `TransferRecorded` v2, before `channel`.
+    pub mod transfer_recorded_v2 {
+        use rust_decimal::Decimal;
+        use schemars::JsonSchema;
+        use serde::{Deserialize, Serialize};
+        use uuid::Uuid;
+
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum TransferKind {
+            /// From the currency's system account to a user account.
+            Deposit,
+            /// From a user account back to the currency's system account.
+            Withdrawal,
+            /// From a user account to any account of the same currency.
+            Transfer,
+            /// The captured part of a hold, from the held account to the hold's payee.
+            HoldCapture,
+            /// A fee, from the payer to the currency's fee account, with the movement it is for.
+            Fee,
+            /// A refund of an order, from the merchant's account to the customer's.
+            Refund,
+        }
+
+        /// A double-entry movement: `amount` left `from_account` and reached `to_account`,
+        /// both in `currency`, atomically.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct TransferRecorded {
+            /// The movement's id, answered as `transfer_id` by the API.
+            pub transfer_id: Uuid,
+            /// The debited account.
+            pub from_account: Uuid,
+            /// The credited account.
+            pub to_account: Uuid,
+            /// Positive decimal string with the currency's minor-unit digits, e.g. "12.30".
+            #[schemars(with = "String")]
+            pub amount: Decimal,
+            /// ISO 4217 code.
+            pub currency: String,
+            /// What kind of movement: deposit, withdrawal, transfer, hold capture, fee or refund.
+            pub kind: TransferKind,
+            /// The client's free-text reference.
+            pub reference: Option<String>,
+        }
+    }
+
     /// `UserRegistered` v1: personal fields in the clear.
     pub mod user_registered_v1 {
         use schemars::JsonSchema;
@@ -205,6 +252,19 @@ pub struct TransferRecorded {
     pub kind: TransferKind,
     /// The client's free-text reference.
     pub reference: Option<String>,
+    /// How the movement was asked for. Events before v3 read as `api`.
+    pub channel: Channel,
+}
+
+/// How a movement was asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// A client's request through the HTTP API.
+    #[default]
+    Api,
+    /// The ledger itself: the payment process accepting an order.
+    System,
 }
 
 /// Funds reserved on `from_account` for a later capture to `to_account`:
@@ -679,7 +739,7 @@ ledger_events! {
     TwoFactorEnabled => "user" v 1,
     TwoFactorDisabled => "user" v 1,
     AccountOpened => "account" v 1,
-    TransferRecorded => "account" v 2,
+    TransferRecorded => "account" v 3,
     AccountFrozen => "account" v 1,
     AccountUnfrozen => "account" v 1,
     HoldPlaced => "account" v 1,
@@ -708,6 +768,12 @@ fn published_versions() -> Vec<EventTypeInfo> {
             event_type: "TransferRecorded",
             schema_version: 1,
             schema: || schemars::schema_for!(published::transfer_recorded_v1::TransferRecorded),
+        },
+        EventTypeInfo {
+            category: "account",
+            event_type: "TransferRecorded",
+            schema_version: 2,
+            schema: || schemars::schema_for!(published::transfer_recorded_v2::TransferRecorded),
         },
         EventTypeInfo {
             category: "user",
@@ -745,6 +811,30 @@ fn upcast(event_type: &str, schema_version: i32, payload: serde_json::Value) -> 
                     V1::Transfer => TransferKind::Transfer,
                 },
                 reference: old.reference,
+                channel: Channel::Api,
+            }))
+        }
+        // v2 had no channel: every movement then came through the API.
+        ("TransferRecorded", 2) => {
+            let old: published::transfer_recorded_v2::TransferRecorded =
+                serde_json::from_value(payload).map_err(wrap)?;
+            use published::transfer_recorded_v2::TransferKind as V2;
+            Ok(Event::TransferRecorded(TransferRecorded {
+                transfer_id: old.transfer_id,
+                from_account: old.from_account,
+                to_account: old.to_account,
+                amount: old.amount,
+                currency: old.currency,
+                kind: match old.kind {
+                    V2::Deposit => TransferKind::Deposit,
+                    V2::Withdrawal => TransferKind::Withdrawal,
+                    V2::Transfer => TransferKind::Transfer,
+                    V2::HoldCapture => TransferKind::HoldCapture,
+                    V2::Fee => TransferKind::Fee,
+                    V2::Refund => TransferKind::Refund,
+                },
+                reference: old.reference,
+                channel: Channel::Api,
             }))
         }
         // v1 kept personal fields in the clear; v2 seals them. Same shape: the
@@ -781,6 +871,7 @@ mod tests {
         };
         assert_eq!(t.kind, TransferKind::Withdrawal);
         assert_eq!(t.amount, Decimal::new(150, 2));
+        assert_eq!(t.channel, Channel::Api, "old events read as api");
         let v1_refuses_new_kinds = serde_json::json!({
             "transfer_id": id, "from_account": id, "to_account": id, "amount": "1.50",
             "currency": "USD", "kind": "fee", "reference": null

@@ -6,7 +6,9 @@
 //! its debits: a hold, a capture and a withdrawal cannot overdraw it together.
 
 use crate::account::{check_available, check_pair, check_reference, AccountState, HoldStatus};
-use crate::events::{Event, HoldCaptured, HoldExpired, HoldPlaced, HoldReleased, TransferKind, TransferRecorded};
+use crate::events::{
+    Channel, Event, HoldCaptured, HoldExpired, HoldPlaced, HoldReleased, TransferKind, TransferRecorded,
+};
 use crate::money::Amount;
 use crate::DomainError;
 use chrono::{DateTime, Duration, Utc};
@@ -121,6 +123,7 @@ pub fn decide_capture(from: &AccountState, to: &AccountState, command: CaptureHo
             currency: currency.code().to_owned(),
             kind: TransferKind::HoldCapture,
             reference: Some(format!("hold {hold_id}")),
+            channel: Channel::Api,
         }),
     ])
 }
@@ -173,6 +176,7 @@ mod tests {
             currency: "USD".into(),
             kind: TransferKind::Deposit,
             reference: None,
+            channel: Channel::Api,
         })
     }
 

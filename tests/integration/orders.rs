@@ -53,6 +53,17 @@ async fn an_order_is_paid_finished_and_refunded_within_what_was_captured() {
         order["history"].as_array().unwrap().iter().map(|h| h["event_type"].as_str().unwrap()).collect();
     assert_eq!(steps, ["OrderPlaced", "OrderPaymentHeld", "OrderFinished"]);
     assert_eq!(order["captured"], "30.00");
+    let channels: Vec<(String, String)> = sqlx::query_as(
+        "SELECT payload->>'kind', payload->>'channel' FROM events WHERE event_type = 'TransferRecorded' ORDER BY position",
+    )
+    .fetch_all(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        channels,
+        [("deposit".to_owned(), "api".to_owned()), ("hold_capture".to_owned(), "system".to_owned())],
+        "the auto-accepted capture is the system's, the deposit a client's"
+    );
     let (s, _) = t.get(&format!("/v1/orders/{order_id}"), &merchant).await;
     assert_eq!(s, StatusCode::OK, "the merchant sees it too");
     let (_, eve) = t.user().await;
