@@ -220,6 +220,9 @@ pub async fn get(
     let mut response: AccountResponse = account.into();
     response.balance = money(balance, &response.currency);
     response.available = money(available, &response.currency);
+    if let AsOf::Point(p) = as_of {
+        response.position = p.position;
+    }
     response.as_of = Some(match as_of {
         AsOf::Point(p) => serde_json::json!({ "position": p.position }),
         AsOf::Time(t) => serde_json::json!({ "time": t }),
