@@ -301,7 +301,11 @@ async fn audit(config: &Config, command: AuditCommand) -> anyhow::Result<i32> {
             let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
             db::migrate(&pool).await.context("applying migrations")?;
             let bar = ProgressBar::new_spinner();
-            let result = ledger_audit::chain::verify_db(&pool, |n| {
+            let authenticator = ledger_commands::store::EventMac::new(&config.secret_key);
+            if config.secret_key_is_default {
+                println!("warning: LEDGER_SECRET_KEY is not set; event MACs are checked with the development key");
+            }
+            let result = ledger_audit::chain::verify_db(&pool, Some(&authenticator), |n| {
                 if n % 10_000 == 0 {
                     bar.set_message(format!("{n} links checked"));
                     bar.tick();

@@ -12,7 +12,7 @@
 
 use crate::{link, record, AuditError, GENESIS};
 use futures::TryStreamExt;
-use ledger_commands::store::{self, recorded_from_row, LogPoint, RECORDED_COLUMNS};
+use ledger_commands::store::{self, recorded_from_row, EventMac, LogPoint, RECORDED_COLUMNS};
 use sqlx::{PgConnection, PgPool, Row};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +127,9 @@ pub enum ChainBreak {
     Missing { position: i64 },
     /// An event among sealed ones that was never sealed: inserted out of band.
     Inserted { position: i64 },
+    /// An event whose row does not carry the service's MAC (or a wrong one):
+    /// written or edited by something other than the ledger.
+    Unauthenticated { position: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,10 +142,21 @@ pub struct DbVerification {
 
 /// Recomputes the chain from the events table and compares it with the links,
 /// streaming both in tailing order. `progress(checked)` is called as it goes.
-pub async fn verify_db(pool: &PgPool, mut progress: impl FnMut(u64)) -> Result<DbVerification, AuditError> {
+///
+/// With `authenticator` (the service's key), each event's MAC is checked too:
+/// that also catches rows inserted at the head of the log, which the sealer
+/// would otherwise seal like any other, and rows edited together with a
+/// rewritten chain. Events from before MACs existed are accepted until the
+/// first authenticated one.
+pub async fn verify_db(
+    pool: &PgPool,
+    authenticator: Option<&EventMac>,
+    mut progress: impl FnMut(u64),
+) -> Result<DbVerification, AuditError> {
     let mut events_conn = pool.acquire().await?;
     let mut links_conn = pool.acquire().await?;
-    let sql = format!("SELECT {RECORDED_COLUMNS} FROM events ORDER BY transaction_id, position");
+    let sql = format!("SELECT {RECORDED_COLUMNS}, mac FROM events ORDER BY transaction_id, position");
+    let mut authenticated_seen = false;
     let mut events = sqlx::query(&sql).fetch(&mut *events_conn);
     let mut links = sqlx::query(
         "SELECT position, transaction_id::text AS t, hash FROM event_chain ORDER BY transaction_id, position",
@@ -164,6 +178,15 @@ pub async fn verify_db(pool: &PgPool, mut progress: impl FnMut(u64)) -> Result<D
             Some(row) => Some(recorded_from_row(row)?),
             None => None,
         };
+        if let (Some(e), Some(row), Some(auth)) = (&event, &next_event, authenticator) {
+            let stored: Option<String> = row.try_get("mac")?;
+            let valid = stored.as_deref() == Some(auth.of(e).as_str());
+            if stored.is_some() && valid {
+                authenticated_seen = true;
+            } else if stored.is_some() || authenticated_seen {
+                result.first_break.get_or_insert(ChainBreak::Unauthenticated { position: e.position });
+            }
+        }
         match (event, link_point) {
             (None, None) => break,
             (Some(_), None) => {

@@ -141,25 +141,28 @@ fn metadata(actor: Option<Uuid>, client: &ClientInfo) -> EventMetadata {
 /// occurrences, not state another command decides against.
 async fn record_security_event(
     conn: &mut PgConnection,
+    authenticator: &store::EventMac,
     event: Event,
     actor: Option<Uuid>,
     client: &ClientInfo,
 ) -> Result<i64, CommandError> {
     let append =
         StreamAppend { stream_id: format!("security-{}", Uuid::now_v7()), expected_version: 0, events: vec![event] };
-    Ok(store::append(conn, &[append], &metadata(actor, client)).await?.unwrap_or_default())
+    Ok(store::append(conn, &[append], &metadata(actor, client), authenticator).await?.unwrap_or_default())
 }
 
 /// Appends a decided change to a user's stream.
 async fn record_user_change(
     conn: &mut PgConnection,
+    authenticator: &store::EventMac,
     user_id: Uuid,
     command: UserCommand,
     actor: Uuid,
     client: &ClientInfo,
 ) -> Result<(i64, UserState), CommandError> {
     let (appends, state) = user_change(conn, user_id, command).await?.map_err(CommandError::Rejected)?;
-    let position = store::append(conn, &appends, &metadata(Some(actor), client)).await?.unwrap_or_default();
+    let position =
+        store::append(conn, &appends, &metadata(Some(actor), client), authenticator).await?.unwrap_or_default();
     Ok((position, state))
 }
 
@@ -264,7 +267,9 @@ impl Ledger {
             sealed.push(seal_event(&mut tx, &self.secrets, user_id, event).await?);
         }
         let appends = [StreamAppend { stream_id: user_stream(user_id), expected_version: 0, events: sealed }];
-        let position = store::append(&mut tx, &appends, &metadata(Some(user_id), client)).await?.unwrap_or_default();
+        let position = store::append(&mut tx, &appends, &metadata(Some(user_id), client), &self.event_mac)
+            .await?
+            .unwrap_or_default();
         tx.commit().await?;
         self.appended.notify_one();
         Ok((user_id, position))
@@ -276,6 +281,7 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         let (position, _) = record_user_change(
             &mut tx,
+            &self.event_mac,
             user_id,
             UserCommand::ChangeRole { user_id, role, reason: Some(reason.to_owned()) },
             Uuid::nil(),
@@ -373,6 +379,7 @@ impl Ledger {
         let grant = self.open_session(&mut tx, user_id, client).await?;
         record_security_event(
             &mut tx,
+            &self.event_mac,
             Event::UserLoggedIn(UserLoggedIn { user_id, session_id: grant.session_id, second_factor: used }),
             Some(user_id),
             client,
@@ -470,7 +477,7 @@ impl Ledger {
             }),
         };
         // Whoever tried is unknown: the actor is anonymous, the user only the subject.
-        record_security_event(&mut tx, event, None, client).await?;
+        record_security_event(&mut tx, &self.event_mac, event, None, client).await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(())
@@ -615,6 +622,7 @@ impl Ledger {
             revoke_session(&mut tx, user_id, session_id, "refresh-token-reused").await?;
             record_security_event(
                 &mut tx,
+                &self.event_mac,
                 Event::RefreshTokenReused(RefreshTokenReused { user_id, session_id }),
                 Some(user_id),
                 client,
@@ -674,6 +682,7 @@ impl Ledger {
         };
         let position = record_security_event(
             &mut tx,
+            &self.event_mac,
             Event::LoggedOut(LoggedOut { user_id, session_ids: ended, all_sessions: all }),
             Some(user_id),
             client,
@@ -697,6 +706,7 @@ impl Ledger {
         }
         let position = record_security_event(
             &mut tx,
+            &self.event_mac,
             Event::SessionRevoked(SessionRevoked { user_id, session_id }),
             Some(user_id),
             client,
@@ -780,8 +790,15 @@ impl Ledger {
             .execute(&mut *tx)
             .await?;
         revoke_sessions(&mut tx, user_id, current_session, "password-changed").await?;
-        let (position, _) =
-            record_user_change(&mut tx, user_id, UserCommand::ChangePassword { user_id }, user_id, client).await?;
+        let (position, _) = record_user_change(
+            &mut tx,
+            &self.event_mac,
+            user_id,
+            UserCommand::ChangePassword { user_id },
+            user_id,
+            client,
+        )
+        .await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(position)
@@ -851,8 +868,15 @@ impl Ledger {
             .bind(&hashes)
             .execute(&mut *tx)
             .await?;
-        let (position, _) =
-            record_user_change(&mut tx, user_id, UserCommand::EnableTwoFactor { user_id }, user_id, client).await?;
+        let (position, _) = record_user_change(
+            &mut tx,
+            &self.event_mac,
+            user_id,
+            UserCommand::EnableTwoFactor { user_id },
+            user_id,
+            client,
+        )
+        .await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok((codes, position))
@@ -880,8 +904,15 @@ impl Ledger {
         }
         sqlx::query("DELETE FROM two_factor WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
-        let (position, _) =
-            record_user_change(&mut tx, user_id, UserCommand::DisableTwoFactor { user_id }, user_id, client).await?;
+        let (position, _) = record_user_change(
+            &mut tx,
+            &self.event_mac,
+            user_id,
+            UserCommand::DisableTwoFactor { user_id },
+            user_id,
+            client,
+        )
+        .await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(position)
@@ -924,6 +955,7 @@ impl Ledger {
         .await?;
         let position = record_security_event(
             &mut tx,
+            &self.event_mac,
             Event::ApiKeyCreated(ApiKeyCreated { user_id, key_id, name: name.clone(), scopes: scopes.clone() }),
             Some(user_id),
             client,
@@ -973,6 +1005,7 @@ impl Ledger {
         }
         let position = record_security_event(
             &mut tx,
+            &self.event_mac,
             Event::ApiKeyRevoked(ApiKeyRevoked { user_id, key_id }),
             Some(user_id),
             client,

@@ -214,6 +214,7 @@ pub struct Ledger {
     pub(crate) fees: Arc<FeeSchedule>,
     /// Keys pseudonyms of addresses that belong to nobody (failed logins).
     pub(crate) pseudonym_key: Arc<Vec<u8>>,
+    pub(crate) event_mac: Arc<store::EventMac>,
 }
 
 pub(crate) struct Decision {
@@ -248,6 +249,7 @@ impl Ledger {
             hashing: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
             fees: Arc::new(FeeSchedule::default()),
             pseudonym_key: Arc::new(secret_key.to_vec()),
+            event_mac: Arc::new(store::EventMac::new(secret_key)),
         }
     }
 
@@ -312,7 +314,7 @@ impl Ledger {
                     client_ip: envelope.client.ip.clone(),
                     user_agent: envelope.client.user_agent.clone(),
                 };
-                let position = store::append(&mut tx, &appends, &metadata).await?;
+                let position = store::append(&mut tx, &appends, &metadata, &self.event_mac).await?;
                 if let Some(effect) = effect {
                     apply_effect(&mut tx, effect).await?;
                 }

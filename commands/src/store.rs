@@ -97,27 +97,86 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
+/// Authenticates each event as it is appended: an HMAC-SHA256, with a key
+/// derived from `LEDGER_SECRET_KEY` that the database never holds, over
+/// everything in the row but its position. A row inserted or edited out of
+/// band (by a superuser, say) cannot carry a valid one.
+#[derive(Clone)]
+pub struct EventMac {
+    key: [u8; 32],
+}
+
+impl EventMac {
+    pub fn new(secret_key: &[u8]) -> EventMac {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"ledger event mac v1\0");
+        h.update(secret_key);
+        EventMac { key: h.finalize().into() }
+    }
+
+    /// The MAC of an event as stored (metadata times at microseconds).
+    pub fn of(&self, e: &RecordedEvent) -> String {
+        use hmac::{Hmac, Mac};
+        let content = serde_json::json!({
+            "event_id": e.event_id,
+            "stream_id": e.stream_id,
+            "stream_version": e.stream_version,
+            "event_type": e.event_type,
+            "schema_version": e.schema_version,
+            "payload": e.payload,
+            "command_id": e.metadata.command_id,
+            "correlation_id": e.metadata.correlation_id,
+            "causation_id": e.metadata.causation_id,
+            "actor_id": e.metadata.actor_id,
+            "recorded_at": e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "client_ip": e.metadata.client_ip,
+            "user_agent": e.metadata.user_agent,
+        });
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.key) else { return String::new() };
+        mac.update(ledger_domain::canonical::to_string(&content).as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
 /// Appends the events in one statement, inside the caller's transaction.
 /// Returns the highest position written.
 pub async fn append(
     conn: &mut PgConnection,
     appends: &[StreamAppend],
     metadata: &EventMetadata,
+    authenticator: &EventMac,
 ) -> Result<Option<i64>, StoreError> {
+    use chrono::SubsecRound;
+    // Stored at microseconds: the MAC covers the value as stored.
+    let metadata = &EventMetadata { recorded_at: metadata.recorded_at.trunc_subsecs(6), ..metadata.clone() };
     let mut ids = Vec::new();
     let mut streams = Vec::new();
     let mut versions = Vec::new();
     let mut types = Vec::new();
     let mut schema_versions = Vec::new();
     let mut payloads = Vec::new();
+    let mut macs = Vec::new();
     for append in appends {
         for (i, event) in append.events.iter().enumerate() {
-            ids.push(Uuid::now_v7());
-            streams.push(append.stream_id.clone());
-            versions.push(append.expected_version + 1 + i as i64);
-            types.push(event.event_type().to_owned());
-            schema_versions.push(event.schema_version());
-            payloads.push(event.payload());
+            let recorded = RecordedEvent {
+                position: 0,
+                transaction_id: 0,
+                event_id: Uuid::now_v7(),
+                stream_id: append.stream_id.clone(),
+                stream_version: append.expected_version + 1 + i as i64,
+                event_type: event.event_type().to_owned(),
+                schema_version: event.schema_version(),
+                payload: event.payload(),
+                metadata: metadata.clone(),
+            };
+            macs.push(authenticator.of(&recorded));
+            ids.push(recorded.event_id);
+            streams.push(recorded.stream_id);
+            versions.push(recorded.stream_version);
+            types.push(recorded.event_type);
+            schema_versions.push(recorded.schema_version);
+            payloads.push(recorded.payload);
         }
     }
     if ids.is_empty() {
@@ -127,11 +186,11 @@ pub async fn append(
         "WITH appended AS (
              INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
                                  payload, command_id, correlation_id, causation_id, actor_id, recorded_at,
-                                 client_ip, user_agent)
+                                 client_ip, user_agent, mac)
              SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version,
-                    e.payload, $7, $8, $9, $10, $11, $12, $13
-             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[])
-                  AS e(event_id, stream_id, stream_version, event_type, schema_version, payload)
+                    e.payload, $7, $8, $9, $10, $11, $12, $13, e.mac
+             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[], $14::text[])
+                  AS e(event_id, stream_id, stream_version, event_type, schema_version, payload, mac)
              RETURNING position)
          SELECT max(position) FROM appended",
     )
@@ -148,6 +207,7 @@ pub async fn append(
     .bind(metadata.recorded_at)
     .bind(&metadata.client_ip)
     .bind(&metadata.user_agent)
+    .bind(&macs)
     .fetch_one(&mut *conn)
     .await;
     match result {

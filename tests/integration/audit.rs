@@ -162,6 +162,7 @@ async fn a_filtered_export_through_the_cli_verifies_and_exits_non_zero_when_tamp
         Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(args)
             .env("LEDGER_DATABASE_URL", &t.config.database_url)
+            .env("LEDGER_SECRET_KEY", String::from_utf8(t.config.secret_key.clone()).unwrap())
             .env("LEDGER_LOG", "warn")
             .output()
             .expect("ledger runs")
@@ -191,7 +192,8 @@ async fn a_filtered_export_through_the_cli_verifies_and_exits_non_zero_when_tamp
 #[tokio::test]
 async fn the_database_chain_finds_a_row_a_superuser_edited_or_deleted() {
     let (t, _) = populated().await;
-    let clean = verify_db(&t.pool, |_| {}).await.unwrap();
+    let clean =
+        verify_db(&t.pool, Some(&ledger_commands::store::EventMac::new(&t.config.secret_key)), |_| {}).await.unwrap();
     assert_eq!(clean.first_break, None);
     assert!(clean.sealed >= 8);
     let target: i64 = sqlx::query_scalar(
@@ -210,8 +212,11 @@ async fn the_database_chain_finds_a_row_a_superuser_edited_or_deleted() {
         sqlx::query(sql).bind(target).execute(&mut *tx).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let found = verify_db(&t.pool, |_| {}).await.unwrap();
-    assert_eq!(found.first_break, Some(ChainBreak::Altered { position: target }));
+    let found =
+        verify_db(&t.pool, Some(&ledger_commands::store::EventMac::new(&t.config.secret_key)), |_| {}).await.unwrap();
+    assert_eq!(found.first_break, Some(ChainBreak::Unauthenticated { position: target }), "the MAC catches it first");
+    let chain_only = verify_db(&t.pool, None, |_| {}).await.unwrap();
+    assert_eq!(chain_only.first_break, Some(ChainBreak::Altered { position: target }), "and so does the chain");
 
     let first: i64 = sqlx::query_scalar("SELECT min(position) FROM events").fetch_one(&t.pool).await.unwrap();
     let mut tx = t.pool.begin().await.unwrap();
@@ -223,8 +228,45 @@ async fn the_database_chain_finds_a_row_a_superuser_edited_or_deleted() {
         sqlx::query(sql).bind(first).execute(&mut *tx).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let found = verify_db(&t.pool, |_| {}).await.unwrap();
+    let found =
+        verify_db(&t.pool, Some(&ledger_commands::store::EventMac::new(&t.config.secret_key)), |_| {}).await.unwrap();
     assert_eq!(found.first_break, Some(ChainBreak::Missing { position: first }), "the earliest break is reported");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_row_a_superuser_inserts_at_the_head_carries_no_valid_mac() {
+    let (t, a) = populated().await;
+    let mac = ledger_commands::store::EventMac::new(&t.config.secret_key);
+    assert_eq!(verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap().first_break, None);
+    // A forged credit, inserted directly (the trigger allows inserts); the sealer seals it like any event.
+    let forged: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, command_id, correlation_id, actor_id)
+         VALUES (gen_random_uuid(), 'transfer-' || gen_random_uuid(), 1, 'TransferRecorded', 3,
+                 jsonb_build_object('transfer_id', gen_random_uuid(), 'from_account', gen_random_uuid(), 'to_account', $1::text,
+                                    'amount', '5000.00', 'currency', 'USD', 'kind', 'deposit', 'reference', null, 'channel', 'api'),
+                 gen_random_uuid(), gen_random_uuid(), gen_random_uuid())
+         RETURNING position",
+    )
+    .bind(&a)
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        let sealed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
+            .bind(forged)
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+        if sealed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let without_key = verify_db(&t.pool, None, |_| {}).await.unwrap();
+    assert_eq!(without_key.first_break, None, "the chain alone cannot tell: the sealer sealed it");
+    let with_key = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
+    assert_eq!(with_key.first_break, Some(ChainBreak::Unauthenticated { position: forged }));
     t.cleanup().await;
 }
 
