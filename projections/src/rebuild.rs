@@ -127,6 +127,21 @@ async fn build(
     }
 }
 
+/// Events at or below the shadow checkpoint: what a resumed rebuild has done.
+async fn already_built(pool: &PgPool, projection: Projection, schema: &str) -> Result<u64, ProjectionError> {
+    let mut tx = pool.begin().await?;
+    use_shadow(&mut tx, schema).await?;
+    let at = checkpoint::lock(&mut tx, projection.name()).await?;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE (transaction_id, position) <= ($1::text::xid8, $2)")
+            .bind(at.transaction_id.to_string())
+            .bind(at.position)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.rollback().await?;
+    Ok(n.max(0) as u64)
+}
+
 /// Inside `tx` (which holds the live checkpoint's lock): applies what the
 /// shadow still lacks up to `target`.
 async fn finish(
@@ -190,8 +205,11 @@ async fn rebuild_locked(
     let schema = shadow_schema(projection);
     prepare(pool, projection, &schema, fresh).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+    // A resumed rebuild starts its progress where the interrupted one stopped.
+    let done_before = already_built(pool, projection, &schema).await?;
     let mut applied = 0;
-    build(pool, projection, &schema, None, &mut applied, total as u64, progress).await?;
+    let mut shifted = |done: u64, total: u64| progress(done + done_before, total.max(done + done_before));
+    build(pool, projection, &schema, None, &mut applied, total as u64, &mut shifted).await?;
     let retired = retired_schema(projection);
     let mut tx = pool.begin().await?;
     // Readers wait at most this long for the swap's table locks; the swap retries later.
