@@ -32,6 +32,11 @@ pub fn command_routes() -> Router<AppState> {
         .route("/v1/accounts/{id}/deposits", post(routes::accounts::deposit))
         .route("/v1/accounts/{id}/withdrawals", post(routes::accounts::withdraw))
         .route("/v1/transfers", post(routes::transfers::create))
+        // Up to 1000 transfers do not fit the general 64 KiB limit.
+        .route(
+            "/v1/transfers/batch",
+            post(routes::transfers::batch).layer(DefaultBodyLimit::max(extract::MAX_BATCH_BODY_BYTES)),
+        )
         .route("/v1/auth/refresh", post(routes::auth::refresh))
         .route("/v1/auth/logout", post(routes::auth::logout))
         .route("/v1/auth/logout-all", post(routes::auth::logout_all))

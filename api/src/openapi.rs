@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
         api_keys::create, api_keys::list, api_keys::revoke,
         me::me, me::activity,
         accounts::open, accounts::list, accounts::get, accounts::deposit, accounts::withdraw, accounts::transactions, accounts::statement,
-        transfers::create, transfers::get,
+        transfers::create, transfers::get, transfers::batch,
         holds::place, holds::capture, holds::release, holds::get, holds::of_account,
         orders::create, orders::cancel, orders::accept, orders::refund, orders::get, orders::list,
         commands::get,

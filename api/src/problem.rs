@@ -159,6 +159,14 @@ pub fn from_domain(e: &DomainError) -> Problem {
         }
         DomainError::OrderNotFound(_) => Problem::new(StatusCode::NOT_FOUND, "order-not-found", e.to_string()),
         DomainError::OrderNotInStatus(..) => Problem::new(StatusCode::CONFLICT, "order-state-conflict", e.to_string()),
+        DomainError::BatchItem { index, error } => {
+            let inner = from_domain(error);
+            Problem {
+                detail: format!("transfers[{index}]: {}; nothing in the batch was done", inner.detail),
+                extensions: Some(json!({ "item": index, "field": format!("transfers[{index}]") })),
+                ..inner
+            }
+        }
         DomainError::RefundExceedsCaptured { .. } => {
             Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "refund-exceeds-captured", e.to_string())
         }

@@ -159,6 +159,10 @@ pub enum LedgerCommand {
         amount: String,
         as_admin: bool,
     },
+    /// An all-or-none batch of transfers, each with its own key.
+    TransferBatch {
+        items: Vec<crate::batch::BatchItem>,
+    },
     /// Crypto-shredding: destroys the user's personal-data key.
     ForgetUser {
         user_id: Uuid,
@@ -224,11 +228,13 @@ pub(crate) struct Decision {
     pub(crate) status: u16,
     /// Write-side caches that change with the events, in the same transaction.
     pub(crate) effect: Option<Effect>,
+    /// Idempotency records of a batch's items, written with the batch.
+    pub(crate) items: Vec<crate::batch::ItemRecord>,
 }
 
 impl Decision {
     pub(crate) fn created(appends: Vec<StreamAppend>, body: Value) -> Decision {
-        Decision { appends, body, status: 201, effect: None }
+        Decision { appends, body, status: 201, effect: None, items: vec![] }
     }
 }
 
@@ -304,7 +310,7 @@ impl Ledger {
             None => Uuid::now_v7(),
         };
         let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone(), &self.fees).await? {
-            Ok(Decision { appends, mut body, status, effect }) => {
+            Ok(Decision { appends, mut body, status, effect, items }) => {
                 let metadata = EventMetadata {
                     command_id: Some(command_id),
                     correlation_id: Some(envelope.correlation_id.unwrap_or(command_id)),
@@ -318,6 +324,7 @@ impl Ledger {
                 if let Some(effect) = effect {
                     apply_effect(&mut tx, effect).await?;
                 }
+                record_items(&mut tx, envelope.actor, items, position, &mut body).await?;
                 body["position"] = json!(position);
                 (status, body, position)
             }
@@ -342,6 +349,69 @@ impl Ledger {
             self.appended.notify_one();
         }
         Ok(Outcome { status, body, replayed: false, position })
+    }
+
+    /// A batch whose items stand alone: each is a transfer under its own key
+    /// (one failing does not stop the others), and the combined answer is
+    /// recorded under the request's key, which is held for the duration.
+    pub async fn execute_each(
+        &self,
+        envelope: &CommandEnvelope,
+        items: Vec<crate::batch::BatchItem>,
+        render: RenderRejection,
+    ) -> Result<Outcome, CommandError> {
+        let mut tx = self.pool.begin().await?;
+        idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
+        if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
+            return replay(previous, envelope);
+        }
+        let mut results = Vec::with_capacity(items.len());
+        let mut last = None;
+        for item in items {
+            let item_envelope = CommandEnvelope {
+                actor: envelope.actor,
+                idempotency_key: item.key.clone(),
+                request_hash: item.request_hash(),
+                correlation_id: envelope.correlation_id,
+                client: envelope.client.clone(),
+                causation_id: None,
+            };
+            let command = LedgerCommand::Transfer {
+                from_account: item.from_account,
+                to_account: item.to_account,
+                amount: item.amount.clone(),
+                reference: item.reference.clone(),
+            };
+            let result = match self.execute(&item_envelope, command, render).await {
+                Ok(outcome) => {
+                    last = outcome.position.max(last);
+                    json!({ "key": item.key, "status": outcome.status, "body": outcome.body, "replayed": outcome.replayed })
+                }
+                Err(CommandError::IdempotencyKeyReuse) => json!({
+                    "key": item.key,
+                    "status": 422,
+                    "body": { "type": "/problems/idempotency-key-reuse", "status": 422,
+                              "detail": "this item's key was already used for a different request" },
+                    "replayed": false
+                }),
+                Err(e) => return Err(e),
+            };
+            results.push(result);
+        }
+        let body = json!({ "atomic": false, "results": results, "position": last });
+        idempotency::record(
+            &mut tx,
+            envelope.actor,
+            &envelope.idempotency_key,
+            Uuid::now_v7(),
+            &envelope.request_hash,
+            200,
+            &body,
+            last,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Outcome { status: 200, body, replayed: false, position: last })
     }
 
     /// The recorded outcome of a key, for a client that lost the answer.
@@ -573,6 +643,7 @@ async fn decide(
                 body: json!({ "user_id": user_id, "blocked": true }),
                 status: 200,
                 effect: Some(Effect::Blocked(user_id, true)),
+                items: vec![],
             }))
         }
         LedgerCommand::UnblockUser { user_id, reason } => {
@@ -582,6 +653,7 @@ async fn decide(
                 body: json!({ "user_id": user_id, "blocked": false }),
                 status: 200,
                 effect: Some(Effect::Blocked(user_id, false)),
+                items: vec![],
             }))
         }
         LedgerCommand::ChangeRole { user_id, role, reason } => {
@@ -594,6 +666,13 @@ async fn decide(
                 body: json!({ "user_id": user_id, "role": role }),
                 status: 200,
                 effect: Some(Effect::Role(user_id, role)),
+                items: vec![],
+            }))
+        }
+        LedgerCommand::TransferBatch { items } => {
+            Ok(crate::batch::decide(conn, actor, items, fees).await?.map(|(mut decision, records)| {
+                decision.items = records;
+                decision
             }))
         }
         LedgerCommand::ForgetUser { user_id, reason } => {
@@ -606,6 +685,7 @@ async fn decide(
                 body: json!({ "user_id": user_id, "forgotten": true }),
                 status: 200,
                 effect: Some(Effect::Forgotten(user_id)),
+                items: vec![],
             }))
         }
         LedgerCommand::FreezeAccount { account_id, reason } => {
@@ -615,6 +695,7 @@ async fn decide(
                 body: json!({ "account_id": account_id, "frozen": true }),
                 status: 200,
                 effect: None,
+                items: vec![],
             }))
         }
         LedgerCommand::UnfreezeAccount { account_id, reason } => {
@@ -624,6 +705,7 @@ async fn decide(
                 body: json!({ "account_id": account_id, "frozen": false }),
                 status: 200,
                 effect: None,
+                items: vec![],
             }))
         }
     }
@@ -656,6 +738,29 @@ async fn account_change(
     let (state, version) = account_state(conn, account_id, true).await?;
     Ok(account::decide(&state, command)
         .map(|events| vec![StreamAppend { stream_id: account_stream(account_id), expected_version: version, events }]))
+}
+
+/// Records each new batch item under its own key, at the batch's position,
+/// and puts that position into the batch's answer.
+async fn record_items(
+    conn: &mut PgConnection,
+    actor: Uuid,
+    items: Vec<crate::batch::ItemRecord>,
+    position: Option<i64>,
+    body: &mut Value,
+) -> Result<(), sqlx::Error> {
+    for item in items {
+        let mut response = item.body;
+        response["position"] = json!(position);
+        idempotency::record(conn, actor, &item.key, Uuid::now_v7(), &item.request_hash, 201, &response, position)
+            .await?;
+    }
+    if let Some(results) = body.get_mut("results").and_then(Value::as_array_mut) {
+        for result in results.iter_mut().filter(|r| r["replayed"] == false) {
+            result["body"]["position"] = json!(position);
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the write-side identity cache in step with the user stream.

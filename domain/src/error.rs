@@ -45,6 +45,9 @@ pub enum DomainError {
     OrderNotInStatus(Uuid, &'static str),
     #[error("refunds would exceed the captured {captured}: {refunded} already refunded, {requested} requested")]
     RefundExceedsCaptured { captured: Decimal, refunded: Decimal, requested: Decimal },
+    /// One item of an all-or-none batch was refused, so the whole batch was.
+    #[error("transfers[{index}]: {error}")]
+    BatchItem { index: usize, error: Box<DomainError> },
 }
 
 impl DomainError {

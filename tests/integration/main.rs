@@ -5,6 +5,7 @@ mod harness;
 mod access_matrix;
 mod api;
 mod audit;
+mod batch;
 mod concurrency;
 mod event_store;
 mod holds;

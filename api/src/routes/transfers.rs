@@ -75,3 +75,70 @@ pub async fn get(
         position: t.position,
     }))
 }
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItemRequest {
+    /// The item's own Idempotency-Key: the same as a single transfer's.
+    pub key: String,
+    pub from_account: Uuid,
+    pub to_account: Uuid,
+    pub amount: String,
+    pub reference: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 1000 transfers.
+    pub transfers: Vec<BatchItemRequest>,
+    /// All or none (true), or each on its own with a result per item (false).
+    pub atomic: bool,
+}
+
+#[utoipa::path(post, path = "/v1/transfers/batch", tag = "transfers", request_body = BatchRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses((status = 201, description = "atomic: every item done; {atomic, results, position}"),
+        (status = 200, description = "not atomic: a result per item; {atomic, results, position}"),
+        (status = 422, description = "atomic: the first refused item, with `item`; or validation")))]
+pub async fn batch(State(state): State<AppState>, request: CommandRequest<BatchRequest>) -> Result<Response, Problem> {
+    let count = request.body.transfers.len();
+    if count == 0 || count > ledger_commands::batch::MAX_ITEMS {
+        return Err(Problem::validation(
+            "transfers",
+            format!("must hold 1 to {} transfers", ledger_commands::batch::MAX_ITEMS),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, item) in request.body.transfers.iter().enumerate() {
+        if !ledger_commands::idempotency::key_is_valid(&item.key) {
+            return Err(Problem::validation(
+                &format!("transfers[{i}].key"),
+                "must be 1 to 255 printable ASCII characters",
+            ));
+        }
+        if !seen.insert(item.key.as_str()) {
+            return Err(Problem::validation(&format!("transfers[{i}].key"), "is used twice in this batch"));
+        }
+    }
+    let envelope = command_envelope(&request);
+    let atomic = request.body.atomic;
+    let items: Vec<ledger_commands::batch::BatchItem> = request
+        .body
+        .transfers
+        .into_iter()
+        .map(|t| ledger_commands::batch::BatchItem {
+            key: t.key,
+            from_account: t.from_account,
+            to_account: t.to_account,
+            amount: t.amount,
+            reference: t.reference,
+        })
+        .collect();
+    if atomic {
+        run(&state, envelope, LedgerCommand::TransferBatch { items }).await
+    } else {
+        let outcome = state.ledger.execute_each(&envelope, items, crate::problem::render_rejection).await?;
+        Ok(super::outcome_response(outcome))
+    }
+}

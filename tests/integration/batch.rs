@@ -1,0 +1,106 @@
+//! `POST /v1/transfers/batch`: all or none, or each on its own; item keys
+//! and the request key both keep it exactly-once.
+
+use crate::harness::TestLedger;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn code(v: &Value) -> &str {
+    v["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn an_atomic_batch_moves_all_or_nothing_and_each_item_once() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "100.00").await;
+    let item = |key: &str, amount: &str| json!({"key": key, "from_account": a, "to_account": b, "amount": amount});
+    // The third item would overdraw once the first two are counted: nothing moves.
+    let body = json!({"atomic": true, "transfers": [item("i1", "40.00"), item("i2", "40.00"), item("i3", "40.00")]});
+    let (s, v, _) = t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("batch-1"), Some(body)).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "insufficient-funds"), "{v}");
+    assert_eq!(v["item"], 2, "{v}");
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
+    assert_eq!(view["balance"], "100.00");
+
+    let body = json!({"atomic": true, "transfers": [item("j1", "40.00"), item("j2", "35.50")]});
+    let (s1, v1, _) =
+        t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("batch-2"), Some(body.clone())).await;
+    assert_eq!(s1, StatusCode::CREATED, "{v1}");
+    let (s2, v2, h2) = t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("batch-2"), Some(body)).await;
+    assert_eq!((s2, &v2), (StatusCode::CREATED, &v1), "the request key replays");
+    assert_eq!(h2["idempotent-replayed"], "true");
+    // An item key is a transfer's key: the same transfer sent alone replays it.
+    let (s, single, _) = t
+        .request(
+            Method::POST,
+            "/v1/transfers",
+            Some(&ann),
+            Some("j1"),
+            Some(json!({"from_account": a, "to_account": b, "amount": "40.00"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(single["transfer_id"], v1["results"][0]["body"]["transfer_id"]);
+    // A new batch repeating an old item moves only the new one.
+    let body = json!({"atomic": true, "transfers": [item("j2", "35.50"), item("j3", "4.50")]});
+    let (s, v, _) = t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("batch-3"), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["results"][0]["replayed"], true);
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
+    assert_eq!(view["balance"], "20.00", "100 - 40 - 35.50 - 4.50");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_non_atomic_batch_answers_per_item() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    let usd = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "50.00").await;
+    let body = json!({"atomic": false, "transfers": [
+        {"key": "k1", "from_account": a, "to_account": b, "amount": "30.00"},
+        {"key": "k2", "from_account": a, "to_account": b, "amount": "30.00"},
+        {"key": "k3", "from_account": a, "to_account": usd, "amount": "1.00"},
+        {"key": "k4", "from_account": a, "to_account": b, "amount": "20.00"},
+    ]});
+    let (s, v, _) =
+        t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("each-1"), Some(body.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let statuses: Vec<i64> = v["results"].as_array().unwrap().iter().map(|r| r["status"].as_i64().unwrap()).collect();
+    assert_eq!(statuses, [201, 422, 422, 201]);
+    assert_eq!(code(&v["results"][1]["body"]), "insufficient-funds");
+    assert_eq!(code(&v["results"][2]["body"]), "currency-mismatch");
+    let (s, again, _) = t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("each-1"), Some(body)).await;
+    assert_eq!((s, &again), (StatusCode::OK, &v));
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
+    assert_eq!(view["balance"], "0.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn batches_are_bounded_and_keys_checked() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let one = |key: String| json!({"key": key, "from_account": a, "to_account": a, "amount": "1.00"});
+    let big: Vec<Value> = (0..1001).map(|i| one(format!("k{i}"))).collect();
+    let (s, v) = t.post("/v1/transfers/batch", &ann, json!({"atomic": true, "transfers": big})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    let (s, v) = t.post("/v1/transfers/batch", &ann, json!({"atomic": true, "transfers": []})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    let (s, v) = t
+        .post("/v1/transfers/batch", &ann, json!({"atomic": false, "transfers": [one("x".into()), one("x".into())]}))
+        .await;
+    assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("transfers[1].key"));
+    t.cleanup().await;
+}
