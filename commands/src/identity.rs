@@ -680,17 +680,13 @@ impl Ledger {
                 _ => vec![],
             }
         };
-        let position = record_security_event(
-            &mut tx,
-            &self.event_mac,
+        self.commit_with_event(
+            tx,
             Event::LoggedOut(LoggedOut { user_id, session_ids: ended, all_sessions: all }),
-            Some(user_id),
+            user_id,
             client,
         )
-        .await?;
-        tx.commit().await?;
-        self.appended.notify_one();
-        Ok(position)
+        .await
     }
 
     /// Ends one of the user's own sessions from the session list.
@@ -704,14 +700,18 @@ impl Ledger {
         if !revoke_session(&mut tx, user_id, session_id, "revoked-by-user").await? {
             return Err(CommandError::SessionNotFound);
         }
-        let position = record_security_event(
-            &mut tx,
-            &self.event_mac,
-            Event::SessionRevoked(SessionRevoked { user_id, session_id }),
-            Some(user_id),
-            client,
-        )
-        .await?;
+        self.commit_with_event(tx, Event::SessionRevoked(SessionRevoked { user_id, session_id }), user_id, client).await
+    }
+
+    /// Records a security event about `user_id` (who also acted) and commits.
+    async fn commit_with_event(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        event: Event,
+        user_id: Uuid,
+        client: &ClientInfo,
+    ) -> Result<i64, CommandError> {
+        let position = record_security_event(&mut tx, &self.event_mac, event, Some(user_id), client).await?;
         tx.commit().await?;
         self.appended.notify_one();
         Ok(position)
@@ -1003,17 +1003,7 @@ impl Ledger {
         if revoked.rows_affected() != 1 {
             return Err(CommandError::ApiKeyNotFound);
         }
-        let position = record_security_event(
-            &mut tx,
-            &self.event_mac,
-            Event::ApiKeyRevoked(ApiKeyRevoked { user_id, key_id }),
-            Some(user_id),
-            client,
-        )
-        .await?;
-        tx.commit().await?;
-        self.appended.notify_one();
-        Ok(position)
+        self.commit_with_event(tx, Event::ApiKeyRevoked(ApiKeyRevoked { user_id, key_id }), user_id, client).await
     }
 
     /// The per-request check behind an API key.

@@ -236,6 +236,11 @@ impl Decision {
     pub(crate) fn created(appends: Vec<StreamAppend>, body: Value) -> Decision {
         Decision { appends, body, status: 201, effect: None, items: vec![] }
     }
+
+    /// A change of state of something that exists (200).
+    pub(crate) fn changed(appends: Vec<StreamAppend>, body: Value) -> Decision {
+        Decision { status: 200, ..Decision::created(appends, body) }
+    }
 }
 
 pub(crate) enum Effect {

@@ -188,8 +188,7 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
                     });
                 }
             }
-            let mut decision = Decision::created(appends, json!({ "hold_id": hold_id, "status": "expired" }));
-            decision.status = 200;
+            let decision = Decision::changed(appends, json!({ "hold_id": hold_id, "status": "expired" }));
             Ok(Ok(decision))
         }
         LedgerCommand::PlaceOrder { account_id, merchant_account, amount, description } => {
@@ -253,7 +252,7 @@ async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
                 Ok(e) => e,
                 Err(e) => return Ok(Err(e)),
             };
-            let mut d = Decision::created(
+            let d = Decision::changed(
                 vec![
                     StreamAppend {
                         stream_id: account_stream(placed.account_id),
@@ -268,7 +267,6 @@ async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
                 ],
                 json!({ "order_id": order_id, "hold_id": hold_id, "status": "NEW" }),
             );
-            d.status = 200;
             Ok(Ok(d))
         }
         Err(refusal) => {
@@ -277,12 +275,10 @@ async fn pay_order(conn: &mut PgConnection, order_id: Uuid) -> Decided {
                 _ => CancelReason::PaymentRefused,
             };
             Ok(order::decide_cancel(&order, order_id, reason).map(|events| {
-                let mut d = Decision::created(
+                Decision::changed(
                     vec![StreamAppend { stream_id: order_stream(order_id), expected_version: order_version, events }],
                     json!({ "order_id": order_id, "status": "CANCELLED", "reason": reason }),
-                );
-                d.status = 200;
-                d
+                )
             }))
         }
     }
@@ -323,7 +319,7 @@ async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
         }
     }
     Ok(order::decide_finish(&order, order_id, transfer_id, placed.amount).map(|order_events| {
-        let mut d = Decision::created(
+        Decision::changed(
             vec![
                 StreamAppend {
                     stream_id: account_stream(placed.account_id),
@@ -337,9 +333,7 @@ async fn accept_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
                 },
             ],
             json!({ "order_id": order_id, "status": "FINISHED", "transfer_id": transfer_id }),
-        );
-        d.status = 200;
-        d
+        )
     }))
 }
 
@@ -375,8 +369,7 @@ async fn cancel_order(conn: &mut PgConnection, actor: Uuid, order_id: Uuid) -> D
         expected_version: order_version,
         events: order_events,
     });
-    let mut d = Decision::created(appends, json!({ "order_id": order_id, "status": "CANCELLED" }));
-    d.status = 200;
+    let d = Decision::changed(appends, json!({ "order_id": order_id, "status": "CANCELLED" }));
     Ok(Ok(d))
 }
 

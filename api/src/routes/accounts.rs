@@ -352,19 +352,8 @@ pub async fn transactions(
     QueryParams(query): QueryParams<TransactionsQuery>,
     _: ReadAfter,
 ) -> Result<Json<TransactionPage>, Problem> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(Problem::validation("limit", "must be between 1 and 200"));
-    }
-    let before = match query.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| Problem::validation("cursor", "is not a cursor this API returned"))?,
-        ),
-    };
+    let limit = super::page_limit(query.limit)?;
+    let before = super::position_cursor(query.cursor.as_deref())?;
     let account = readable_account(&state, &user, &id).await?;
     let entries = statements::entries(&state.pool, account.account_id, limit, before).await?;
     let next_cursor = (entries.len() as i64 == limit).then(|| entries.last().map(|e| e.entry_no.to_string())).flatten();

@@ -73,10 +73,7 @@ pub async fn users(
     QueryParams(query): QueryParams<UserQuery>,
 ) -> Result<Json<UserPage>, Problem> {
     authorize(&user, Action::StaffRead)?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(Problem::validation("limit", "must be between 1 and 200"));
-    }
+    let limit = super::page_limit(query.limit)?;
     let after = match query.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => {

@@ -75,19 +75,8 @@ pub async fn activity(
     QueryParams(query): QueryParams<ActivityQuery>,
     _: ReadAfter,
 ) -> Result<Json<ActivityPage>, Problem> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(Problem::validation("limit", "must be between 1 and 200"));
-    }
-    let before = match query.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| Problem::validation("cursor", "is not a cursor this API returned"))?,
-        ),
-    };
+    let limit = super::page_limit(query.limit)?;
+    let before = super::position_cursor(query.cursor.as_deref())?;
     let rows = activity::of_user(&state.pool, user.user_id, limit, before).await?;
     let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.position.to_string())).flatten();
     let mut items = Vec::with_capacity(rows.len());

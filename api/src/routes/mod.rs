@@ -53,3 +53,25 @@ pub fn account_not_found() -> Problem {
 pub fn transfer_not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "transfer-not-found", "no such transfer is visible to you")
 }
+
+/// A page size: 1 to 200, 50 when absent.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, Problem> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(Problem::validation("limit", "must be between 1 and 200"));
+    }
+    Ok(limit)
+}
+
+/// A `next_cursor` this API returned for a list ordered by a positive number.
+pub fn position_cursor(cursor: Option<&str>) -> Result<Option<i64>, Problem> {
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(c) => c
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| Problem::validation("cursor", "is not a cursor this API returned")),
+    }
+}
