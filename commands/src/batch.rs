@@ -71,6 +71,14 @@ pub(crate) async fn decide(
     let mut todo = vec![];
     for (index, item) in items.iter().enumerate() {
         match idempotency::find(conn, actor, &item.key).await? {
+            // A key whose request was refused cannot be part of an all-or-none batch
+            // that succeeds: its answer stays the refusal.
+            Some(previous) if previous.request_hash == item.request_hash() && previous.status >= 300 => {
+                return Ok(Err(item_error(
+                    index,
+                    DomainError::validation("key", "belongs to a transfer that was refused; use a new key"),
+                )))
+            }
             Some(previous) if previous.request_hash == item.request_hash() => {
                 results[index] =
                     json!({ "key": item.key, "status": previous.status, "body": previous.response, "replayed": true });

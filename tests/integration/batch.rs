@@ -52,6 +52,20 @@ async fn an_atomic_batch_moves_all_or_nothing_and_each_item_once() {
     assert_eq!(v["results"][0]["replayed"], true);
     let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
     assert_eq!(view["balance"], "20.00", "100 - 40 - 35.50 - 4.50");
+    // A key whose transfer was refused cannot slip into a batch that succeeds.
+    let (s, _, _) = t
+        .request(
+            Method::POST,
+            "/v1/transfers",
+            Some(&ann),
+            Some("too-much"),
+            Some(json!({"from_account": a, "to_account": b, "amount": "999.00"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json!({"atomic": true, "transfers": [item("k-new", "1.00"), item("too-much", "999.00")]});
+    let (s, v, _) = t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some("batch-4"), Some(body)).await;
+    assert_eq!((s, code(&v), v["item"].as_i64()), (StatusCode::UNPROCESSABLE_ENTITY, "validation", Some(1)), "{v}");
     t.assert_invariants().await;
     t.cleanup().await;
 }
