@@ -16,6 +16,9 @@ pub struct Config {
     pub jwt_secret: Vec<u8>,
     pub jwt_secret_is_default: bool,
     pub db_max_connections: u32,
+    /// Transactions writing grouped transfers at once (`LEDGER_GROUP_COMMIT_WRITERS`, 2; 0 = every
+    /// transfer in its own transaction).
+    pub group_commit_writers: usize,
     pub read_wait: Duration,
     pub relay_poll: Duration,
     /// Seals TOTP secrets at rest (`LEDGER_SECRET_KEY`).
@@ -78,6 +81,7 @@ impl Config {
             jwt_secret_is_default: secret.is_none(),
             jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()).into_bytes(),
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
+            group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
             secret_key_is_default: secret_key.is_none(),

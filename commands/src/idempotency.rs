@@ -39,14 +39,19 @@ pub fn request_hash(method: &str, path: &str, canonical_body: &str) -> Vec<u8> {
 /// Serialises every command on one (user, key) until its transaction ends, so
 /// concurrent duplicates wait for the first and then read its outcome.
 pub async fn lock_key(conn: &mut PgConnection, user_id: Uuid, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(key_lock_id(user_id, key)).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The advisory lock of a (user, key).
+pub fn key_lock_id(user_id: Uuid, key: &str) -> i64 {
     let mut h = Sha256::new();
     h.update(user_id.as_bytes());
     h.update(key.as_bytes());
     let digest = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(i64::from_be_bytes(first)).execute(&mut *conn).await?;
-    Ok(())
+    i64::from_be_bytes(first)
 }
 
 pub async fn find(conn: &mut PgConnection, user_id: Uuid, key: &str) -> Result<Option<CommandRecord>, sqlx::Error> {

@@ -219,6 +219,8 @@ pub struct Ledger {
     /// Keys pseudonyms of addresses that belong to nobody (failed logins).
     pub(crate) pseudonym_key: Arc<Vec<u8>>,
     pub(crate) event_mac: Arc<store::EventMac>,
+    /// Transfers go through group commit when it is on.
+    pub(crate) group: Option<crate::group_commit::GroupCommit>,
 }
 
 pub(crate) struct Decision {
@@ -261,7 +263,17 @@ impl Ledger {
             fees: Arc::new(FeeSchedule::default()),
             pseudonym_key: Arc::new(secret_key.to_vec()),
             event_mac: Arc::new(store::EventMac::new(secret_key)),
+            group: None,
         }
+    }
+
+    /// Decides and writes concurrent transfers in groups, `writers` groups
+    /// in flight at once (see `group_commit`). Needs a Tokio runtime.
+    pub fn with_group_commit(mut self, writers: usize) -> Ledger {
+        if writers > 0 {
+            self.group = Some(crate::group_commit::GroupCommit::start(self.clone(), writers));
+        }
+        self
     }
 
     /// The fee schedule charged on transfers and withdrawals (none by default).
@@ -282,6 +294,21 @@ impl Ledger {
     /// Runs a command exactly once per (user, key). Domain rejections are
     /// recorded like successes; conflicts are retried, then reported.
     pub async fn execute(
+        &self,
+        envelope: &CommandEnvelope,
+        command: LedgerCommand,
+        render: RenderRejection,
+    ) -> Result<Outcome, CommandError> {
+        if let Some(group) = &self.group {
+            if let Some(outcome) = group.submit(envelope, &command, render).await {
+                return outcome;
+            }
+        }
+        self.execute_direct(envelope, command, render).await
+    }
+
+    /// Runs one command in its own transaction (no group commit).
+    pub(crate) async fn execute_direct(
         &self,
         envelope: &CommandEnvelope,
         command: LedgerCommand,
@@ -310,10 +337,7 @@ impl Ledger {
         if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
             return replay(previous, envelope);
         }
-        let command_id = match envelope.causation_id {
-            Some(_) => Uuid::new_v5(&COMMAND_ID_NAMESPACE, envelope.idempotency_key.as_bytes()),
-            None => Uuid::now_v7(),
-        };
+        let command_id = command_id_for(envelope);
         let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone(), &self.fees).await? {
             Ok(Decision { appends, mut body, status, effect, items }) => {
                 let metadata = EventMetadata {
@@ -426,6 +450,15 @@ impl Ledger {
     }
 }
 
+/// A command's id: derived from the key for commands the system sends in
+/// reaction to an event (so a redelivery is the same command), else new.
+pub(crate) fn command_id_for(envelope: &CommandEnvelope) -> Uuid {
+    match envelope.causation_id {
+        Some(_) => Uuid::new_v5(&COMMAND_ID_NAMESPACE, envelope.idempotency_key.as_bytes()),
+        None => Uuid::now_v7(),
+    }
+}
+
 fn replay(previous: CommandRecord, envelope: &CommandEnvelope) -> Result<Outcome, CommandError> {
     if previous.request_hash != envelope.request_hash {
         return Err(CommandError::IdempotencyKeyReuse);
@@ -446,13 +479,13 @@ pub(crate) async fn account_state(
     Ok((events.iter().fold(AccountState::default(), account::evolve), version))
 }
 
-const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
+pub(crate) const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
 /// Freezes take this lock exclusively, credits share it: a credit decided
 /// before a freeze commits first, one decided after sees the freeze. Nobody
 /// waits for the debit lock while holding this one, so the two cannot deadlock.
-const ACCOUNT_STATUS_LOCK_CLASS: i32 = 0x4C45_4448;
+pub(crate) const ACCOUNT_STATUS_LOCK_CLASS: i32 = 0x4C45_4448;
 
-fn lock_key(account_id: Uuid) -> i32 {
+pub(crate) fn lock_key(account_id: Uuid) -> i32 {
     let (hi, lo) = account_id.as_u64_pair();
     let folded = hi ^ lo;
     (folded ^ (folded >> 32)) as u32 as i32
@@ -817,7 +850,7 @@ async fn apply_effect(conn: &mut PgConnection, effect: Effect) -> Result<(), sql
 }
 
 /// The body of a movement's answer: its id, and its fee as an entry of its own.
-fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
+pub(crate) fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
     let mut body = json!({ "transfer_id": transfer_id });
     if let Some(Event::TransferRecorded(fee)) =
         events.iter().find(|e| matches!(e, Event::TransferRecorded(t) if t.kind == TransferKind::Fee))

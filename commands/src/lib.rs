@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod db;
+pub mod group_commit;
 pub mod idempotency;
 pub mod identity;
 pub mod ledger;

@@ -147,17 +147,42 @@ pub async fn append(
     metadata: &EventMetadata,
     authenticator: &EventMac,
 ) -> Result<Option<i64>, StoreError> {
+    let batch: Vec<(&StreamAppend, &EventMetadata)> = appends.iter().map(|a| (a, metadata)).collect();
+    Ok(append_many(conn, &batch, authenticator).await?.into_iter().max())
+}
+
+/// Appends the events of several commands, each with its own metadata, in
+/// one statement. Returns each event's position, in the order given.
+pub async fn append_many<A, M>(
+    conn: &mut PgConnection,
+    appends: &[(A, M)],
+    authenticator: &EventMac,
+) -> Result<Vec<i64>, StoreError>
+where
+    A: std::borrow::Borrow<StreamAppend>,
+    M: std::borrow::Borrow<EventMetadata>,
+{
     use chrono::SubsecRound;
-    // Stored at microseconds: the MAC covers the value as stored.
-    let metadata = &EventMetadata { recorded_at: metadata.recorded_at.trunc_subsecs(6), ..metadata.clone() };
-    let mut ids = Vec::new();
-    let mut streams = Vec::new();
-    let mut versions = Vec::new();
-    let mut types = Vec::new();
-    let mut schema_versions = Vec::new();
-    let mut payloads = Vec::new();
-    let mut macs = Vec::new();
-    for append in appends {
+    let count: usize = appends.iter().map(|(a, _)| a.borrow().events.len()).sum();
+    let mut ids = Vec::with_capacity(count);
+    let mut streams = Vec::with_capacity(count);
+    let mut versions = Vec::with_capacity(count);
+    let mut types = Vec::with_capacity(count);
+    let mut schema_versions = Vec::with_capacity(count);
+    let mut payloads = Vec::with_capacity(count);
+    let mut macs = Vec::with_capacity(count);
+    let mut command_ids = Vec::with_capacity(count);
+    let mut correlation_ids = Vec::with_capacity(count);
+    let mut causation_ids = Vec::with_capacity(count);
+    let mut actor_ids = Vec::with_capacity(count);
+    let mut recorded_ats = Vec::with_capacity(count);
+    let mut client_ips = Vec::with_capacity(count);
+    let mut user_agents = Vec::with_capacity(count);
+    for (append, metadata) in appends {
+        let append = append.borrow();
+        // Stored at microseconds: the MAC covers the value as stored.
+        let metadata =
+            EventMetadata { recorded_at: metadata.borrow().recorded_at.trunc_subsecs(6), ..metadata.borrow().clone() };
         for (i, event) in append.events.iter().enumerate() {
             let recorded = RecordedEvent {
                 position: 0,
@@ -177,22 +202,26 @@ pub async fn append(
             types.push(recorded.event_type);
             schema_versions.push(recorded.schema_version);
             payloads.push(recorded.payload);
+            command_ids.push(metadata.command_id);
+            correlation_ids.push(metadata.correlation_id);
+            causation_ids.push(metadata.causation_id);
+            actor_ids.push(metadata.actor_id);
+            recorded_ats.push(metadata.recorded_at);
+            client_ips.push(metadata.client_ip.clone());
+            user_agents.push(metadata.user_agent.clone());
         }
     }
     if ids.is_empty() {
-        return Ok(None);
+        return Ok(vec![]);
     }
-    let result = sqlx::query_scalar::<_, Option<i64>>(
-        "WITH appended AS (
-             INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
-                                 payload, command_id, correlation_id, causation_id, actor_id, recorded_at,
-                                 client_ip, user_agent, mac)
-             SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version,
-                    e.payload, $7, $8, $9, $10, $11, $12, $13, e.mac
-             FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[], $14::text[])
-                  AS e(event_id, stream_id, stream_version, event_type, schema_version, payload, mac)
-             RETURNING position)
-         SELECT max(position) FROM appended",
+    let result = sqlx::query_as::<_, (Uuid, i64)>(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
+                             payload, command_id, correlation_id, causation_id, actor_id, recorded_at,
+                             client_ip, user_agent, mac)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[],
+                              $7::uuid[], $8::uuid[], $9::uuid[], $10::uuid[], $11::timestamptz[],
+                              $12::text[], $13::text[], $14::text[])
+         RETURNING event_id, position",
     )
     .bind(&ids)
     .bind(&streams)
@@ -200,18 +229,21 @@ pub async fn append(
     .bind(&types)
     .bind(&schema_versions)
     .bind(&payloads)
-    .bind(metadata.command_id)
-    .bind(metadata.correlation_id)
-    .bind(metadata.causation_id)
-    .bind(metadata.actor_id)
-    .bind(metadata.recorded_at)
-    .bind(&metadata.client_ip)
-    .bind(&metadata.user_agent)
+    .bind(&command_ids)
+    .bind(&correlation_ids)
+    .bind(&causation_ids)
+    .bind(&actor_ids)
+    .bind(&recorded_ats)
+    .bind(&client_ips)
+    .bind(&user_agents)
     .bind(&macs)
-    .fetch_one(&mut *conn)
+    .fetch_all(&mut *conn)
     .await;
     match result {
-        Ok(position) => Ok(position),
+        Ok(rows) => {
+            let positions: std::collections::HashMap<Uuid, i64> = rows.into_iter().collect();
+            Ok(ids.iter().map(|id| positions.get(id).copied().unwrap_or_default()).collect())
+        }
         Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
         Err(e) => Err(e.into()),
     }

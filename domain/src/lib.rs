@@ -36,26 +36,31 @@ pub struct FoldedBalance {
 pub fn fold_balances<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeMap<Uuid, FoldedBalance> {
     let mut balances = BTreeMap::new();
     for event in events {
-        match event {
-            Event::AccountOpened(a) => {
-                balances.entry(a.account_id).or_insert(FoldedBalance {
-                    currency: a.currency.clone(),
-                    kind: a.kind,
-                    balance: Decimal::ZERO,
-                });
-            }
-            Event::TransferRecorded(t) => {
-                if let Some(b) = balances.get_mut(&t.from_account) {
-                    b.balance -= t.amount;
-                }
-                if let Some(b) = balances.get_mut(&t.to_account) {
-                    b.balance += t.amount;
-                }
-            }
-            _ => {}
-        }
+        fold_balance(&mut balances, event);
     }
     balances
+}
+
+/// One step of [`fold_balances`], for a log read in pages.
+pub fn fold_balance(balances: &mut BTreeMap<Uuid, FoldedBalance>, event: &Event) {
+    match event {
+        Event::AccountOpened(a) => {
+            balances.entry(a.account_id).or_insert(FoldedBalance {
+                currency: a.currency.clone(),
+                kind: a.kind,
+                balance: Decimal::ZERO,
+            });
+        }
+        Event::TransferRecorded(t) => {
+            if let Some(b) = balances.get_mut(&t.from_account) {
+                b.balance -= t.amount;
+            }
+            if let Some(b) = balances.get_mut(&t.to_account) {
+                b.balance += t.amount;
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Sum of all balances per currency; conservation says each is exactly zero.

@@ -11,6 +11,63 @@ use uuid::Uuid;
 
 pub const TABLES: &[&str] = &["balances", "holds"];
 
+/// Applies events in order. Runs of movements, which commute, are summed per
+/// account and written in one statement.
+pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event)]) -> Result<(), sqlx::Error> {
+    let mut run: Vec<(&RecordedEvent, &ledger_domain::events::TransferRecorded)> = Vec::new();
+    for (recorded, event) in events {
+        if let Event::TransferRecorded(t) = event {
+            run.push((recorded, t));
+            continue;
+        }
+        apply_movements(conn, &run).await?;
+        run.clear();
+        apply(conn, recorded, event).await?;
+    }
+    apply_movements(conn, &run).await
+}
+
+/// The sum of what per-event application would do: each side's balance and
+/// available move by the amount, its version by one per movement, and its
+/// last position is that of its last movement.
+async fn apply_movements(
+    conn: &mut PgConnection,
+    run: &[(&RecordedEvent, &ledger_domain::events::TransferRecorded)],
+) -> Result<(), sqlx::Error> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let mut sums: std::collections::HashMap<Uuid, (Decimal, i64, i64)> = std::collections::HashMap::new();
+    for (recorded, t) in run {
+        for (account, delta) in [(t.from_account, -t.amount), (t.to_account, t.amount)] {
+            let entry = sums.entry(account).or_insert((Decimal::ZERO, 0, 0));
+            entry.0 += delta;
+            entry.1 += 1;
+            entry.2 = recorded.position;
+        }
+    }
+    let (mut ids, mut deltas, mut counts, mut lasts) = (vec![], vec![], vec![], vec![]);
+    for (id, (delta, count, last)) in sums {
+        ids.push(id);
+        deltas.push(delta);
+        counts.push(count);
+        lasts.push(last);
+    }
+    sqlx::query(
+        "UPDATE balances SET balance = balance + d.delta, available = available + d.delta,
+                version = version + d.n, last_position = d.last
+         FROM unnest($1::uuid[], $2::numeric[], $3::bigint[], $4::bigint[]) AS d(account_id, delta, n, last)
+         WHERE balances.account_id = d.account_id",
+    )
+    .bind(&ids)
+    .bind(&deltas)
+    .bind(&counts)
+    .bind(&lasts)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Event) -> Result<(), sqlx::Error> {
     match event {
         Event::AccountOpened(a) => {

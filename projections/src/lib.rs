@@ -77,6 +77,32 @@ impl Projection {
         }
     }
 
+    /// Applies events in order, set-based where the projection allows it;
+    /// the caller advances the checkpoint in the same transaction.
+    pub async fn apply_all(self, conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        let decoded = events
+            .iter()
+            .map(|r| {
+                r.decode().map(|e| (r, e)).map_err(|source| ProjectionError::Decode { position: r.position, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match self {
+            Projection::Balances => balances::apply_all(conn, &decoded).await?,
+            Projection::Statements => statements::apply_all(conn, &decoded).await?,
+            Projection::Activity => {
+                for (recorded, event) in &decoded {
+                    activity::apply(conn, recorded, event).await?;
+                }
+            }
+            Projection::Orders => {
+                for (recorded, event) in &decoded {
+                    orders::apply(conn, recorded, event).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one event; the caller advances the checkpoint in the same transaction.
     pub async fn apply(self, conn: &mut PgConnection, recorded: &RecordedEvent) -> Result<(), ProjectionError> {
         let event =

@@ -115,9 +115,7 @@ impl Projector {
                 );
                 events = store::read_range(&mut tx, from, through).await?;
             }
-            for event in &events {
-                self.projection.apply(&mut tx, event).await?;
-            }
+            self.projection.apply_all(&mut tx, &events).await?;
             checkpoint::save(&mut tx, self.projection.name(), through).await?;
             tx.commit().await?;
             self.applied.send_replace(through);

@@ -114,9 +114,7 @@ async fn build(
             tx.rollback().await?;
             return Ok(());
         };
-        for event in &events {
-            projection.apply(&mut tx, event).await?;
-        }
+        projection.apply_all(&mut tx, &events).await?;
         checkpoint::save(&mut tx, projection.name(), last).await?;
         tx.commit().await?;
         *applied += events.len() as u64;
@@ -155,9 +153,7 @@ async fn finish(
     while at < target {
         let events = store::read_range(tx, at, target).await?;
         let Some(last) = events.last().map(|e| e.point()) else { break };
-        for event in &events {
-            projection.apply(tx, event).await?;
-        }
+        projection.apply_all(tx, &events).await?;
         at = last;
     }
     checkpoint::save(tx, projection.name(), at).await?;

@@ -10,6 +10,134 @@ use uuid::Uuid;
 
 pub const TABLES: &[&str] = &["statement_entries", "transfers"];
 
+/// Applies events in order, in three statements: the new transfers, the
+/// accounts' last entries, and every entry, numbered and balanced in memory
+/// exactly as per-event application would.
+pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event)]) -> Result<(), sqlx::Error> {
+    let movements: Vec<(&RecordedEvent, &ledger_domain::events::TransferRecorded)> = events
+        .iter()
+        .filter_map(|(r, e)| match e {
+            Event::TransferRecorded(t) => Some((*r, t)),
+            _ => None,
+        })
+        .collect();
+    if movements.is_empty() {
+        return Ok(());
+    }
+    let column = |f: &dyn Fn(&RecordedEvent, &ledger_domain::events::TransferRecorded) -> String| -> Vec<String> {
+        movements.iter().map(|(r, t)| f(r, t)).collect()
+    };
+    let ids: Vec<Uuid> = movements.iter().map(|(_, t)| t.transfer_id).collect();
+    let froms: Vec<Uuid> = movements.iter().map(|(_, t)| t.from_account).collect();
+    let tos: Vec<Uuid> = movements.iter().map(|(_, t)| t.to_account).collect();
+    let amounts: Vec<Decimal> = movements.iter().map(|(_, t)| t.amount).collect();
+    let currencies = column(&|_, t| t.currency.clone());
+    let kinds = column(&|_, t| t.kind.as_str().to_owned());
+    let references: Vec<Option<String>> = movements.iter().map(|(_, t)| t.reference.clone()).collect();
+    let recorded_ats: Vec<DateTime<Utc>> = movements.iter().map(|(r, _)| r.metadata.recorded_at).collect();
+    let positions: Vec<i64> = movements.iter().map(|(r, _)| r.position).collect();
+    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO transfers (transfer_id, from_account, to_account, amount, currency, kind, reference,
+                                recorded_at, position)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::text[],
+                              $7::text[], $8::timestamptz[], $9::bigint[])
+         ON CONFLICT (transfer_id) DO NOTHING RETURNING transfer_id",
+    )
+    .bind(&ids)
+    .bind(&froms)
+    .bind(&tos)
+    .bind(&amounts)
+    .bind(&currencies)
+    .bind(&kinds)
+    .bind(&references)
+    .bind(&recorded_ats)
+    .bind(&positions)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    if inserted.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<Uuid> = {
+        let mut a: Vec<Uuid> = froms.iter().chain(tos.iter()).copied().collect();
+        a.sort_unstable();
+        a.dedup();
+        a
+    };
+    let mut last: std::collections::HashMap<Uuid, (i64, Decimal)> =
+        sqlx::query_as::<_, (Uuid, Option<i64>, Option<Decimal>)>(
+            "SELECT a.account_id, l.entry_no, l.balance_after FROM unnest($1::uuid[]) AS a(account_id)
+         LEFT JOIN LATERAL (
+             SELECT entry_no, balance_after FROM statement_entries
+             WHERE account_id = a.account_id ORDER BY entry_no DESC LIMIT 1
+         ) l ON true",
+        )
+        .bind(&accounts)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(a, n, b)| (a, (n.unwrap_or(0), b.unwrap_or(Decimal::ZERO))))
+        .collect();
+    let mut entries: Vec<Entry> = Vec::with_capacity(inserted.len() * 2);
+    for (recorded, t) in movements.iter().filter(|(_, t)| inserted.contains(&t.transfer_id)) {
+        for (account, counterparty, direction, delta) in
+            [(t.from_account, t.to_account, "debit", -t.amount), (t.to_account, t.from_account, "credit", t.amount)]
+        {
+            let (entry_no, balance) = last.entry(account).or_insert((0, Decimal::ZERO));
+            *entry_no += 1;
+            *balance += delta;
+            entries.push(Entry {
+                account,
+                entry_no: *entry_no,
+                position: recorded.position,
+                transfer_id: t.transfer_id,
+                direction,
+                amount: t.amount,
+                balance_after: *balance,
+                counterparty,
+                kind: t.kind.as_str(),
+                reference: t.reference.clone(),
+                recorded_at: recorded.metadata.recorded_at,
+            });
+        }
+    }
+    sqlx::query(
+        "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
+                                        balance_after, counterparty_account, kind, reference, recorded_at)
+         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::numeric[],
+                              $7::numeric[], $8::uuid[], $9::text[], $10::text[], $11::timestamptz[])",
+    )
+    .bind(entries.iter().map(|e| e.account).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.entry_no).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.transfer_id).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.direction).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.balance_after).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.counterparty).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.reference.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+struct Entry {
+    account: Uuid,
+    entry_no: i64,
+    position: i64,
+    transfer_id: Uuid,
+    direction: &'static str,
+    amount: Decimal,
+    balance_after: Decimal,
+    counterparty: Uuid,
+    kind: &'static str,
+    reference: Option<String>,
+    recorded_at: DateTime<Utc>,
+}
+
 pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Event) -> Result<(), sqlx::Error> {
     let Event::TransferRecorded(t) = event else {
         return Ok(());
