@@ -15,6 +15,7 @@ mod checks;
 mod client;
 mod report;
 mod scenario;
+mod seed;
 mod setup;
 
 use anyhow::{bail, Context};
@@ -64,6 +65,10 @@ pub struct Args {
     /// the rate it reached (the latency target's operating point).
     #[arg(long)]
     pub half_peak: bool,
+    /// Instead of a load: append this many events straight to the log of
+    /// `--database-url` (for the replay benchmark), then exit.
+    #[arg(long)]
+    pub seed_log: Option<u64>,
     /// Skip the checks against the database.
     #[arg(long)]
     pub no_check: bool,
@@ -72,6 +77,10 @@ pub struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(events) = args.seed_log {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&args.database_url).await?;
+        return seed::seed(&pool, events).await;
+    }
     let scenarios = scenario::Scenario::parse_list(&args.scenario)?;
     if args.connections == 0 {
         bail!("--connections must be at least 1");

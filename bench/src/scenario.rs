@@ -254,7 +254,7 @@ async fn connection(
         if let Some((account, token, position)) = operation(shared, &key, started, measuring, &mut tally).await {
             writes += 1;
             let every = shared.args.lag_every;
-            if measuring && every > 0 && writes % every == 0 {
+            if measuring && every > 0 && writes.is_multiple_of(every) {
                 let _ = probes.send(LagProbe {
                     account,
                     token: token.to_owned(),

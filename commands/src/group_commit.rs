@@ -26,7 +26,7 @@ use crate::idempotency::{self, CommandRecord};
 use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
 use crate::store::{self, account_stream, EventMetadata, StoreError, StreamAppend};
 use chrono::Utc;
-use ledger_domain::account::{self, AccountCommand, AccountState, MoveMoney};
+use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::events::TransferKind;
 use ledger_domain::money::Amount;
 use ledger_domain::{DomainError, Event};
@@ -181,12 +181,23 @@ async fn next_group(
             later.push(p);
         }
     }
-    let mut receiver = receiver.lock().await;
-    if group.is_empty() {
+    // With deferred commands in hand, never wait for the queue: another
+    // writer may be holding it while it waits for new commands.
+    let mut receiver = if group.is_empty() {
+        let mut receiver = receiver.lock().await;
         let first = receiver.recv().await?;
         keys.insert((first.envelope.actor, first.envelope.idempotency_key.clone()));
         group.push(first);
-    }
+        receiver
+    } else {
+        match receiver.try_lock() {
+            Ok(receiver) => receiver,
+            Err(_) => {
+                *deferred = later;
+                return Some(group);
+            }
+        }
+    };
     while group.len() < MAX_GROUP {
         let Ok(p) = receiver.try_recv() else { break };
         if keys.insert((p.envelope.actor, p.envelope.idempotency_key.clone())) {
@@ -304,7 +315,7 @@ async fn try_group(
         let t = &p.transfer;
         if let (Some(_), Some(currency)) = (fee, states.get(&t.from_account).and_then(|k| k.state.currency())) {
             if fee_accounts_checked.insert(currency.code()) {
-                for open in open_fee_account_if_missing(conn, currency).await? {
+                for open in crate::ledger::open_fee_account_if_missing(conn, currency).await? {
                     appends.push((i, open));
                 }
             }
@@ -443,21 +454,6 @@ fn replay(previous: &CommandRecord, envelope: &CommandEnvelope) -> Result<Outcom
 
 fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
     crate::ledger::movement_body(transfer_id, events)
-}
-
-async fn open_fee_account_if_missing(
-    conn: &mut PgConnection,
-    currency: ledger_domain::Currency,
-) -> Result<Vec<StreamAppend>, StoreError> {
-    let id = account::fee_account_id(currency);
-    let (state, _) = crate::ledger::account_state(conn, id, false).await?;
-    if state.opened.is_some() {
-        return Ok(vec![]);
-    }
-    Ok(match account::decide(&state, AccountCommand::OpenFeeAccount { currency }) {
-        Ok(events) => vec![StreamAppend { stream_id: account_stream(id), expected_version: 0, events }],
-        Err(_) => vec![],
-    })
 }
 
 async fn find_records(

@@ -861,7 +861,7 @@ pub(crate) fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
 }
 
 /// A currency's fee account is opened by the first movement that may pay a fee.
-async fn open_fee_account_if_missing(
+pub(crate) async fn open_fee_account_if_missing(
     conn: &mut PgConnection,
     currency: ledger_domain::Currency,
 ) -> Result<Vec<StreamAppend>, StoreError> {

@@ -8,6 +8,7 @@ mod audit;
 mod batch;
 mod concurrency;
 mod event_store;
+mod group_commit;
 mod holds;
 mod idempotency;
 mod live;

@@ -1,0 +1,132 @@
+//! Group commit and its write-side account cache: the cache is a lower bound
+//! that never lets a debit through that the log would refuse, and a refusal
+//! it causes is checked again against the log.
+
+use crate::harness::TestLedger;
+use ledger_commands::{CommandEnvelope, LedgerCommand};
+use ledger_domain::DomainError;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn transfer(t: &TestLedger, token: &str, from: &str, to: &str, amount: &str) -> (StatusCode, Value) {
+    t.post("/v1/transfers", token, json!({"from_account": from, "to_account": to, "amount": amount})).await
+}
+
+/// Ann's account with 10.00 and Bob's account, both in EUR.
+async fn two_accounts() -> (TestLedger, String, String, String) {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    (t, ann, a, b)
+}
+
+#[tokio::test]
+async fn a_credit_the_cache_missed_is_found_before_refusing() {
+    let (t, ann, a, b) = two_accounts().await;
+    // The writer now knows `a` at 0.00 ...
+    assert_eq!(transfer(&t, &ann, &a, &b, "10.00").await.0, StatusCode::CREATED);
+    // ... and a deposit (a credit, in another stream) does not move `a`'s stream.
+    t.deposit(&ann, &a, "5.00").await;
+    let (s, v) = transfer(&t, &ann, &a, &b, "5.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = transfer(&t, &ann, &a, &b, "0.01").await;
+    assert_eq!((s, v["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/insufficient-funds")));
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_debit_by_another_path_is_seen_by_the_next_transfer() {
+    let (t, ann, a, b) = two_accounts().await;
+    assert_eq!(transfer(&t, &ann, &a, &b, "4.00").await.0, StatusCode::CREATED);
+    // A withdrawal (not grouped) takes the rest; the cached 6.00 is stale.
+    let (s, v) = t.post(&format!("/v1/accounts/{a}/withdrawals"), &ann, json!({"amount": "6.00"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = transfer(&t, &ann, &a, &b, "1.00").await;
+    assert_eq!((s, v["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/insufficient-funds")));
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_transfers_from_one_account_never_overdraw() {
+    let (t, ann, a, b) = two_accounts().await;
+    let answers = futures::future::join_all((0..100).map(|_| transfer(&t, &ann, &a, &b, "0.25"))).await;
+    let ok = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+    let short = answers.iter().filter(|(_, v)| v["type"] == "/problems/insufficient-funds").count();
+    assert_eq!((ok, short), (40, 60));
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "0.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn concurrent_transfers_under_one_key_move_money_once() {
+    let (t, ann, a, b) = two_accounts().await;
+    let body = json!({"from_account": a, "to_account": b, "amount": "1.00"});
+    let answers = futures::future::join_all(
+        (0..20).map(|_| t.request(Method::POST, "/v1/transfers", Some(&ann), Some("one-key"), Some(body.clone()))),
+    )
+    .await;
+    let first = &answers[0].1;
+    for (s, v, _) in &answers {
+        assert_eq!(*s, StatusCode::CREATED, "{v}");
+        assert_eq!(v, first, "every answer is the first one");
+    }
+    let replayed = answers.iter().filter(|(_, _, h)| h.get("idempotent-replayed").is_some()).count();
+    assert_eq!(replayed, 19);
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "9.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+fn render(e: &DomainError) -> (u16, Value) {
+    (422, json!({ "detail": e.to_string() }))
+}
+
+/// Two writers with caches of their own (two instances) take turns debiting
+/// one account: each sees the other's debits through the stream's version.
+#[tokio::test]
+async fn two_instances_debiting_one_account_never_overdraw() {
+    let t = TestLedger::start().await;
+    let (ann_id, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let one = ledger::ledger_for(&t.config, t.pool.clone()).with_group_commit(1);
+    let two = ledger::ledger_for(&t.config, t.pool.clone()).with_group_commit(1);
+    let actor: Uuid = ann_id.parse().expect("uuid");
+    let send = |ledger: &ledger_commands::Ledger, n: u32| {
+        let ledger = ledger.clone();
+        let command = LedgerCommand::Transfer {
+            from_account: a.parse().expect("uuid"),
+            to_account: b.parse().expect("uuid"),
+            amount: "4.00".into(),
+            reference: None,
+        };
+        let envelope = CommandEnvelope {
+            actor,
+            idempotency_key: format!("turn-{n}"),
+            request_hash: vec![n as u8],
+            correlation_id: None,
+            client: Default::default(),
+            causation_id: None,
+        };
+        async move { ledger.execute(&envelope, command, render).await.expect("executed").status }
+    };
+    assert_eq!(send(&one, 1).await, 201); // one knows 6.00
+    assert_eq!(send(&two, 2).await, 201); // two knows 2.00; one's view is stale
+    assert_eq!(send(&one, 3).await, 422, "the stale cache must not allow this debit");
+    assert_eq!(send(&two, 4).await, 422);
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "2.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
