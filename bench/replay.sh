@@ -35,7 +35,7 @@ rm -f /tmp/replay-rss.$$
 
 # A server on that log: the relay publishes it all, the projectors consume it
 # (and skip what replay built); then its memory.
-LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="replaybench$$" RUST_LOG=warn \
+LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="replaybench$$" LEDGER_LOG=warn \
     "$TARGET/ledger" serve >/dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

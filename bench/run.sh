@@ -68,7 +68,7 @@ for run in $(seq 1 "$RUNS"); do
     fresh_db ledger_bench
     prefix="bench$$r$run"
     LEDGER_DATABASE_URL="$PGURL/ledger_bench" LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="$prefix" \
-        LEDGER_RATE_LIMIT_PER_SEC=0 LEDGER_DB_MAX_CONNECTIONS=${LEDGER_DB_MAX_CONNECTIONS:-32} RUST_LOG=warn \
+        LEDGER_RATE_LIMIT_PER_SEC=0 LEDGER_DB_MAX_CONNECTIONS=${LEDGER_DB_MAX_CONNECTIONS:-32} LEDGER_LOG=warn \
         "$TARGET/ledger" serve >"$OUT/server-$run.log" 2>&1 &
     SERVER_PID=$!
     "$TARGET/ledger-bench" --url "http://127.0.0.1:$PORT" --database-url "$PGURL/ledger_bench" \

@@ -99,9 +99,12 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         tasks.spawn(sealer.run(shutdown.clone()));
     }
     if let (true, Some(client)) = (roles.projectors, &nats) {
+        let read_side = db::connect_read_side(&config.database_url, Projection::ALL.len() as u32 + 2)
+            .await
+            .context("connecting the read side to PostgreSQL")?;
         for projection in Projection::ALL {
             let projector = Projector {
-                pool: pool.clone(),
+                pool: read_side.clone(),
                 js: async_nats::jetstream::new(client.clone()),
                 names: names.clone(),
                 projection,

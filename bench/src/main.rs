@@ -109,7 +109,11 @@ async fn main() -> anyhow::Result<()> {
         Some(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
-                .connect(&args.database_url)
+                .connect_with(
+                    args.database_url
+                        .parse::<sqlx::postgres::PgConnectOptions>()?
+                        .options(ledger_commands::store::TAILING_SETTINGS),
+                )
                 .await
                 .with_context(|| format!("connecting to {} for the checks", args.database_url))?,
         )

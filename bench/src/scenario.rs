@@ -25,7 +25,7 @@ pub enum Scenario {
     Mixed,
     /// A hold placed by the payer, then captured by the payee.
     Holds,
-    /// Atomic batches of `--batch-size` transfers from one user's accounts.
+    /// Atomic batches of `--batch-size` transfers: one account pays many.
     Batch,
 }
 
@@ -358,31 +358,22 @@ async fn operation<'w>(
         }
         Scenario::Batch => {
             // All debited accounts belong to the caller: one user's accounts.
-            let users = world.tokens.len();
-            let (owner, items) = {
+            // A payout: one of the caller's accounts pays `--batch-size` others.
+            let items: Vec<Value> = {
                 let mut rng = rand::thread_rng();
-                let owner = from.owner;
-                let own = (n + users - 1 - owner) / users;
-                let items: Vec<Value> = (0..shared.args.batch_size)
+                (0..shared.args.batch_size)
                     .map(|i| {
-                        let debit = owner + users * pick(&mut rng, own.max(1));
-                        let mut credit = pick(&mut rng, n);
-                        if credit == debit {
-                            credit = (credit + 1) % n;
+                        let mut credit = &world.accounts[pick(&mut rng, n)];
+                        if credit.id == from.id {
+                            credit = to;
                         }
-                        json!({ "key": format!("{key}-{i}"), "from_account": world.accounts[debit].id,
-                                "to_account": world.accounts[credit].id, "amount": "0.01" })
+                        json!({ "key": format!("{key}-{i}"), "from_account": from.id,
+                                "to_account": credit.id, "amount": "0.01" })
                     })
-                    .collect();
-                (owner, items)
+                    .collect()
             };
             let answer = http
-                .post(
-                    "/v1/transfers/batch",
-                    Some(&world.tokens[owner]),
-                    Some(key),
-                    &json!({ "transfers": items, "atomic": true }),
-                )
+                .post("/v1/transfers/batch", Some(token), Some(key), &json!({ "transfers": items, "atomic": true }))
                 .await;
             tally.record(measuring, started, &answer);
             if answer.ok() {

@@ -7,7 +7,7 @@
 //! twice, whichever way it comes back.
 
 use crate::idempotency;
-use crate::ledger::{account_state, lock_account, lock_status_shared, Decision};
+use crate::ledger::{account_state, Decision};
 use crate::store::{account_stream, StoreError, StreamAppend};
 use ledger_domain::account::{self, AccountCommand, AccountState, MoveMoney};
 use ledger_domain::events::{Event, TransferKind};
@@ -62,15 +62,17 @@ pub(crate) async fn decide(
     items: Vec<BatchItem>,
     fees: &FeeSchedule,
 ) -> Result<Result<(Decision, Vec<ItemRecord>), DomainError>, StoreError> {
-    // Locks in one order everywhere: item keys, then debited accounts, sorted.
-    let keys: BTreeSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    for key in &keys {
-        idempotency::lock_key(conn, actor, key).await?;
-    }
+    // Locks in one order everywhere: item keys, then debited accounts, then
+    // credited ones, each sorted; every step one statement for the batch.
+    use crate::group_commit as set;
+    set::lock_keys(conn, items.iter().map(|i| (actor, i.key.as_str()))).await?;
+    let users = vec![actor; items.len()];
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let previous = set::find_many(conn, &users, &keys).await?;
     let mut results = vec![Value::Null; items.len()];
     let mut todo = vec![];
     for (index, item) in items.iter().enumerate() {
-        match idempotency::find(conn, actor, &item.key).await? {
+        match previous.get(&(actor, item.key.clone())) {
             // A key whose request was refused cannot be part of an all-or-none batch
             // that succeeds: its answer stays the refusal.
             Some(previous) if previous.request_hash == item.request_hash() && previous.status >= 300 => {
@@ -93,19 +95,21 @@ pub(crate) async fn decide(
         }
     }
     let debited: BTreeSet<Uuid> = todo.iter().map(|i| items[*i].from_account).collect();
-    for account_id in &debited {
-        lock_account(conn, *account_id).await?;
-    }
+    let credited: BTreeSet<Uuid> = todo.iter().map(|i| items[*i].to_account).filter(|a| !debited.contains(a)).collect();
+    set::lock_accounts(conn, "pg_advisory_xact_lock", crate::ledger::ACCOUNT_LOCK_CLASS, &debited).await?;
+    set::lock_accounts(conn, "pg_advisory_xact_lock_shared", crate::ledger::ACCOUNT_STATUS_LOCK_CLASS, &credited)
+        .await?;
+    let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
+    let versions = set::stream_versions(conn, &all).await?;
     let mut states: BTreeMap<Uuid, (AccountState, i64)> = BTreeMap::new();
-    for account_id in &debited {
-        states.insert(*account_id, account_state(conn, *account_id, true).await?);
-    }
-    for index in &todo {
-        let to = items[*index].to_account;
-        if let std::collections::btree_map::Entry::Vacant(slot) = states.entry(to) {
-            lock_status_shared(conn, to).await?;
-            slot.insert(account_state(conn, to, false).await?);
-        }
+    let debited: Vec<Uuid> = debited.into_iter().collect();
+    let credited: Vec<Uuid> = credited.into_iter().collect();
+    for (id, known) in set::load_full(conn, &debited, &versions)
+        .await?
+        .into_iter()
+        .chain(set::load_opening(conn, &credited, &versions).await?)
+    {
+        states.insert(id, (known.state, known.version));
     }
     let fee = fees.rule(TransferKind::Transfer);
     let mut appends = vec![];

@@ -23,7 +23,26 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), sqlx::Error> {
 
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     create_database_if_missing(url).await?;
-    let options = PgConnectOptions::from_str(url)?.application_name("ledger");
+    // Short OLTP statements only: JIT compilation would cost more than it saves.
+    let options = PgConnectOptions::from_str(url)?.application_name("ledger").options([("jit", "off")]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// A pool for the read side (projectors, the relay's checkpoint): its
+/// transactions commit without waiting for the WAL flush. What they write is
+/// derived from the log and committed atomically with its checkpoint, so a
+/// crash loses the last few batches *and* their checkpoint together, and they
+/// are applied again. Commands never use this pool: their commits stay
+/// synchronous.
+pub async fn connect_read_side(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("ledger-read-side")
+        .options([("synchronous_commit", "off")])
+        .options(crate::store::TAILING_SETTINGS);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -73,9 +73,9 @@ impl Transfer {
 /// every debit (their balance is a lower bound); the others know the opening
 /// and freezes only, enough for the credit side.
 #[derive(Clone)]
-struct Known {
-    state: AccountState,
-    version: i64,
+pub(crate) struct Known {
+    pub(crate) state: AccountState,
+    pub(crate) version: i64,
     full: bool,
 }
 
@@ -217,6 +217,7 @@ async fn write_group(ledger: &Ledger, cache: &AccountCache, group: Vec<Pending>)
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
     match try_group(ledger, cache, &group).await {
         Ok(outcomes) => {
+            tracing::trace!(size = outcomes.len(), "group committed");
             for (pending, outcome) in group.into_iter().zip(outcomes) {
                 let _ = pending.reply.send(outcome);
             }
@@ -252,16 +253,7 @@ async fn try_group(
     let conn: &mut PgConnection = &mut tx;
 
     // 1. The keys: locked in one order, then looked up.
-    let mut key_locks: Vec<i64> =
-        group.iter().map(|p| idempotency::key_lock_id(p.envelope.actor, &p.envelope.idempotency_key)).collect();
-    key_locks.sort_unstable();
-    key_locks.dedup();
-    sqlx::query(
-        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) sorted",
-    )
-    .bind(&key_locks)
-    .execute(&mut *conn)
-    .await?;
+    lock_keys(conn, group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str()))).await?;
     let previous = find_records(conn, group).await?;
 
     // 2. The accounts: debited ones locked exclusively, credited ones shared
@@ -462,14 +454,23 @@ async fn find_records(
 ) -> Result<HashMap<(Uuid, String), CommandRecord>, sqlx::Error> {
     let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
     let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
+    find_many(conn, &users, &keys).await
+}
+
+/// The recorded outcomes of several (user, key) pairs, in one statement.
+pub(crate) async fn find_many(
+    conn: &mut PgConnection,
+    users: &[Uuid],
+    keys: &[&str],
+) -> Result<HashMap<(Uuid, String), CommandRecord>, sqlx::Error> {
     let found: Vec<(Uuid, CommandRecord)> = sqlx::query(
         "SELECT c.user_id, c.idempotency_key, c.command_id, c.request_hash, c.status, c.response, c.position,
                 c.recorded_at
          FROM commands c JOIN unnest($1::uuid[], $2::text[]) AS k(user_id, idempotency_key)
            ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key",
     )
-    .bind(&users)
-    .bind(&keys)
+    .bind(users)
+    .bind(keys)
     .fetch_all(&mut *conn)
     .await?
     .iter()
@@ -491,7 +492,24 @@ async fn find_records(
     Ok(found.into_iter().map(|(user, r)| ((user, r.idempotency_key.clone()), r)).collect())
 }
 
-async fn lock_accounts(
+/// Locks (user, key) pairs in one statement, in one order everywhere.
+pub(crate) async fn lock_keys(
+    conn: &mut PgConnection,
+    pairs: impl Iterator<Item = (Uuid, &str)>,
+) -> Result<(), sqlx::Error> {
+    let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
+    key_locks.sort_unstable();
+    key_locks.dedup();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) sorted",
+    )
+    .bind(&key_locks)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn lock_accounts(
     conn: &mut PgConnection,
     function: &str,
     class: i32,
@@ -510,7 +528,10 @@ async fn lock_accounts(
 }
 
 /// The current version of each account's stream (absent: 0).
-async fn stream_versions(conn: &mut PgConnection, accounts: &[Uuid]) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
+pub(crate) async fn stream_versions(
+    conn: &mut PgConnection,
+    accounts: &[Uuid],
+) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
     let streams: Vec<String> = accounts.iter().map(|a| account_stream(*a)).collect();
     let rows = sqlx::query(
         "SELECT s.stream_id, (SELECT max(stream_version) FROM events e WHERE e.stream_id = s.stream_id) AS version
@@ -529,7 +550,7 @@ async fn stream_versions(conn: &mut PgConnection, accounts: &[Uuid]) -> Result<H
 }
 
 /// Full states (every movement) of the accounts, in one statement.
-async fn load_full(
+pub(crate) async fn load_full(
     conn: &mut PgConnection,
     accounts: &[Uuid],
     versions: &HashMap<Uuid, i64>,
@@ -585,7 +606,7 @@ async fn load_full(
 }
 
 /// Openings and freezes of the accounts (the credit side), in one statement.
-async fn load_opening(
+pub(crate) async fn load_opening(
     conn: &mut PgConnection,
     accounts: &[Uuid],
     versions: &HashMap<Uuid, i64>,
@@ -626,27 +647,48 @@ async fn load_opening(
 type Record<'a> = (&'a Pending, Uuid, u16, Value, Option<i64>);
 
 async fn record_all(conn: &mut PgConnection, records: &[Record<'_>]) -> Result<(), sqlx::Error> {
-    if records.is_empty() {
+    let rows: Vec<CommandRow<'_>> = records
+        .iter()
+        .map(|r| CommandRow {
+            user_id: r.0.envelope.actor,
+            key: &r.0.envelope.idempotency_key,
+            command_id: r.1,
+            request_hash: &r.0.envelope.request_hash,
+            status: r.2,
+            response: &r.3,
+            position: r.4,
+        })
+        .collect();
+    record_many(conn, &rows).await
+}
+
+/// An idempotency record to write.
+pub(crate) struct CommandRow<'a> {
+    pub user_id: Uuid,
+    pub key: &'a str,
+    pub command_id: Uuid,
+    pub request_hash: &'a [u8],
+    pub status: u16,
+    pub response: &'a Value,
+    pub position: Option<i64>,
+}
+
+/// Writes idempotency records in one statement.
+pub(crate) async fn record_many(conn: &mut PgConnection, rows: &[CommandRow<'_>]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
         return Ok(());
     }
-    let users: Vec<Uuid> = records.iter().map(|r| r.0.envelope.actor).collect();
-    let keys: Vec<&str> = records.iter().map(|r| r.0.envelope.idempotency_key.as_str()).collect();
-    let command_ids: Vec<Uuid> = records.iter().map(|r| r.1).collect();
-    let hashes: Vec<&[u8]> = records.iter().map(|r| r.0.envelope.request_hash.as_slice()).collect();
-    let statuses: Vec<i16> = records.iter().map(|r| r.2 as i16).collect();
-    let responses: Vec<&Value> = records.iter().map(|r| &r.3).collect();
-    let positions: Vec<Option<i64>> = records.iter().map(|r| r.4).collect();
     sqlx::query(
         "INSERT INTO commands (user_id, idempotency_key, command_id, request_hash, status, response, position)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::bytea[], $5::smallint[], $6::jsonb[], $7::bigint[])",
     )
-    .bind(&users)
-    .bind(&keys)
-    .bind(&command_ids)
-    .bind(&hashes)
-    .bind(&statuses)
-    .bind(&responses)
-    .bind(&positions)
+    .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.key).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.command_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.request_hash).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status as i16).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.response).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.position).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(())

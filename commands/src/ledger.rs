@@ -787,12 +787,28 @@ async fn record_items(
     position: Option<i64>,
     body: &mut Value,
 ) -> Result<(), sqlx::Error> {
-    for item in items {
-        let mut response = item.body;
-        response["position"] = json!(position);
-        idempotency::record(conn, actor, &item.key, Uuid::now_v7(), &item.request_hash, 201, &response, position)
-            .await?;
-    }
+    let responses: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            let mut response = item.body.clone();
+            response["position"] = json!(position);
+            response
+        })
+        .collect();
+    let rows: Vec<crate::group_commit::CommandRow<'_>> = items
+        .iter()
+        .zip(&responses)
+        .map(|(item, response)| crate::group_commit::CommandRow {
+            user_id: actor,
+            key: &item.key,
+            command_id: Uuid::now_v7(),
+            request_hash: &item.request_hash,
+            status: 201,
+            response,
+            position,
+        })
+        .collect();
+    crate::group_commit::record_many(conn, &rows).await?;
     if let Some(results) = body.get_mut("results").and_then(Value::as_array_mut) {
         for result in results.iter_mut().filter(|r| r["replayed"] == false) {
             result["body"]["position"] = json!(position);

@@ -68,6 +68,10 @@ impl Relay {
     async fn lead(&self) -> Result<(), RelayError> {
         // A dedicated connection: the session lock lives and dies with it.
         let mut conn = self.pool.acquire().await?.detach();
+        // Its checkpoint is a cursor: lost on a crash, the last batch is
+        // published again and JetStream drops it by message id.
+        sqlx::query("SET synchronous_commit = off").execute(&mut conn).await?;
+        crate::store::prefer_tailing_order(&mut conn).await?;
         loop {
             let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(self.lock_key())
@@ -82,7 +86,9 @@ impl Relay {
         let mut checkpoint = self.load_checkpoint(&mut conn).await?;
         let mut publish_backoff = Duration::from_millis(50);
         loop {
+            let started = std::time::Instant::now();
             let events = store::read_settled_after(&mut conn, checkpoint, self.batch_size).await?;
+            let read = started.elapsed();
             let Some(last) = events.last().map(RecordedEvent::point) else {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -98,7 +104,13 @@ impl Relay {
             }
             publish_backoff = Duration::from_millis(50);
             self.save_checkpoint(&mut conn, last).await?;
-            tracing::debug!(count = events.len(), position = last.position, "relayed");
+            tracing::debug!(
+                count = events.len(),
+                position = last.position,
+                read_ms = read.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "relayed"
+            );
             checkpoint = last;
         }
     }

@@ -6,16 +6,13 @@ use sqlx::{PgConnection, Row};
 /// Reads a projection's checkpoint and locks it until the transaction ends,
 /// so two projector instances never apply the same events concurrently.
 pub async fn lock(conn: &mut PgConnection, projection: &str) -> Result<LogPoint, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, transaction_id, position)
-         VALUES ($1, '0'::xid8, 0) ON CONFLICT (projection) DO NOTHING",
-    )
-    .bind(projection)
-    .execute(&mut *conn)
-    .await?;
+    // One statement: creates the row on first use, and the no-op update
+    // takes the row lock either way.
     let row = sqlx::query(
-        "SELECT transaction_id::text AS t, position FROM projection_checkpoints
-         WHERE projection = $1 FOR UPDATE",
+        "INSERT INTO projection_checkpoints (projection, transaction_id, position)
+         VALUES ($1, '0'::xid8, 0)
+         ON CONFLICT (projection) DO UPDATE SET projection = excluded.projection
+         RETURNING transaction_id::text AS t, position",
     )
     .bind(projection)
     .fetch_one(&mut *conn)

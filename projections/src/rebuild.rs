@@ -87,6 +87,9 @@ async fn prepare(pool: &PgPool, projection: Projection, schema: &str, fresh: boo
 }
 
 async fn use_shadow(conn: &mut PgConnection, schema: &str) -> Result<(), ProjectionError> {
+    for (name, value) in store::TAILING_SETTINGS {
+        sqlx::query("SELECT set_config($1, $2, true)").bind(name).bind(value).execute(&mut *conn).await?;
+    }
     sqlx::query(&format!("SET LOCAL search_path TO {schema}, public")).execute(&mut *conn).await?;
     Ok(())
 }
