@@ -155,7 +155,7 @@ pub async fn verify_db(
 ) -> Result<DbVerification, AuditError> {
     let mut events_conn = pool.acquire().await?;
     let mut links_conn = pool.acquire().await?;
-    let sql = format!("SELECT {RECORDED_COLUMNS}, mac FROM events ORDER BY transaction_id, position");
+    let sql = format!("SELECT {RECORDED_COLUMNS}, mac FROM events ORDER BY events.transaction_id, events.position");
     let mut authenticated_seen = false;
     let mut events = sqlx::query(&sql).fetch(&mut *events_conn);
     let mut links = sqlx::query(

@@ -158,7 +158,8 @@ pub async fn export(
     }
     let accounts = accounts_of(pool, filter.user).await?;
     let mut conn = pool.acquire().await?;
-    let sql = format!("SELECT {RECORDED_COLUMNS} FROM events WHERE {WHERE} ORDER BY transaction_id, position");
+    let sql =
+        format!("SELECT {RECORDED_COLUMNS} FROM events WHERE {WHERE} ORDER BY events.transaction_id, events.position");
     let mut rows = sqlx::query(&sql)
         .bind(filter.from)
         .bind(filter.to)

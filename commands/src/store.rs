@@ -359,7 +359,7 @@ pub async fn read_settled_after(
         "SELECT {RECORDED_COLUMNS} FROM events
          WHERE (transaction_id, position) > ($1::text::xid8, $2)
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id, position
+         ORDER BY events.transaction_id, events.position
          LIMIT $3"
     );
     let rows = sqlx::query(&sql)
@@ -381,7 +381,7 @@ pub async fn read_range(
         "SELECT {RECORDED_COLUMNS} FROM events
          WHERE (transaction_id, position) > ($1::text::xid8, $2)
            AND (transaction_id, position) <= ($3::text::xid8, $4)
-         ORDER BY transaction_id, position"
+         ORDER BY events.transaction_id, events.position"
     );
     let rows = sqlx::query(&sql)
         .bind(after.transaction_id.to_string())

@@ -171,7 +171,7 @@ async fn swap_target(tx: &mut PgConnection, projection: Projection) -> Result<Lo
     let live = checkpoint::lock(tx, projection.name()).await?;
     let head: Option<(String, i64)> = sqlx::query_as(
         "SELECT transaction_id::text, position FROM events WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id DESC, position DESC LIMIT 1",
+         ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1",
     )
     .fetch_optional(&mut *tx)
     .await?;

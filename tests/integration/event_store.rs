@@ -85,3 +85,34 @@ async fn tailing_does_not_skip_an_append_that_commits_late() {
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+/// Tailing order is numeric on the transaction id. A query that selects
+/// `transaction_id::text AS transaction_id` and orders by the bare name sorts
+/// by the text ("10" < "100" < "9"), which reorders, and with a page limit
+/// skips, events wherever transaction ids gain a digit.
+#[tokio::test]
+async fn tailing_orders_transaction_ids_as_numbers_not_text() {
+    let t = TestLedger::start_with(|c| c.read_wait = Duration::from_millis(500)).await;
+    let mut conn = t.pool.acquire().await.expect("conn");
+    for xid in ["100", "9", "10"] {
+        sqlx::query(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, transaction_id)
+             VALUES ($1, $2, 1, 'Probe', 1, '{}', $3::text::xid8)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(format!("probe-{xid}"))
+        .bind(xid)
+        .execute(&mut *conn)
+        .await
+        .expect("probe row");
+    }
+    let page = ledger_commands::store::read_settled_after(&mut conn, ledger_commands::store::LogPoint::START, 2)
+        .await
+        .expect("read");
+    let xids: Vec<u64> = page.iter().map(|e| e.transaction_id).collect();
+    assert_eq!(xids, vec![9, 10]);
+    let next = ledger_commands::store::read_settled_after(&mut conn, page[1].point(), 10).await.expect("read");
+    assert_eq!(next.first().map(|e| e.transaction_id), Some(100), "nothing skipped after the page");
+    drop(conn);
+    t.cleanup().await;
+}
