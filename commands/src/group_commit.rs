@@ -288,9 +288,12 @@ async fn try_group(
     let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
     let versions = stream_versions(conn, &all).await?;
     let mut states: HashMap<Uuid, Known> = cache.get(all.iter().copied());
+    // Usable: at the stream's version, or behind it (the stream's later
+    // events, all of them, bring it forward). Never ahead of it.
     states.retain(|id, known| {
-        versions.get(id).copied().unwrap_or(0) == known.version && (known.full || !debited.contains(id))
+        versions.get(id).copied().unwrap_or(0) >= known.version && (known.full || !debited.contains(id))
     });
+    catch_up(conn, &mut states, &versions).await?;
     let from_cache: HashSet<Uuid> = states.keys().copied().collect();
     let missing_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     let missing_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
@@ -524,6 +527,54 @@ pub(crate) async fn lock_accounts(
     // The sorted subquery feeds the aggregate in order: locks are taken in it.
     let sql = format!("SELECT count({function}($1, k)) FROM (SELECT k FROM unnest($2::int[]) AS k ORDER BY k) sorted");
     sqlx::query(&sql).bind(class).bind(&keys).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Brings cached states forward by their streams' later events (debits,
+/// holds, freezes by other writers or instances), in one statement. The
+/// credits they missed stay missed: the states remain lower bounds.
+async fn catch_up(
+    conn: &mut PgConnection,
+    states: &mut HashMap<Uuid, Known>,
+    versions: &HashMap<Uuid, i64>,
+) -> Result<(), StoreError> {
+    let behind: Vec<(Uuid, i64)> = states
+        .iter()
+        .filter(|(id, known)| versions.get(id).copied().unwrap_or(0) > known.version)
+        .map(|(id, known)| (*id, known.version))
+        .collect();
+    if behind.is_empty() {
+        return Ok(());
+    }
+    let streams: Vec<String> = behind.iter().map(|(id, _)| account_stream(*id)).collect();
+    let after: Vec<i64> = behind.iter().map(|(_, v)| *v).collect();
+    let by_stream: HashMap<&str, Uuid> =
+        streams.iter().map(String::as_str).zip(behind.iter().map(|(id, _)| *id)).collect();
+    let rows = sqlx::query(
+        "SELECT e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload
+         FROM unnest($1::text[], $2::bigint[]) AS s(stream_id, after)
+         JOIN events e ON e.stream_id = s.stream_id AND e.stream_version > s.after
+         ORDER BY e.stream_id, e.stream_version",
+    )
+    .bind(&streams)
+    .bind(&after)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        let Some(id) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
+        let event = Event::from_stored(
+            row.try_get::<&str, _>("event_type")?,
+            row.try_get("schema_version")?,
+            row.try_get("payload")?,
+        )?;
+        if let Some(known) = states.get_mut(id) {
+            known.state = account::evolve(std::mem::take(&mut known.state), &event);
+            known.version = row.try_get("stream_version")?;
+        }
+    }
+    // A state that did not reach its stream's version (a row it could not
+    // see) is not used.
+    states.retain(|id, known| versions.get(id).copied().unwrap_or(0) == known.version);
     Ok(())
 }
 
