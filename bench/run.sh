@@ -80,34 +80,5 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 # 3. Medians over the runs, and ours/baseline.
-python3 - "$OUT" "$BATCH" <<'EOF'
-import json, glob, statistics, sys
-out, batch = sys.argv[1], int(sys.argv[2])
-base = [json.loads(l) for l in open(f"{out}/baseline.jsonl")]
-single = statistics.median(b["baseline_single_tps"] for b in base)
-batched = statistics.median(b["baseline_batch_transfers_per_sec"] for b in base)
-rows = {}
-for path in sorted(glob.glob(f"{out}/results-*.jsonl")):
-    for line in open(path):
-        r = json.loads(line)
-        name = r["scenario"] + ("" if r["rate"] is None else f" @{r['rate']:.0f}/s")
-        rows.setdefault(name, []).append(r)
-uniform = statistics.median(r["transfers_per_sec"] for r in rows.get("uniform", [{"transfers_per_sec": 0}]))
-print(f"\nmedian of {len(base)} run(s); baseline: {single:.0f} transfers/s one per transaction, "
-      f"{batched:.0f} transfers/s 100 per transaction")
-print(f"{'scenario':<22} {'req/s':>9} {'transfers/s':>12} {'vs baseline':>12} {'p50 ms':>8} {'p99 ms':>8} "
-      f"{'p99.9 ms':>9} {'lag p50':>8} {'lag p99':>8}  errors / checks")
-for name, rs in rows.items():
-    med = lambda f: statistics.median(f(r) for r in rs)
-    tps = med(lambda r: r["transfers_per_sec"])
-    ref = batched if name.startswith("batch") else single
-    ratio = f"{tps / ref:.2f}x" if ref else "-"
-    if name.startswith("hot") and not name.startswith("hot-debit") and uniform:
-        ratio += f" ({tps / uniform:.2f}x uniform)"
-    errors = sum(sum(r["errors"].values()) for r in rs)
-    checks = "PASS" if all(r["checks_passed"] in (True, None) for r in rs) else "FAIL"
-    print(f"{name:<22} {med(lambda r: r['requests_per_sec']):>9.0f} {tps:>12.0f} {ratio:>12} "
-          f"{med(lambda r: r['latency_ms']['p50']):>8.2f} {med(lambda r: r['latency_ms']['p99']):>8.2f} "
-          f"{med(lambda r: r['latency_ms']['p999']):>9.2f} {med(lambda r: r['lag_ms']['p50']):>8.2f} "
-          f"{med(lambda r: r['lag_ms']['p99']):>8.2f}  {errors} / {checks}")
-EOF
+echo
+python3 bench/table.py "$OUT"

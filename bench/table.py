@@ -1,0 +1,53 @@
+"""The results table of a bench/run.sh output directory: medians over its
+runs, and each scenario's transfers/s over the pgbench baseline's.
+
+    python3 bench/table.py target/bench/<run>
+"""
+import glob
+import json
+import statistics
+import sys
+
+out = sys.argv[1]
+base = [json.loads(line) for line in open(f"{out}/baseline.jsonl")]
+single = statistics.median(b["baseline_single_tps"] for b in base)
+batched = statistics.median(b["baseline_batch_transfers_per_sec"] for b in base)
+rows = {}
+for path in sorted(glob.glob(f"{out}/results-*.jsonl")):
+    for line in open(path):
+        r = json.loads(line)
+        # The fixed-rate rerun's rate differs per run: one row for all of them.
+        name = r["scenario"] + ("" if r["rate"] is None else " @50% peak")
+        rows.setdefault(name, []).append(r)
+
+
+def median(rs, f):
+    return statistics.median(f(r) for r in rs)
+
+
+uniform = median(rows["uniform"], lambda r: r["transfers_per_sec"]) if "uniform" in rows else 0
+print(f"median of {len(base)} run(s); baseline: {single:.0f} transfers/s one per transaction, "
+      f"{batched:.0f} transfers/s 100 per transaction\n")
+print("| scenario | req/s | transfers/s | vs pgbench | p50 ms | p90 ms | p99 ms | p99.9 ms "
+      "| lag p50 ms | lag p99 ms | lag p99 1st/2nd half | errors | checks |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for name, rs in rows.items():
+    tps = median(rs, lambda r: r["transfers_per_sec"])
+    ref = batched if name.startswith("batch") else single
+    ratio = f"{tps / ref:.2f}x" if ref else "-"
+    if name == "hot" and uniform:
+        ratio += f" ({tps / uniform:.2f}x uniform)"
+    errors = {}
+    for r in rs:
+        for kind, n in r["errors"].items():
+            errors[kind] = errors.get(kind, 0) + n
+    checks = "PASS" if all(r["checks_passed"] in (True, None) for r in rs) else "FAIL"
+    lat = lambda q: median(rs, lambda r: r["latency_ms"][q])
+    lag = lambda q: median(rs, lambda r: r["lag_ms"][q])
+    halves = f"{lag('p99_first_half'):.0f} / {lag('p99_second_half'):.0f}"
+    failed = sum(r["lag_ms"]["failed"] for r in rs)
+    if failed:
+        halves += f" ({failed} probes past 5 s)"
+    print(f"| {name} | {median(rs, lambda r: r['requests_per_sec']):.0f} | {tps:.0f} | {ratio} "
+          f"| {lat('p50'):.1f} | {lat('p90'):.1f} | {lat('p99'):.1f} | {lat('p999'):.1f} "
+          f"| {lag('p50'):.0f} | {lag('p99'):.0f} | {halves} | {sum(errors.values()) or 'none'} | {checks} |")
