@@ -40,13 +40,15 @@ LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="replaybench$$" LEDGER_LOG
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 start=$(date +%s.%N)
+ready=0
 for _ in $(seq 1 600); do
     if curl -sf "http://127.0.0.1:$PORT/readyz" 2>/dev/null | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
 lags = [r["relay"]["lag_events"]] + [p["lag_events"] for p in r["projections"].values()]
-sys.exit(0 if all(l == 0 for l in lags) else 1)'; then break; fi
+sys.exit(0 if all(l == 0 for l in lags) else 1)' 2>/dev/null; then ready=1; break; fi
     sleep 1
 done
 end=$(date +%s.%N)
+if [[ $ready != 1 ]]; then echo "the server did not catch up with the log within 600 s" >&2; exit 1; fi
 python3 -c "print(f'server ready (relay published, projectors caught up) after {$end-$start:.1f} s; RSS {int(open(\"/proc/$SERVER/status\").read().split(\"VmRSS:\")[1].split()[0])/1024:.0f} MB')"
