@@ -344,14 +344,16 @@ async fn try_group(
         }
         match outcome {
             Ok(events) => {
+                // Every debited account was loaded above; the expected version is its.
+                let Some(expected_version) = states.get(&t.from_account).map(|k| k.version) else { continue };
                 for id in [t.from_account, t.to_account] {
                     if let Some(known) = states.get_mut(&id) {
                         known.state = events.iter().fold(std::mem::take(&mut known.state), account::evolve);
                     }
                 }
-                let Some(from) = states.get_mut(&t.from_account) else { continue };
-                let expected_version = from.version;
-                from.version += events.len() as i64;
+                if let Some(from) = states.get_mut(&t.from_account) {
+                    from.version += events.len() as i64;
+                }
                 let body = movement_body(transfer_id, &events);
                 decided[i] =
                     Some(Decided::Accepted { command_id: command_id(&p.envelope), body, first_event: 0, events: 0 });
@@ -466,7 +468,13 @@ pub(crate) async fn find_many(
     users: &[Uuid],
     keys: &[&str],
 ) -> Result<HashMap<(Uuid, String), CommandRecord>, sqlx::Error> {
-    let found: Vec<(Uuid, CommandRecord)> = sqlx::query(
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        user_id: Uuid,
+        #[sqlx(flatten)]
+        record: CommandRecord,
+    }
+    let found: Vec<Found> = sqlx::query_as(
         "SELECT c.user_id, c.idempotency_key, c.command_id, c.request_hash, c.status, c.response, c.position,
                 c.recorded_at
          FROM commands c JOIN unnest($1::uuid[], $2::text[]) AS k(user_id, idempotency_key)
@@ -475,24 +483,8 @@ pub(crate) async fn find_many(
     .bind(users)
     .bind(keys)
     .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|row| {
-        Ok((
-            row.try_get("user_id")?,
-            CommandRecord {
-                idempotency_key: row.try_get("idempotency_key")?,
-                command_id: row.try_get("command_id")?,
-                request_hash: row.try_get("request_hash")?,
-                status: row.try_get("status")?,
-                response: row.try_get("response")?,
-                position: row.try_get("position")?,
-                recorded_at: row.try_get("recorded_at")?,
-            },
-        ))
-    })
-    .collect::<Result<_, sqlx::Error>>()?;
-    Ok(found.into_iter().map(|(user, r)| ((user, r.idempotency_key.clone()), r)).collect())
+    .await?;
+    Ok(found.into_iter().map(|f| ((f.user_id, f.record.idempotency_key.clone()), f.record)).collect())
 }
 
 /// Locks (user, key) pairs in one statement, in one order everywhere.
@@ -562,11 +554,7 @@ async fn catch_up(
     .await?;
     for row in rows {
         let Some(id) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
-        let event = Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?;
+        let event = stored_event(&row)?;
         if let Some(known) = states.get_mut(id) {
             known.state = account::evolve(std::mem::take(&mut known.state), &event);
             known.version = row.try_get("stream_version")?;
@@ -576,6 +564,15 @@ async fn catch_up(
     // see) is not used.
     states.retain(|id, known| versions.get(id).copied().unwrap_or(0) == known.version);
     Ok(())
+}
+
+/// The event in a row that has `event_type`, `schema_version` and `payload`.
+fn stored_event(row: &sqlx::postgres::PgRow) -> Result<Event, StoreError> {
+    Ok(Event::from_stored(
+        row.try_get::<&str, _>("event_type")?,
+        row.try_get("schema_version")?,
+        row.try_get("payload")?,
+    )?)
 }
 
 /// The current version of each account's stream (absent: 0).
@@ -591,11 +588,13 @@ pub(crate) async fn stream_versions(
     .bind(&streams)
     .fetch_all(&mut *conn)
     .await?;
-    let mut versions = HashMap::new();
-    for (account, row) in accounts.iter().zip(rows) {
-        let stream: String = row.try_get("stream_id")?;
-        debug_assert_eq!(stream, account_stream(*account));
-        versions.insert(*account, row.try_get::<Option<i64>, _>("version")?.unwrap_or(0));
+    // Keyed by the stream each row names: never by the order rows come back in.
+    let by_stream: HashMap<String, Uuid> = streams.iter().cloned().zip(accounts.iter().copied()).collect();
+    let mut versions: HashMap<Uuid, i64> = accounts.iter().map(|a| (*a, 0)).collect();
+    for row in rows {
+        if let Some(account) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
+            versions.insert(*account, row.try_get::<Option<i64>, _>("version")?.unwrap_or(0));
+        }
     }
     Ok(versions)
 }
@@ -630,11 +629,7 @@ pub(crate) async fn load_full(
         })
         .collect();
     for row in rows {
-        let event = Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?;
+        let event = stored_event(&row)?;
         // The accounts this event is about: its stream's, and a movement's two sides.
         let mut about: Vec<Uuid> = Vec::with_capacity(2);
         if let Some(a) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
@@ -683,11 +678,7 @@ pub(crate) async fn load_opening(
         .collect();
     for row in rows {
         let Some(a) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
-        let event = Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?;
+        let event = stored_event(&row)?;
         if let Some(known) = states.get_mut(a) {
             known.state = account::evolve(std::mem::take(&mut known.state), &event);
         }
