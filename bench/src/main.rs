@@ -85,6 +85,12 @@ async fn main() -> anyhow::Result<()> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
+    if args.accounts < 2 {
+        bail!("--accounts must be at least 2: a transfer needs two");
+    }
+    if args.batch_size == 0 || args.batch_size > 1_000 {
+        bail!("--batch-size must be 1 to 1000 (the batch API's limit)");
+    }
     println!(
         "ledger-bench: {} against {} with {} connections, {} s per scenario{}",
         args.scenario,
