@@ -166,46 +166,58 @@ async fn main() -> anyhow::Result<()> {
                 })?],
                 (None, false) => anyhow::bail!("name --projection NAME or --all"),
             };
-            let pool = db::connect(&config.database_url, 4).await.context("connecting to PostgreSQL")?;
+            // Per projection: its rebuild lock and its builder; one reader; a few for the rest.
+            let pool = db::connect(&config.database_url, 2 * projections.len() as u32 + 3)
+                .await
+                .context("connecting to PostgreSQL")?;
             db::migrate(&pool).await.context("applying migrations")?;
             let mut exit_code = 0;
-            for projection in projections {
-                let bar = ProgressBar::new(0).with_style(
-                    ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")?
-                        .progress_chars("=> "),
-                );
-                bar.set_prefix(projection.name());
+            let bar_style =
+                ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} events  {per_sec}  ETA {eta}")?
+                    .progress_chars("=> ");
+            if !dry_run {
+                let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+                let bar = ProgressBar::new(0).with_style(bar_style.clone());
+                bar.set_prefix("replay");
                 let started = std::time::Instant::now();
+                let applied =
+                    ledger_projections::rebuild::rebuild_all(&pool, &projections, fresh, &mut |done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    })
+                    .await?;
+                bar.finish();
+                for (projection, events) in applied {
+                    tracing::info!(projection = projection.name(), events, "rebuilt and swapped in");
+                }
+                tracing::info!(
+                    projections = names.join(","),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "replay finished"
+                );
+            }
+            for projection in projections.into_iter().filter(|_| dry_run) {
+                let bar = ProgressBar::new(0).with_style(bar_style.clone());
+                bar.set_prefix(projection.name());
                 let mut progress = |done: u64, total: u64| {
                     bar.set_length(total);
                     bar.set_position(done);
                 };
-                if dry_run {
-                    let differences = ledger_projections::rebuild::compare(&pool, projection, &mut progress).await?;
-                    bar.finish_and_clear();
-                    if differences.is_empty() {
-                        println!("{}: the rebuilt read model equals the live one", projection.name());
-                    } else {
-                        for (table, only_rebuilt, only_live) in &differences.tables {
-                            for row in only_rebuilt {
-                                println!("{table}: only in the rebuild: {row}");
-                            }
-                            for row in only_live {
-                                println!("{table}: only in the live model: {row}");
-                            }
+                let differences = ledger_projections::rebuild::compare(&pool, projection, &mut progress).await?;
+                bar.finish_and_clear();
+                if differences.is_empty() {
+                    println!("{}: the rebuilt read model equals the live one", projection.name());
+                } else {
+                    for (table, only_rebuilt, only_live) in &differences.tables {
+                        for row in only_rebuilt {
+                            println!("{table}: only in the rebuild: {row}");
                         }
-                        exit_code = 1;
+                        for row in only_live {
+                            println!("{table}: only in the live model: {row}");
+                        }
                     }
-                    continue;
+                    exit_code = 1;
                 }
-                let applied = ledger_projections::rebuild::rebuild(&pool, projection, fresh, &mut progress).await?;
-                bar.finish();
-                tracing::info!(
-                    projection = projection.name(),
-                    events = applied,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "rebuilt and swapped in"
-                );
             }
             if exit_code != 0 {
                 std::process::exit(exit_code);

@@ -58,7 +58,7 @@ impl RecordedEvent {
     }
 
     pub fn decode(&self) -> Result<Event, EventDecodeError> {
-        Event::from_stored(&self.event_type, self.schema_version, self.payload.clone())
+        Event::from_stored_ref(&self.event_type, self.schema_version, &self.payload)
     }
 }
 

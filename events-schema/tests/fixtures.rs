@@ -66,12 +66,13 @@ fn the_fixture_log_replays_through_todays_code_to_the_same_balances() {
     let events: Vec<Event> = fixture()
         .iter()
         .map(|l| {
-            Event::from_stored(
-                l["event_type"].as_str().unwrap(),
-                l["schema_version"].as_i64().unwrap() as i32,
-                l["payload"].clone(),
-            )
-            .expect("every published version decodes")
+            let (event_type, version) =
+                (l["event_type"].as_str().unwrap(), l["schema_version"].as_i64().unwrap() as i32);
+            let event =
+                Event::from_stored(event_type, version, l["payload"].clone()).expect("every published version decodes");
+            // Projectors decode from a borrowed payload: the same event.
+            assert_eq!(Event::from_stored_ref(event_type, version, &l["payload"]).unwrap(), event);
+            event
         })
         .collect();
     let balances = fold_balances(&events);

@@ -13,9 +13,9 @@ pub const TABLES: &[&str] = &["balances", "holds"];
 
 /// Applies events in order. Runs of movements, which commute, are summed per
 /// account and written in one statement.
-pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event)]) -> Result<(), sqlx::Error> {
+pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Event)]) -> Result<(), sqlx::Error> {
     let mut run: Vec<(&RecordedEvent, &ledger_domain::events::TransferRecorded)> = Vec::new();
-    for (recorded, event) in events {
+    for &(recorded, event) in events {
         if let Event::TransferRecorded(t) = event {
             run.push((recorded, t));
             continue;

@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod balances;
 pub mod checkpoint;
+pub mod copy_in;
 pub mod orders;
 pub mod processes;
 pub mod projector;
@@ -13,6 +14,7 @@ pub mod statements;
 pub mod time_travel;
 
 use ledger_commands::store::RecordedEvent;
+use ledger_domain::Event;
 use sqlx::PgConnection;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum ProjectionError {
     Nats(String),
     #[error("{0}")]
     Busy(String),
+    #[error("rebuild: {0}")]
+    Rebuild(String),
 }
 
 /// A read model built from the log.
@@ -77,6 +81,16 @@ impl Projection {
         }
     }
 
+    /// Tables that replay fills by `COPY` with their indexes created after
+    /// the load: the projection keeps what it needs to read back in memory
+    /// while it builds them (see `statements::Bulk`).
+    pub fn bulk_tables(self) -> &'static [&'static str] {
+        match self {
+            Projection::Statements => statements::TABLES,
+            _ => &[],
+        }
+    }
+
     /// Applies events in order, set-based where the projection allows it;
     /// the caller advances the checkpoint in the same transaction.
     pub async fn apply_all(self, conn: &mut PgConnection, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
@@ -86,16 +100,27 @@ impl Projection {
                 r.decode().map(|e| (r, e)).map_err(|source| ProjectionError::Decode { position: r.position, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let decoded: Vec<(&RecordedEvent, &Event)> = decoded.iter().map(|(r, e)| (*r, e)).collect();
+        self.apply_decoded(conn, &decoded).await
+    }
+
+    /// `apply_all` for events already decoded (replay decodes each event once
+    /// for every projection).
+    pub async fn apply_decoded(
+        self,
+        conn: &mut PgConnection,
+        events: &[(&RecordedEvent, &Event)],
+    ) -> Result<(), ProjectionError> {
         match self {
-            Projection::Balances => balances::apply_all(conn, &decoded).await?,
-            Projection::Statements => statements::apply_all(conn, &decoded).await?,
+            Projection::Balances => balances::apply_all(conn, events).await?,
+            Projection::Statements => statements::apply_all(conn, events).await?,
             Projection::Activity => {
-                for (recorded, event) in &decoded {
+                for (recorded, event) in events {
                     activity::apply(conn, recorded, event).await?;
                 }
             }
             Projection::Orders => {
-                for (recorded, event) in &decoded {
+                for (recorded, event) in events {
                     orders::apply(conn, recorded, event).await?;
                 }
             }

@@ -13,9 +13,12 @@
 //! on it), applies the last events, moves the live tables out and the shadow
 //! tables in, and moves the checkpoint, in one transaction.
 
-use crate::{checkpoint, Projection, ProjectionError};
-use ledger_commands::store::{self, LogPoint};
-use sqlx::{PgConnection, PgPool};
+use crate::{checkpoint, statements, Projection, ProjectionError};
+use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_domain::Event;
+use sqlx::{Acquire, PgConnection, PgPool};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 const PAGE: i64 = 2_000;
 
@@ -70,17 +73,85 @@ impl Exclusive {
 }
 
 /// Creates the shadow schema and tables if missing. `fresh` drops a previous
-/// (interrupted) build first instead of resuming it.
-async fn prepare(pool: &PgPool, projection: Projection, schema: &str, fresh: bool) -> Result<(), ProjectionError> {
+/// (interrupted) build first instead of resuming it. `bulk` creates the
+/// projection's bulk tables without indexes: `create_deferred_indexes` adds
+/// them after the load.
+async fn prepare(
+    pool: &PgPool,
+    projection: Projection,
+    schema: &str,
+    fresh: bool,
+    bulk: bool,
+) -> Result<(), ProjectionError> {
     let mut tx = pool.begin().await?;
     if fresh {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *tx).await?;
     }
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&mut *tx).await?;
     for table in projection.tables().iter().chain(["projection_checkpoints"].iter()) {
-        sqlx::query(&format!("CREATE TABLE IF NOT EXISTS {schema}.{table} (LIKE public.{table} INCLUDING ALL)"))
-            .execute(&mut *tx)
-            .await?;
+        let indexes = if bulk && projection.bulk_tables().contains(table) { " EXCLUDING INDEXES" } else { "" };
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.{table} (LIKE public.{table} INCLUDING ALL{indexes})"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Gives bulk-loaded shadow tables the live tables' constraints and indexes,
+/// table by table in parallel (each table's in one transaction, so a table
+/// has either none or all).
+async fn create_deferred_indexes(pool: &PgPool, projection: Projection, schema: &str) -> Result<(), ProjectionError> {
+    let builds = projection.bulk_tables().iter().map(|table| {
+        let pool = pool.clone();
+        let (shadow, live) = (format!("{schema}.{table}"), format!("public.{table}"));
+        tokio::spawn(async move { index_like(&pool, &shadow, &live).await })
+    });
+    for build in builds.collect::<Vec<_>>() {
+        build.await.map_err(|e| ProjectionError::Rebuild(format!("creating indexes: {e}")))??;
+    }
+    Ok(())
+}
+
+/// Creates on `shadow` the constraints and indexes `live` has, unless it has some.
+async fn index_like(pool: &PgPool, shadow: &str, live: &str) -> Result<(), ProjectionError> {
+    let mut tx = pool.begin().await?;
+    let indexed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = $1::regclass)")
+        .bind(shadow)
+        .fetch_one(&mut *tx)
+        .await?;
+    if indexed {
+        return Ok(());
+    }
+    // Index builds sort in memory rather than in temporary files.
+    sqlx::query("SET LOCAL maintenance_work_mem = '512MB'").execute(&mut *tx).await?;
+    let constraints: Vec<(String, String)> = sqlx::query_as(
+        "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+         WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
+    )
+    .bind(live)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (name, definition) in constraints {
+        sqlx::query(&format!("ALTER TABLE {shadow} ADD CONSTRAINT \"{name}\" {definition}")).execute(&mut *tx).await?;
+    }
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
+         WHERE i.indrelid = $1::regclass
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+         ORDER BY i.indexrelid",
+    )
+    .bind(live)
+    .fetch_all(&mut *tx)
+    .await?;
+    let on_live = format!(" ON {live} ");
+    for definition in indexes {
+        if !definition.contains(&on_live) {
+            return Err(ProjectionError::Rebuild(format!("cannot place index {definition:?} on {shadow}")));
+        }
+        sqlx::query(&definition.replacen(&on_live, &format!(" ON {shadow} "), 1)).execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -128,19 +199,27 @@ async fn build(
     }
 }
 
-/// Events at or below the shadow checkpoint: what a resumed rebuild has done.
-async fn already_built(pool: &PgPool, projection: Projection, schema: &str) -> Result<u64, ProjectionError> {
-    let mut tx = pool.begin().await?;
-    use_shadow(&mut tx, schema).await?;
-    let at = checkpoint::lock(&mut tx, projection.name()).await?;
+/// Events at or below `at`: what a resumed rebuild has done.
+async fn events_through(pool: &PgPool, at: LogPoint) -> Result<u64, ProjectionError> {
+    if at == LogPoint::START {
+        return Ok(0);
+    }
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE (transaction_id, position) <= ($1::text::xid8, $2)")
             .bind(at.transaction_id.to_string())
             .bind(at.position)
-            .fetch_one(&mut *tx)
+            .fetch_one(pool)
             .await?;
-    tx.rollback().await?;
     Ok(n.max(0) as u64)
+}
+
+/// The shadow tables' checkpoint.
+async fn shadow_checkpoint(pool: &PgPool, projection: Projection, schema: &str) -> Result<LogPoint, ProjectionError> {
+    let mut tx = pool.begin().await?;
+    use_shadow(&mut tx, schema).await?;
+    let at = checkpoint::lock(&mut tx, projection.name()).await?;
+    tx.rollback().await?;
+    Ok(at)
 }
 
 /// Inside `tx` (which holds the live checkpoint's lock): applies what the
@@ -189,26 +268,295 @@ pub async fn rebuild(
     fresh: bool,
     progress: Progress<'_>,
 ) -> Result<u64, ProjectionError> {
-    let lock = exclusive(pool, projection).await?;
-    let result = rebuild_locked(pool, projection, fresh, progress).await;
-    lock.release().await;
+    Ok(rebuild_all(pool, &[projection], fresh, progress).await?.into_iter().map(|(_, n)| n).sum())
+}
+
+/// Rebuilds `projections` blue/green in one pass over the log and swaps each
+/// in; resumes interrupted rebuilds unless `fresh`. Returns the events each
+/// projection applied in this run. Progress counts events read from the log.
+pub async fn rebuild_all(
+    pool: &PgPool,
+    projections: &[Projection],
+    fresh: bool,
+    progress: Progress<'_>,
+) -> Result<Vec<(Projection, u64)>, ProjectionError> {
+    let locks = exclusive_all(pool, projections).await?;
+    let result = async {
+        let applied = build_all(pool, projections, fresh, None, progress).await?;
+        let started = std::time::Instant::now();
+        for &projection in projections {
+            swap_in(pool, projection).await?;
+        }
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "swapped in");
+        Ok(applied)
+    }
+    .await;
+    for lock in locks {
+        lock.release().await;
+    }
     result
 }
 
-async fn rebuild_locked(
+async fn exclusive_all(pool: &PgPool, projections: &[Projection]) -> Result<Vec<Exclusive>, ProjectionError> {
+    let mut locks = Vec::with_capacity(projections.len());
+    for &projection in projections {
+        match exclusive(pool, projection).await {
+            Ok(lock) => locks.push(lock),
+            Err(e) => {
+                for lock in locks {
+                    lock.release().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(locks)
+}
+
+/// Events read from the log in one page, decoded once for every projection.
+type Page = Arc<Vec<(RecordedEvent, Event)>>;
+
+/// Replay reads the log in pages of this many events.
+const REPLAY_PAGE: i64 = 20_000;
+
+/// Builds the shadow tables of `projections` (up to `until`, if given) in one
+/// pass over the settled log: one task reads and decodes each page once, and
+/// every projection applies it in a task and a connection of its own, each
+/// page in one transaction with the projection's shadow checkpoint. Bulk
+/// tables get their indexes at the end.
+async fn build_all(
     pool: &PgPool,
-    projection: Projection,
+    projections: &[Projection],
     fresh: bool,
+    until: Option<LogPoint>,
     progress: Progress<'_>,
-) -> Result<u64, ProjectionError> {
-    let schema = shadow_schema(projection);
-    prepare(pool, projection, &schema, fresh).await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+) -> Result<Vec<(Projection, u64)>, ProjectionError> {
+    let mut from: Option<LogPoint> = None;
+    for &projection in projections {
+        let schema = shadow_schema(projection);
+        prepare(pool, projection, &schema, fresh, true).await?;
+        let at = shadow_checkpoint(pool, projection, &schema).await?;
+        from = Some(from.map_or(at, |f| f.min(at)));
+    }
+    let from = from.unwrap_or(LogPoint::START);
+    let total = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events").fetch_one(pool).await?.max(0) as u64;
     // A resumed rebuild starts its progress where the interrupted one stopped.
-    let done_before = already_built(pool, projection, &schema).await?;
+    let done_before = events_through(pool, from).await?;
+    let mut senders = Vec::with_capacity(projections.len());
+    let mut builders = Vec::with_capacity(projections.len());
+    for &projection in projections {
+        let (sender, pages) = mpsc::channel::<Page>(2);
+        senders.push(sender);
+        builders.push(tokio::spawn(build_shadow(pool.clone(), projection, pages)));
+    }
+    let read =
+        read_log(pool, from, until, &senders, &mut |read| progress(done_before + read, total.max(done_before + read)))
+            .await;
+    drop(senders);
+    let mut applied = Vec::with_capacity(projections.len());
+    let mut failure = None;
+    for (&projection, builder) in projections.iter().zip(builders) {
+        match builder.await {
+            Ok(Ok(n)) => applied.push((projection, n)),
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                failure.get_or_insert(ProjectionError::Rebuild(format!("building {}: {e}", projection.name())));
+            }
+        }
+    }
+    // A builder's own error explains a failed read (its channel closed).
+    match (failure, read) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(())) => Ok(applied),
+    }
+}
+
+/// The reading side of `build_all`: settled events after `from`, page by
+/// page, decoded and sent to every builder (a full channel holds the reader
+/// back). Fetching the next page overlaps decoding this one.
+async fn read_log(
+    pool: &PgPool,
+    from: LogPoint,
+    until: Option<LogPoint>,
+    builders: &[mpsc::Sender<Page>],
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<(), ProjectionError> {
+    let (fetched, mut pages) = mpsc::channel::<Vec<RecordedEvent>>(2);
+    let fetcher = tokio::spawn(fetch_log(pool.clone(), from, until, fetched));
+    let mut read = 0u64;
+    let decoded = async {
+        while let Some(events) = pages.recv().await {
+            read += events.len() as u64;
+            let page = events
+                .into_iter()
+                .map(|r| match r.decode() {
+                    Ok(e) => Ok((r, e)),
+                    Err(source) => Err(ProjectionError::Decode { position: r.position, source }),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let page: Page = Arc::new(page);
+            for builder in builders {
+                if builder.send(page.clone()).await.is_err() {
+                    return Err(ProjectionError::Rebuild("a projection stopped building".into()));
+                }
+            }
+            progress(read);
+        }
+        Ok(())
+    }
+    .await;
+    drop(pages);
+    let fetch = fetcher.await.map_err(|e| ProjectionError::Rebuild(format!("reading the log: {e}")))?;
+    decoded.and(fetch)
+}
+
+/// Reads settled events after `from` (through `until`) in pages.
+async fn fetch_log(
+    pool: PgPool,
+    from: LogPoint,
+    until: Option<LogPoint>,
+    pages: mpsc::Sender<Vec<RecordedEvent>>,
+) -> Result<(), ProjectionError> {
+    let mut conn = pool.acquire().await?;
+    let mut at = from;
+    loop {
+        let mut tx = conn.begin().await?;
+        for (name, value) in store::TAILING_SETTINGS {
+            sqlx::query("SELECT set_config($1, $2, true)").bind(name).bind(value).execute(&mut *tx).await?;
+        }
+        let mut events = store::read_settled_after(&mut tx, at, REPLAY_PAGE).await?;
+        tx.commit().await?;
+        let fetched = events.len();
+        if let Some(limit) = until {
+            events.retain(|e| e.point() <= limit);
+        }
+        let more = fetched as i64 == REPLAY_PAGE && events.len() == fetched;
+        let Some(last) = events.last().map(RecordedEvent::point) else { return Ok(()) };
+        at = last;
+        if pages.send(events).await.is_err() {
+            // The decoding side stopped; it reports why.
+            return Ok(());
+        }
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// One projection's side of `build_all`: applies the pages, then creates
+/// the bulk tables' indexes.
+async fn build_shadow(
+    pool: PgPool,
+    projection: Projection,
+    pages: mpsc::Receiver<Page>,
+) -> Result<u64, ProjectionError> {
+    let started = std::time::Instant::now();
+    let schema = shadow_schema(projection);
+    let mut conn = pool.acquire().await?;
+    let applied = match projection {
+        Projection::Statements => build_statements(&mut conn, &schema, pages).await?,
+        _ => build_applying(&mut conn, projection, &schema, pages).await?,
+    };
+    let loaded = started.elapsed();
+    create_deferred_indexes(&pool, projection, &schema).await?;
+    tracing::info!(
+        projection = projection.name(),
+        events = applied,
+        applied_seconds = loaded.as_secs_f64(),
+        indexed_seconds = (started.elapsed() - loaded).as_secs_f64(),
+        "shadow tables built"
+    );
+    Ok(applied)
+}
+
+/// A transaction on the shadow tables. Derived data, committed with its
+/// checkpoint: a crash loses both together and the build resumes from the
+/// older checkpoint, so it need not wait for the flush.
+async fn shadow_transaction<'c>(
+    conn: &'c mut PgConnection,
+    schema: &str,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, ProjectionError> {
+    let mut tx = conn.begin().await?;
+    use_shadow(&mut tx, schema).await?;
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    Ok(tx)
+}
+
+/// Applies each page with the projection's own `apply_decoded`.
+async fn build_applying(
+    conn: &mut PgConnection,
+    projection: Projection,
+    schema: &str,
+    mut pages: mpsc::Receiver<Page>,
+) -> Result<u64, ProjectionError> {
     let mut applied = 0;
-    let mut shifted = |done: u64, total: u64| progress(done + done_before, total.max(done + done_before));
-    build(pool, projection, &schema, None, &mut applied, total as u64, &mut shifted).await?;
+    while let Some(page) = pages.recv().await {
+        let mut tx = shadow_transaction(conn, schema).await?;
+        let at = checkpoint::lock(&mut tx, projection.name()).await?;
+        let events: Vec<(&RecordedEvent, &Event)> =
+            page.iter().filter(|(r, _)| r.point() > at).map(|(r, e)| (r, e)).collect();
+        let Some(last) = events.last().map(|(r, _)| r.point()) else {
+            tx.rollback().await?;
+            continue;
+        };
+        projection.apply_decoded(&mut tx, &events).await?;
+        checkpoint::save(&mut tx, projection.name(), last).await?;
+        tx.commit().await?;
+        applied += events.len() as u64;
+    }
+    Ok(applied)
+}
+
+/// `statements` in bulk (see `statements::Bulk`): one task encodes the next
+/// page's rows while this one's are copied in.
+async fn build_statements(
+    conn: &mut PgConnection,
+    schema: &str,
+    mut pages: mpsc::Receiver<Page>,
+) -> Result<u64, ProjectionError> {
+    let name = Projection::Statements.name();
+    let (mut bulk, from) = {
+        let mut tx = shadow_transaction(conn, schema).await?;
+        let bulk = statements::Bulk::resume(&mut tx).await?;
+        let at = checkpoint::lock(&mut tx, name).await?;
+        tx.commit().await?;
+        (bulk, at)
+    };
+    let (encoded, mut rows) = mpsc::channel::<(statements::BulkRows, LogPoint, u64)>(1);
+    // The rebuild lock keeps every other writer off these tables: the
+    // checkpoint can be followed in memory.
+    let encoder = tokio::spawn(async move {
+        let mut at = from;
+        while let Some(page) = pages.recv().await {
+            let events: Vec<(&RecordedEvent, &Event)> =
+                page.iter().filter(|(r, _)| r.point() > at).map(|(r, e)| (r, e)).collect();
+            let Some(last) = events.last().map(|(r, _)| r.point()) else { continue };
+            let page_rows = bulk.encode(&events)?;
+            at = last;
+            if encoded.send((page_rows, last, events.len() as u64)).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, ProjectionError>(())
+    });
+    let mut applied = 0;
+    while let Some((page_rows, last, n)) = rows.recv().await {
+        let mut tx = shadow_transaction(conn, schema).await?;
+        page_rows.send(&mut tx).await?;
+        checkpoint::save(&mut tx, name, last).await?;
+        tx.commit().await?;
+        applied += n;
+    }
+    encoder.await.map_err(|e| ProjectionError::Rebuild(format!("encoding statements: {e}")))??;
+    Ok(applied)
+}
+
+/// Brings the shadow tables to the live checkpoint (or the settled head)
+/// and swaps them in, in one transaction.
+async fn swap_in(pool: &PgPool, projection: Projection) -> Result<(), ProjectionError> {
+    let schema = shadow_schema(projection);
     let retired = retired_schema(projection);
     let mut tx = pool.begin().await?;
     // Readers wait at most this long for the swap's table locks; the swap retries later.
@@ -225,7 +573,7 @@ async fn rebuild_locked(
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *tx).await?;
     sqlx::query(&format!("DROP SCHEMA {retired} CASCADE")).execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(applied)
+    Ok(())
 }
 
 /// Rebuilds into tables of its own up to the live checkpoint and reports
@@ -248,7 +596,7 @@ async fn compare_locked(
 ) -> Result<Differences, ProjectionError> {
     // A schema of its own: an interrupted rebuild's progress is left alone.
     let schema = compare_schema(projection);
-    prepare(pool, projection, &schema, true).await?;
+    prepare(pool, projection, &schema, true, false).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
     let mut applied = 0;
     let live = {
@@ -281,16 +629,9 @@ async fn compare_locked(
 /// rebuild would; `rebuild` resumes from there.
 pub async fn build_until(pool: &PgPool, projection: Projection, until: LogPoint) -> Result<u64, ProjectionError> {
     let lock = exclusive(pool, projection).await?;
-    let schema = shadow_schema(projection);
-    let result = async {
-        prepare(pool, projection, &schema, true).await?;
-        let mut applied = 0;
-        build(pool, projection, &schema, Some(until), &mut applied, 0, &mut |_, _| {}).await?;
-        Ok(applied)
-    }
-    .await;
+    let result = build_all(pool, &[projection], true, Some(until), &mut |_, _| {}).await;
     lock.release().await;
-    result
+    Ok(result?.into_iter().map(|(_, n)| n).sum())
 }
 
 /// Whether the tables were built by an older version of the projection's

@@ -1,11 +1,14 @@
 //! The `statements` read model: per-account entries with a running balance,
 //! and the `transfers` table that shows one movement to either party.
 
+use crate::copy_in::CopyRows;
 use chrono::{DateTime, Utc};
 use ledger_commands::store::RecordedEvent;
+use ledger_domain::events::TransferRecorded;
 use ledger_domain::Event;
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 pub const TABLES: &[&str] = &["statement_entries", "transfers"];
@@ -13,18 +16,18 @@ pub const TABLES: &[&str] = &["statement_entries", "transfers"];
 /// Applies events in order, in three statements: the new transfers, the
 /// accounts' last entries, and every entry, numbered and balanced in memory
 /// exactly as per-event application would.
-pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event)]) -> Result<(), sqlx::Error> {
-    let movements: Vec<(&RecordedEvent, &ledger_domain::events::TransferRecorded)> = events
+pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Event)]) -> Result<(), sqlx::Error> {
+    let movements: Vec<(&RecordedEvent, &TransferRecorded)> = events
         .iter()
-        .filter_map(|(r, e)| match e {
-            Event::TransferRecorded(t) => Some((*r, t)),
+        .filter_map(|&(r, e)| match e {
+            Event::TransferRecorded(t) => Some((r, t)),
             _ => None,
         })
         .collect();
     if movements.is_empty() {
         return Ok(());
     }
-    let column = |f: &dyn Fn(&RecordedEvent, &ledger_domain::events::TransferRecorded) -> String| -> Vec<String> {
+    let column = |f: &dyn Fn(&RecordedEvent, &TransferRecorded) -> String| -> Vec<String> {
         movements.iter().map(|(r, t)| f(r, t)).collect()
     };
     let ids: Vec<Uuid> = movements.iter().map(|(_, t)| t.transfer_id).collect();
@@ -36,7 +39,7 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event
     let references: Vec<Option<String>> = movements.iter().map(|(_, t)| t.reference.clone()).collect();
     let recorded_ats: Vec<DateTime<Utc>> = movements.iter().map(|(r, _)| r.metadata.recorded_at).collect();
     let positions: Vec<i64> = movements.iter().map(|(r, _)| r.position).collect();
-    let inserted: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+    let inserted: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO transfers (transfer_id, from_account, to_account, amount, currency, kind, reference,
                                 recorded_at, position)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::text[],
@@ -65,42 +68,22 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, Event
         a.dedup();
         a
     };
-    let mut last: std::collections::HashMap<Uuid, (i64, Decimal)> =
-        sqlx::query_as::<_, (Uuid, Option<i64>, Option<Decimal>)>(
-            "SELECT a.account_id, l.entry_no, l.balance_after FROM unnest($1::uuid[]) AS a(account_id)
+    let mut last: HashMap<Uuid, (i64, Decimal)> = sqlx::query_as::<_, (Uuid, Option<i64>, Option<Decimal>)>(
+        "SELECT a.account_id, l.entry_no, l.balance_after FROM unnest($1::uuid[]) AS a(account_id)
          LEFT JOIN LATERAL (
              SELECT entry_no, balance_after FROM statement_entries
              WHERE account_id = a.account_id ORDER BY entry_no DESC LIMIT 1
          ) l ON true",
-        )
-        .bind(&accounts)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(a, n, b)| (a, (n.unwrap_or(0), b.unwrap_or(Decimal::ZERO))))
-        .collect();
+    )
+    .bind(&accounts)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(a, n, b)| (a, (n.unwrap_or(0), b.unwrap_or(Decimal::ZERO))))
+    .collect();
     let mut entries: Vec<Entry> = Vec::with_capacity(inserted.len() * 2);
     for (recorded, t) in movements.iter().filter(|(_, t)| inserted.contains(&t.transfer_id)) {
-        for (account, counterparty, direction, delta) in
-            [(t.from_account, t.to_account, "debit", -t.amount), (t.to_account, t.from_account, "credit", t.amount)]
-        {
-            let (entry_no, balance) = last.entry(account).or_insert((0, Decimal::ZERO));
-            *entry_no += 1;
-            *balance += delta;
-            entries.push(Entry {
-                account,
-                entry_no: *entry_no,
-                position: recorded.position,
-                transfer_id: t.transfer_id,
-                direction,
-                amount: t.amount,
-                balance_after: *balance,
-                counterparty,
-                kind: t.kind.as_str(),
-                reference: t.reference.clone(),
-                recorded_at: recorded.metadata.recorded_at,
-            });
-        }
+        entries.extend(next_entries(&mut last, recorded, t));
     }
     sqlx::query(
         "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
@@ -136,6 +119,135 @@ struct Entry {
     kind: &'static str,
     reference: Option<String>,
     recorded_at: DateTime<Utc>,
+}
+
+/// A movement's two entries, continuing each account's last (entry number,
+/// balance) in apply order.
+fn next_entries(
+    last: &mut HashMap<Uuid, (i64, Decimal)>,
+    recorded: &RecordedEvent,
+    t: &TransferRecorded,
+) -> [Entry; 2] {
+    [(t.from_account, t.to_account, "debit", -t.amount), (t.to_account, t.from_account, "credit", t.amount)].map(
+        |(account, counterparty, direction, delta)| {
+            let (entry_no, balance) = last.entry(account).or_insert((0, Decimal::ZERO));
+            *entry_no += 1;
+            *balance += delta;
+            Entry {
+                account,
+                entry_no: *entry_no,
+                position: recorded.position,
+                transfer_id: t.transfer_id,
+                direction,
+                amount: t.amount,
+                balance_after: *balance,
+                counterparty,
+                kind: t.kind.as_str(),
+                reference: t.reference.clone(),
+                recorded_at: recorded.metadata.recorded_at,
+            }
+        },
+    )
+}
+
+/// Replay's way of building this projection: every account's last entry
+/// number and balance, and the transfers already listed, are kept in memory
+/// (read back once from the tables when a build resumes), so a page is two
+/// `COPY`s into tables that get their indexes after the load. The rows are
+/// the ones `apply_all` writes, in the same order.
+pub struct Bulk {
+    last: HashMap<Uuid, (i64, Decimal)>,
+    listed: HashSet<Uuid>,
+}
+
+impl Bulk {
+    /// Picks up where the tables (on the connection's search path) stand.
+    pub async fn resume(conn: &mut PgConnection) -> Result<Bulk, sqlx::Error> {
+        let last = sqlx::query_as::<_, (Uuid, i64, Decimal)>(
+            "SELECT DISTINCT ON (account_id) account_id, entry_no, balance_after FROM statement_entries
+             ORDER BY account_id, entry_no DESC",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(a, n, b)| (a, (n, b)))
+        .collect();
+        let listed = sqlx::query_scalar::<_, Uuid>("SELECT transfer_id FROM transfers")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Bulk { last, listed })
+    }
+
+    /// The rows events add, in order; the state moves past them. The caller
+    /// sends them in the transaction that advances the checkpoint, and drops
+    /// this state if that fails (it is then ahead of what was committed).
+    pub fn encode(&mut self, events: &[(&RecordedEvent, &Event)]) -> Result<BulkRows, sqlx::Error> {
+        let mut transfers = CopyRows::new(9, events.len() * 160);
+        let mut entries = CopyRows::new(11, events.len() * 2 * 200);
+        for &(recorded, event) in events {
+            let Event::TransferRecorded(t) = event else { continue };
+            if !self.listed.insert(t.transfer_id) {
+                continue;
+            }
+            transfers
+                .value(&t.transfer_id)?
+                .value(&t.from_account)?
+                .value(&t.to_account)?
+                .value(&t.amount)?
+                .value(&t.currency)?
+                .value(&t.kind.as_str())?
+                .value(&t.reference)?
+                .value(&recorded.metadata.recorded_at)?
+                .value(&recorded.position)?
+                .end_row()?;
+            for e in next_entries(&mut self.last, recorded, t) {
+                entries
+                    .value(&e.account)?
+                    .value(&e.entry_no)?
+                    .value(&e.position)?
+                    .value(&e.transfer_id)?
+                    .value(&e.direction)?
+                    .value(&e.amount)?
+                    .value(&e.balance_after)?
+                    .value(&e.counterparty)?
+                    .value(&e.kind)?
+                    .value(&e.reference)?
+                    .value(&e.recorded_at)?
+                    .end_row()?;
+            }
+        }
+        Ok(BulkRows { transfers, entries })
+    }
+}
+
+/// One page's rows, encoded by `Bulk::encode`.
+pub struct BulkRows {
+    transfers: CopyRows,
+    entries: CopyRows,
+}
+
+impl BulkRows {
+    pub async fn send(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let BulkRows { transfers, entries } = self;
+        transfers
+            .send(
+                conn,
+                "COPY transfers (transfer_id, from_account, to_account, amount, currency, kind, reference,
+                                 recorded_at, position) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        entries
+            .send(
+                conn,
+                "COPY statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
+                                         balance_after, counterparty_account, kind, reference, recorded_at)
+                 FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Event) -> Result<(), sqlx::Error> {
