@@ -111,13 +111,17 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
                 applied: tokio::sync::watch::channel(LogPoint::START).0,
             };
             tasks.spawn(projector.run(shutdown.clone()));
-            let upgrade_pool = pool.clone();
-            tasks.spawn(async move {
-                if let Err(e) = ledger_projections::rebuild::upgrade(upgrade_pool, projection).await {
+        }
+        // Outdated projections are rebuilt one after another: a rebuild holds
+        // a few connections of the pool the commands use.
+        let upgrade_pool = pool.clone();
+        tasks.spawn(async move {
+            for projection in Projection::ALL {
+                if let Err(e) = ledger_projections::rebuild::upgrade(upgrade_pool.clone(), projection).await {
                     tracing::error!(projection = projection.name(), error = %e, "projection upgrade failed");
                 }
-            });
-        }
+            }
+        });
     }
     if roles.processes {
         if let Some(client) = &nats {

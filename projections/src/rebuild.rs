@@ -454,10 +454,12 @@ async fn build_shadow(
 ) -> Result<u64, ProjectionError> {
     let started = std::time::Instant::now();
     let schema = shadow_schema(projection);
-    let mut conn = pool.acquire().await?;
-    let applied = match projection {
-        Projection::Statements => build_statements(&mut conn, &schema, pages).await?,
-        _ => build_applying(&mut conn, projection, &schema, pages).await?,
+    let applied = {
+        let mut conn = pool.acquire().await?;
+        match projection {
+            Projection::Statements => build_statements(&mut conn, &schema, pages).await?,
+            _ => build_applying(&mut conn, projection, &schema, pages).await?,
+        }
     };
     let loaded = started.elapsed();
     create_deferred_indexes(&pool, projection, &schema).await?;
