@@ -208,6 +208,12 @@ impl LiveHub {
 
     /// Forwards one event to the connected users it concerns.
     pub async fn publish(&self, recorded: &RecordedEvent) {
+        // No socket at this instance: nobody to tell, and no owner lookups
+        // in PostgreSQL for every movement (a reconnecting client replays
+        // what it missed from the log with `after_position`).
+        if self.clients().is_empty() {
+            return;
+        }
         let Ok(event) = recorded.decode() else { return };
         // Credentials ended: that user's sockets check theirs again at once.
         let ended = match &event {
