@@ -112,14 +112,11 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             };
             tasks.spawn(projector.run(shutdown.clone()));
         }
-        // Outdated projections are rebuilt one after another: a rebuild holds
-        // a few connections of the pool the commands use.
+        // Outdated projections are rebuilt together, in one pass over the log.
         let upgrade_pool = pool.clone();
         tasks.spawn(async move {
-            for projection in Projection::ALL {
-                if let Err(e) = ledger_projections::rebuild::upgrade(upgrade_pool.clone(), projection).await {
-                    tracing::error!(projection = projection.name(), error = %e, "projection upgrade failed");
-                }
+            if let Err(e) = ledger_projections::rebuild::upgrade(upgrade_pool).await {
+                tracing::error!(error = %e, "projection upgrade failed");
             }
         });
     }

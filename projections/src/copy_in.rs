@@ -62,15 +62,16 @@ impl CopyRows {
     /// Sends the rows with `statement` (`COPY table (columns) FROM STDIN
     /// (FORMAT binary)`); returns the rows copied.
     pub async fn send(mut self, conn: &mut PgConnection, statement: &str) -> Result<u64, sqlx::Error> {
-        if self.rows == 0 {
-            return Ok(0);
-        }
         if self.in_row != 0 {
             return Err(sqlx::Error::Protocol("a COPY row was left unfinished".into()));
+        }
+        if self.rows == 0 {
+            return Ok(0);
         }
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         let mut copy = conn.copy_in_raw(statement).await?;
         if let Err(e) = copy.send(std::mem::take(&mut *self.buf)).await {
+            // The send's error is the one to report; the abort only frees the connection.
             let _ = copy.abort("the rows could not be sent").await;
             return Err(e);
         }

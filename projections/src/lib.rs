@@ -31,6 +31,8 @@ pub enum ProjectionError {
     Busy(String),
     #[error("rebuild: {0}")]
     Rebuild(String),
+    #[error("a task of the rebuild stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A read model built from the log.

@@ -109,10 +109,15 @@ async fn create_deferred_indexes(pool: &PgPool, projection: Projection, schema: 
         let (shadow, live) = (format!("{schema}.{table}"), format!("public.{table}"));
         tokio::spawn(async move { index_like(&pool, &shadow, &live).await })
     });
+    // Every build is awaited (none is left running) before the first error is returned.
+    let mut first_error = None;
     for build in builds.collect::<Vec<_>>() {
-        build.await.map_err(|e| ProjectionError::Rebuild(format!("creating indexes: {e}")))??;
+        let result = build.await.map_err(ProjectionError::from).and_then(|r| r);
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Creates on `shadow` the constraints and indexes `live` has, unless it has some.
@@ -128,14 +133,14 @@ async fn index_like(pool: &PgPool, shadow: &str, live: &str) -> Result<(), Proje
     // Index builds sort in memory rather than in temporary files.
     sqlx::query("SET LOCAL maintenance_work_mem = '512MB'").execute(&mut *tx).await?;
     let constraints: Vec<(String, String)> = sqlx::query_as(
-        "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+        "SELECT quote_ident(conname), pg_get_constraintdef(oid) FROM pg_constraint
          WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
     )
     .bind(live)
     .fetch_all(&mut *tx)
     .await?;
     for (name, definition) in constraints {
-        sqlx::query(&format!("ALTER TABLE {shadow} ADD CONSTRAINT \"{name}\" {definition}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("ALTER TABLE {shadow} ADD CONSTRAINT {name} {definition}")).execute(&mut *tx).await?;
     }
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
@@ -280,9 +285,20 @@ pub async fn rebuild_all(
     fresh: bool,
     progress: Progress<'_>,
 ) -> Result<Vec<(Projection, u64)>, ProjectionError> {
+    rebuild_all_in_pages(pool, projections, fresh, REPLAY_PAGE, progress).await
+}
+
+/// `rebuild_all`, reading the log `page` events at a time.
+pub async fn rebuild_all_in_pages(
+    pool: &PgPool,
+    projections: &[Projection],
+    fresh: bool,
+    page: i64,
+    progress: Progress<'_>,
+) -> Result<Vec<(Projection, u64)>, ProjectionError> {
     let locks = exclusive_all(pool, projections).await?;
     let result = async {
-        let applied = build_all(pool, projections, fresh, None, progress).await?;
+        let applied = build_all(pool, projections, fresh, None, page.max(1), progress).await?;
         let started = std::time::Instant::now();
         for &projection in projections {
             swap_in(pool, projection).await?;
@@ -329,6 +345,7 @@ async fn build_all(
     projections: &[Projection],
     fresh: bool,
     until: Option<LogPoint>,
+    page: i64,
     progress: Progress<'_>,
 ) -> Result<Vec<(Projection, u64)>, ProjectionError> {
     let mut from: Option<LogPoint> = None;
@@ -349,9 +366,10 @@ async fn build_all(
         senders.push(sender);
         builders.push(tokio::spawn(build_shadow(pool.clone(), projection, pages)));
     }
-    let read =
-        read_log(pool, from, until, &senders, &mut |read| progress(done_before + read, total.max(done_before + read)))
-            .await;
+    let read = read_log(pool, from, until, page, &senders, &mut |read| {
+        progress(done_before + read, total.max(done_before + read))
+    })
+    .await;
     drop(senders);
     let mut applied = Vec::with_capacity(projections.len());
     let mut failure = None;
@@ -362,7 +380,7 @@ async fn build_all(
                 failure.get_or_insert(e);
             }
             Err(e) => {
-                failure.get_or_insert(ProjectionError::Rebuild(format!("building {}: {e}", projection.name())));
+                failure.get_or_insert(ProjectionError::Task(e));
             }
         }
     }
@@ -380,11 +398,12 @@ async fn read_log(
     pool: &PgPool,
     from: LogPoint,
     until: Option<LogPoint>,
+    page: i64,
     builders: &[mpsc::Sender<Page>],
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(), ProjectionError> {
     let (fetched, mut pages) = mpsc::channel::<Vec<RecordedEvent>>(2);
-    let fetcher = tokio::spawn(fetch_log(pool.clone(), from, until, fetched));
+    let fetcher = tokio::spawn(fetch_log(pool.clone(), from, until, page, fetched));
     let mut read = 0u64;
     let decoded = async {
         while let Some(events) = pages.recv().await {
@@ -408,7 +427,7 @@ async fn read_log(
     }
     .await;
     drop(pages);
-    let fetch = fetcher.await.map_err(|e| ProjectionError::Rebuild(format!("reading the log: {e}")))?;
+    let fetch = fetcher.await?;
     decoded.and(fetch)
 }
 
@@ -417,6 +436,7 @@ async fn fetch_log(
     pool: PgPool,
     from: LogPoint,
     until: Option<LogPoint>,
+    page: i64,
     pages: mpsc::Sender<Vec<RecordedEvent>>,
 ) -> Result<(), ProjectionError> {
     let mut conn = pool.acquire().await?;
@@ -426,13 +446,13 @@ async fn fetch_log(
         for (name, value) in store::TAILING_SETTINGS {
             sqlx::query("SELECT set_config($1, $2, true)").bind(name).bind(value).execute(&mut *tx).await?;
         }
-        let mut events = store::read_settled_after(&mut tx, at, REPLAY_PAGE).await?;
+        let mut events = store::read_settled_after(&mut tx, at, page).await?;
         tx.commit().await?;
         let fetched = events.len();
         if let Some(limit) = until {
             events.retain(|e| e.point() <= limit);
         }
-        let more = fetched as i64 == REPLAY_PAGE && events.len() == fetched;
+        let more = fetched as i64 == page && events.len() == fetched;
         let Some(last) = events.last().map(RecordedEvent::point) else { return Ok(()) };
         at = last;
         if pages.send(events).await.is_err() {
@@ -551,7 +571,7 @@ async fn build_statements(
         tx.commit().await?;
         applied += n;
     }
-    encoder.await.map_err(|e| ProjectionError::Rebuild(format!("encoding statements: {e}")))??;
+    encoder.await??;
     Ok(applied)
 }
 
@@ -629,9 +649,14 @@ async fn compare_locked(
 
 /// Builds the shadow tables up to `until` and stops, as an interrupted
 /// rebuild would; `rebuild` resumes from there.
-pub async fn build_until(pool: &PgPool, projection: Projection, until: LogPoint) -> Result<u64, ProjectionError> {
+pub async fn build_until(
+    pool: &PgPool,
+    projection: Projection,
+    until: LogPoint,
+    page: i64,
+) -> Result<u64, ProjectionError> {
     let lock = exclusive(pool, projection).await?;
-    let result = build_all(pool, &[projection], true, Some(until), &mut |_, _| {}).await;
+    let result = build_all(pool, &[projection], true, Some(until), page.max(1), &mut |_, _| {}).await;
     lock.release().await;
     Ok(result?.into_iter().map(|(_, n)| n).sum())
 }
@@ -651,27 +676,32 @@ pub async fn outdated(pool: &PgPool, projection: Projection) -> Result<bool, Pro
     Ok(stored < projection.version())
 }
 
-/// Rebuilds an outdated projection in the background of `ledger serve`; the
-/// old tables serve until the swap. One instance does it: the others find
-/// the rebuild lock taken and leave it.
-pub async fn upgrade(pool: PgPool, projection: Projection) -> Result<(), ProjectionError> {
-    if !outdated(&pool, projection).await? {
+/// Rebuilds the outdated projections in the background of `ledger serve`, in
+/// one pass over the log; the old tables serve until each swap. One instance
+/// does it: the others find the rebuild locks taken and leave it.
+pub async fn upgrade(pool: PgPool) -> Result<(), ProjectionError> {
+    let mut projections = Vec::new();
+    for projection in Projection::ALL {
+        if outdated(&pool, projection).await? {
+            projections.push(projection);
+        }
+    }
+    if projections.is_empty() {
         return Ok(());
     }
-    tracing::info!(
-        projection = projection.name(),
-        version = projection.version(),
-        "rebuilding a projection for its new version"
-    );
-    let applied = match rebuild(&pool, projection, false, &mut |_, _| {}).await {
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    tracing::info!(projections = names.join(","), "rebuilding projections for their new versions");
+    let applied = match rebuild_all(&pool, &projections, false, &mut |_, _| {}).await {
         Err(ProjectionError::Busy(_)) => return Ok(()),
         other => other?,
     };
-    sqlx::query("UPDATE projection_versions SET version = $2, updated_at = now() WHERE projection = $1")
-        .bind(projection.name())
-        .bind(projection.version())
-        .execute(&pool)
-        .await?;
-    tracing::info!(projection = projection.name(), events = applied, "projection rebuilt and swapped in");
+    for (projection, events) in applied {
+        sqlx::query("UPDATE projection_versions SET version = $2, updated_at = now() WHERE projection = $1")
+            .bind(projection.name())
+            .bind(projection.version())
+            .execute(&pool)
+            .await?;
+        tracing::info!(projection = projection.name(), events, "projection rebuilt and swapped in");
+    }
     Ok(())
 }

@@ -82,7 +82,9 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Even
     .map(|(a, n, b)| (a, (n.unwrap_or(0), b.unwrap_or(Decimal::ZERO))))
     .collect();
     let mut entries: Vec<Entry> = Vec::with_capacity(inserted.len() * 2);
-    for (recorded, t) in movements.iter().filter(|(_, t)| inserted.contains(&t.transfer_id)) {
+    // `remove`: a transfer listed twice in one batch gets its entries once, as across batches.
+    let mut inserted = inserted;
+    for (recorded, t) in movements.iter().filter(|(_, t)| inserted.remove(&t.transfer_id)) {
         entries.extend(next_entries(&mut last, recorded, t));
     }
     sqlx::query(

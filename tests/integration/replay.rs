@@ -115,7 +115,7 @@ async fn an_interrupted_rebuild_resumes_and_the_query_api_keeps_answering() {
     let log = t.log().await;
     let halfway = log[log.len() / 2].point();
     let applied =
-        ledger_projections::rebuild::build_until(&t.pool, ledger_projections::Projection::Statements, halfway)
+        ledger_projections::rebuild::build_until(&t.pool, ledger_projections::Projection::Statements, halfway, 2)
             .await
             .unwrap();
     assert!(applied > 0 && (applied as usize) < log.len());
@@ -213,16 +213,22 @@ async fn a_bulk_rebuild_of_every_kind_of_movement_resumed_midway_equals_the_live
     assert_eq!(holds.len(), 2);
 
     // Interrupted after the fourth movement, then resumed: the running
-    // balances are read back from the half-built tables.
+    // balances are read back from the half-built tables. Pages of 3 events:
+    // page boundaries everywhere, and the encoder runs ahead of the copies.
     let log = t.log().await;
     let movements: Vec<_> = log.iter().filter(|e| e.event_type == "TransferRecorded").collect();
     assert_eq!(movements.len(), 8, "deposit, five transfers, a capture, a withdrawal");
-    let third = movements[3].point();
-    ledger_projections::rebuild::build_until(&t.pool, ledger_projections::Projection::Statements, third).await.unwrap();
-    let out = ledger_cli(&t, &["replay", "--all"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fourth = movements[3].point();
+    let statements = ledger_projections::Projection::Statements;
+    ledger_projections::rebuild::build_until(&t.pool, statements, fourth, 3).await.unwrap();
+    let all = ledger_projections::Projection::ALL;
+    ledger_projections::rebuild::rebuild_all_in_pages(&t.pool, &all, false, 3, &mut |_, _| {}).await.unwrap();
     assert_eq!(dumps(&t).await, before, "a resumed bulk rebuild writes the live projectors' rows");
     assert_eq!(dump(&t, "holds", "hold_id").await, holds);
+    // And from scratch, through the CLI.
+    let out = ledger_cli(&t, &["replay", "--all", "--fresh"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dumps(&t).await, before);
     // The swapped-in tables have the live tables' indexes and constraints.
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public'
