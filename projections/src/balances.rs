@@ -3,64 +3,167 @@
 
 use chrono::{DateTime, Utc};
 use ledger_commands::store::RecordedEvent;
-use ledger_domain::events::AccountKind;
+use ledger_domain::events::{AccountKind, HoldPlaced};
 use ledger_domain::Event;
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool};
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 pub const TABLES: &[&str] = &["balances", "holds"];
 
-/// Applies events in order. Runs of movements, which commute, are summed per
-/// account and written in one statement.
+/// Applies events in order. Runs of movements and hold events, whose effects
+/// on balances commute, are applied in three statements: the new holds, the
+/// resolved ones, and every account's summed change.
 pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Event)]) -> Result<(), sqlx::Error> {
-    let mut run: Vec<(&RecordedEvent, &ledger_domain::events::TransferRecorded)> = Vec::new();
+    let mut run: Vec<(&RecordedEvent, &Event)> = Vec::new();
     for &(recorded, event) in events {
-        if let Event::TransferRecorded(t) = event {
-            run.push((recorded, t));
+        if matches!(
+            event,
+            Event::TransferRecorded(_)
+                | Event::HoldPlaced(_)
+                | Event::HoldCaptured(_)
+                | Event::HoldReleased(_)
+                | Event::HoldExpired(_)
+        ) {
+            run.push((recorded, event));
             continue;
         }
-        apply_movements(conn, &run).await?;
+        apply_run(conn, &run).await?;
         run.clear();
         apply(conn, recorded, event).await?;
     }
-    apply_movements(conn, &run).await
+    apply_run(conn, &run).await
 }
 
-/// The sum of what per-event application would do: each side's balance and
-/// available move by the amount, its version by one per movement, and its
-/// last position is that of its last movement.
-async fn apply_movements(
-    conn: &mut PgConnection,
-    run: &[(&RecordedEvent, &ledger_domain::events::TransferRecorded)],
-) -> Result<(), sqlx::Error> {
+/// An account's summed change over a run.
+#[derive(Default)]
+struct Change {
+    balance: Decimal,
+    available: Decimal,
+    movements: i64,
+    /// (index in the run, position) of the last event that touched it.
+    last: (usize, i64),
+}
+
+impl Change {
+    fn touched(&mut self, index: usize, position: i64) {
+        if index >= self.last.0 {
+            self.last = (index, position);
+        }
+    }
+}
+
+/// The sum of what per-event application would do for a run of movements
+/// and hold events: each movement moves both sides' balance and available
+/// and counts one version; a placement takes the amount from available; a
+/// resolution of a still-pending hold gives its whole amount back (a
+/// capture's movement follows it); an account's last position is that of the
+/// last event in the run that changed it.
+async fn apply_run(conn: &mut PgConnection, run: &[(&RecordedEvent, &Event)]) -> Result<(), sqlx::Error> {
     if run.is_empty() {
         return Ok(());
     }
-    let mut sums: std::collections::HashMap<Uuid, (Decimal, i64, i64)> = std::collections::HashMap::new();
-    for (recorded, t) in run {
-        for (account, delta) in [(t.from_account, -t.amount), (t.to_account, t.amount)] {
-            let entry = sums.entry(account).or_insert((Decimal::ZERO, 0, 0));
-            entry.0 += delta;
-            entry.1 += 1;
-            entry.2 = recorded.position;
+    let mut changes: HashMap<Uuid, Change> = HashMap::new();
+    let mut placed: Vec<(&RecordedEvent, &HoldPlaced)> = Vec::new();
+    // The first resolution of each hold in the run; a later one finds it
+    // resolved and does nothing, as it would applied alone.
+    let mut resolutions: Vec<(Uuid, &'static str, Decimal, &RecordedEvent)> = Vec::new();
+    let mut resolving: HashSet<Uuid> = HashSet::new();
+    let mut index_of: HashMap<i64, usize> = HashMap::new();
+    for (index, &(recorded, event)) in run.iter().enumerate() {
+        index_of.insert(recorded.position, index);
+        match event {
+            Event::TransferRecorded(t) => {
+                for (account, delta) in [(t.from_account, -t.amount), (t.to_account, t.amount)] {
+                    let change = changes.entry(account).or_default();
+                    change.balance += delta;
+                    change.available += delta;
+                    change.movements += 1;
+                    change.touched(index, recorded.position);
+                }
+            }
+            Event::HoldPlaced(h) => {
+                placed.push((recorded, h));
+                let change = changes.entry(h.from_account).or_default();
+                change.available -= h.amount;
+                change.touched(index, recorded.position);
+            }
+            Event::HoldCaptured(h) if resolving.insert(h.hold_id) => {
+                resolutions.push((h.hold_id, "captured", h.amount, recorded));
+            }
+            Event::HoldReleased(h) if resolving.insert(h.hold_id) => {
+                resolutions.push((h.hold_id, "released", Decimal::ZERO, recorded));
+            }
+            Event::HoldExpired(h) if resolving.insert(h.hold_id) => {
+                resolutions.push((h.hold_id, "expired", Decimal::ZERO, recorded));
+            }
+            _ => {}
         }
     }
-    let (mut ids, mut deltas, mut counts, mut lasts) = (vec![], vec![], vec![], vec![]);
-    for (id, (delta, count, last)) in sums {
+    if !placed.is_empty() {
+        sqlx::query(
+            "INSERT INTO holds (hold_id, from_account, to_account, amount, currency, status, expires_at,
+                                reference, order_id, placed_at, position)
+             SELECT h.hold_id, h.from_account, h.to_account, h.amount, h.currency, 'pending', h.expires_at,
+                    h.reference, h.order_id, h.placed_at, h.position
+             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::timestamptz[],
+                         $7::text[], $8::uuid[], $9::timestamptz[], $10::bigint[])
+                  AS h(hold_id, from_account, to_account, amount, currency, expires_at, reference, order_id,
+                       placed_at, position)",
+        )
+        .bind(placed.iter().map(|(_, h)| h.hold_id).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.from_account).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.to_account).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.amount).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.currency.clone()).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.reference.clone()).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(_, h)| h.order_id).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(r, _)| r.metadata.recorded_at).collect::<Vec<_>>())
+        .bind(placed.iter().map(|(r, _)| r.position).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !resolutions.is_empty() {
+        let resolved: Vec<(Uuid, Decimal, i64)> = sqlx::query_as(
+            "UPDATE holds h SET status = r.status, captured_amount = r.captured, resolved_at = r.resolved_at
+             FROM unnest($1::uuid[], $2::text[], $3::numeric[], $4::timestamptz[], $5::bigint[])
+                  AS r(hold_id, status, captured, resolved_at, position)
+             WHERE h.hold_id = r.hold_id AND h.status = 'pending'
+             RETURNING h.from_account, h.amount, r.position",
+        )
+        .bind(resolutions.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(resolutions.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(resolutions.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(resolutions.iter().map(|r| r.3.metadata.recorded_at).collect::<Vec<_>>())
+        .bind(resolutions.iter().map(|r| r.3.position).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+        for (from_account, amount, position) in resolved {
+            let change = changes.entry(from_account).or_default();
+            change.available += amount;
+            change.touched(index_of.get(&position).copied().unwrap_or(0), position);
+        }
+    }
+    let (mut ids, mut balances, mut availables, mut counts, mut lasts) = (vec![], vec![], vec![], vec![], vec![]);
+    for (id, change) in changes {
         ids.push(id);
-        deltas.push(delta);
-        counts.push(count);
-        lasts.push(last);
+        balances.push(change.balance);
+        availables.push(change.available);
+        counts.push(change.movements);
+        lasts.push(change.last.1);
     }
     sqlx::query(
-        "UPDATE balances SET balance = balance + d.delta, available = available + d.delta,
+        "UPDATE balances SET balance = balance + d.balance_change, available = available + d.available_change,
                 version = version + d.n, last_position = d.last
-         FROM unnest($1::uuid[], $2::numeric[], $3::bigint[], $4::bigint[]) AS d(account_id, delta, n, last)
+         FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::bigint[], $5::bigint[])
+              AS d(account_id, balance_change, available_change, n, last)
          WHERE balances.account_id = d.account_id",
     )
     .bind(&ids)
-    .bind(&deltas)
+    .bind(&balances)
+    .bind(&availables)
     .bind(&counts)
     .bind(&lasts)
     .execute(&mut *conn)

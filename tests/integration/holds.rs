@@ -229,3 +229,88 @@ async fn a_repeated_hold_request_with_one_key_reserves_once() {
     assert_eq!(view["available"], "4.00");
     t.cleanup().await;
 }
+
+/// The `balances` projector applies runs of movements and hold events set-based;
+/// the rows must be those one-event-at-a-time application writes, with every
+/// kind of hold event and holds placed and resolved within one batch.
+#[tokio::test]
+async fn set_based_balances_equal_event_by_event_application() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, shop) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&ann, "USD").await;
+    let s = t.account(&shop, "USD").await;
+    t.deposit(&ann, &a, "100.00").await;
+    let hold = |from: &str, amount: &str, expires: u64| json!({"from_account": from, "to_account": s, "amount": amount, "expires_in_seconds": expires});
+    let mut holds = vec![];
+    for (amount, expires) in [("10.00", 3600), ("20.00", 3600), ("5.50", 1), ("7.25", 3600)] {
+        let (st, h) = t.post("/v1/holds", &ann, hold(&a, amount, expires)).await;
+        assert_eq!(st, StatusCode::CREATED, "{h}");
+        holds.push(h["hold_id"].as_str().unwrap().to_owned());
+    }
+    let (st, v) = t.post(&format!("/v1/holds/{}/capture", holds[0]), &shop, json!({"amount": "4.00"})).await;
+    assert!(st.is_success(), "{v}");
+    let (st, v) = t.post(&format!("/v1/holds/{}/release", holds[1]), &shop, json!({})).await;
+    assert!(st.is_success(), "{v}");
+    let (st, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "1.10"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = t.post(&format!("/v1/holds/{}/capture", holds[3]), &shop, json!({})).await;
+    assert!(st.is_success(), "{v}");
+    // The third expires on the scheduler's sweep.
+    let mut expired = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, h) = t.get(&format!("/v1/holds/{}", holds[2]), &ann).await;
+        if h["status"] == "expired" {
+            expired = true;
+            break;
+        }
+    }
+    assert!(expired, "the scheduler expired the third hold");
+    t.settle().await;
+
+    let log = t.log().await;
+    let kinds: std::collections::BTreeSet<&str> = log.iter().map(|e| e.event_type.as_str()).collect();
+    for kind in ["HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired", "TransferRecorded"] {
+        assert!(kinds.contains(kind), "the log has a {kind}");
+    }
+    // Two copies of the tables: one event at a time, and the whole log as one batch.
+    let balances = ledger_projections::Projection::Balances;
+    let mut conn = t.pool.acquire().await.unwrap();
+    for (schema, one_by_one) in [("by_event", true), ("as_batch", false)] {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *conn).await.unwrap();
+        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut *conn).await.unwrap();
+        for table in ["balances", "holds"] {
+            sqlx::query(&format!("CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+        let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+        sqlx::query(&format!("SET LOCAL search_path TO {schema}, public")).execute(&mut *tx).await.unwrap();
+        if one_by_one {
+            for event in &log {
+                balances.apply(&mut tx, event).await.unwrap();
+            }
+        } else {
+            balances.apply_all(&mut tx, &log).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    for (table, order) in [("balances", "account_id"), ("holds", "hold_id")] {
+        let dump = |schema: &str| format!("SELECT row_to_json(r)::text FROM {schema}.{table} r ORDER BY {order}");
+        let by_event: Vec<String> = sqlx::query_scalar(&dump("by_event")).fetch_all(&mut *conn).await.unwrap();
+        let as_batch: Vec<String> = sqlx::query_scalar(&dump("as_batch")).fetch_all(&mut *conn).await.unwrap();
+        let live: Vec<String> = sqlx::query_scalar(&dump("public")).fetch_all(&mut *conn).await.unwrap();
+        assert!(!by_event.is_empty());
+        assert_eq!(as_batch, by_event, "{table}: one batch writes what event by event writes");
+        assert_eq!(live, by_event, "{table}: so does the live projector");
+    }
+    for schema in ["by_event", "as_batch"] {
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
