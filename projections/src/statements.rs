@@ -39,7 +39,7 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Even
     let references: Vec<Option<String>> = movements.iter().map(|(_, t)| t.reference.clone()).collect();
     let recorded_ats: Vec<DateTime<Utc>> = movements.iter().map(|(r, _)| r.metadata.recorded_at).collect();
     let positions: Vec<i64> = movements.iter().map(|(r, _)| r.position).collect();
-    let inserted: HashSet<Uuid> = sqlx::query_scalar(
+    let mut inserted: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO transfers (transfer_id, from_account, to_account, amount, currency, kind, reference,
                                 recorded_at, position)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::text[],
@@ -83,7 +83,6 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Even
     .collect();
     let mut entries: Vec<Entry> = Vec::with_capacity(inserted.len() * 2);
     // `remove`: a transfer listed twice in one batch gets its entries once, as across batches.
-    let mut inserted = inserted;
     for (recorded, t) in movements.iter().filter(|(_, t)| inserted.remove(&t.transfer_id)) {
         entries.extend(next_entries(&mut last, recorded, t));
     }
