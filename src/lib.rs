@@ -78,7 +78,10 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             "LEDGER_SECRET_KEY is not set: TOTP secrets are sealed with the built-in DEVELOPMENT key. Set LEDGER_SECRET_KEY in production."
         );
     }
-    let ledger = ledger_for(&config, pool.clone()).with_group_commit(config.group_commit_writers);
+    // Two session-check readers: one statement in flight while the next batch
+    // gathers, as with group commit's writers.
+    let ledger =
+        ledger_for(&config, pool.clone()).with_group_commit(config.group_commit_writers).with_batched_session_checks(2);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 

@@ -25,11 +25,21 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     create_database_if_missing(url).await?;
     // Short OLTP statements only: JIT compilation would cost more than it saves.
     let options = PgConnectOptions::from_str(url)?.application_name("ledger").options([("jit", "off")]);
+    pool_options(max_connections).connect_with(options).await
+}
+
+/// The pool settings both pools share. sqlx already pings a connection when
+/// it goes back to the pool (which also flushes an abandoned transaction's
+/// rollback), so a second ping on the way out, the default, would add a
+/// round trip to every acquire for nothing but a connection that died while
+/// idle; that one fails its statement instead, and every caller treats a
+/// failed statement as a failed command (group commit retries it alone on a
+/// fresh connection).
+fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
+        .test_before_acquire(false)
 }
 
 /// A pool for the read side (projectors, the relay's checkpoint): its
@@ -43,11 +53,7 @@ pub async fn connect_read_side(url: &str, max_connections: u32) -> Result<PgPool
         .application_name("ledger-read-side")
         .options([("synchronous_commit", "off")])
         .options(crate::store::TAILING_SETTINGS);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
+    pool_options(max_connections).connect_with(options).await
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

@@ -741,10 +741,14 @@ impl Ledger {
     }
 
     /// The per-request check behind an access token: the user still exists,
-    /// the session is live, and the current role and block.
+    /// the session is live, and the current role and block. Concurrent checks
+    /// are read together when the ledger batches them (`session_checks`).
     pub async fn check_session(&self, user_id: Uuid, session_id: Uuid) -> Result<CredentialCheck, CommandError> {
-        // The block is reported even though blocking also ended the sessions:
-        // the client should learn why, not just that it must log in again.
+        if let Some(checks) = &self.session_checks {
+            if let Some(answer) = checks.check(user_id, session_id).await {
+                return Ok(answer);
+            }
+        }
         let row = sqlx::query(
             "SELECT c.role, c.blocked,
                     (s.session_id IS NOT NULL AND s.revoked_at IS NULL AND s.expires_at > now()) AS active
@@ -757,14 +761,7 @@ impl Ledger {
         .await?;
         match row {
             None => Ok(CredentialCheck::Ended),
-            Some(r) => {
-                let principal = principal(user_id, &r)?;
-                if principal.blocked || r.try_get::<bool, _>("active")? {
-                    Ok(CredentialCheck::Valid(principal))
-                } else {
-                    Ok(CredentialCheck::Ended)
-                }
-            }
+            Some(r) => Ok(credential_check(user_id, &r)?),
         }
     }
 
@@ -1095,6 +1092,18 @@ fn summary(r: &sqlx::postgres::PgRow) -> Result<UserSummary, sqlx::Error> {
         created_at: r.try_get("created_at")?,
         two_factor: r.try_get("two_factor")?,
     })
+}
+
+/// A session check's answer from its row (role, blocked, active). The block
+/// is reported even though blocking also ended the sessions: the client
+/// should learn why, not just that it must log in again.
+pub(crate) fn credential_check(user_id: Uuid, row: &sqlx::postgres::PgRow) -> Result<CredentialCheck, sqlx::Error> {
+    let principal = principal(user_id, row)?;
+    if principal.blocked || row.try_get::<bool, _>("active")? {
+        Ok(CredentialCheck::Valid(principal))
+    } else {
+        Ok(CredentialCheck::Ended)
+    }
 }
 
 fn principal(user_id: Uuid, row: &sqlx::postgres::PgRow) -> Result<Principal, sqlx::Error> {

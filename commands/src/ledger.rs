@@ -221,6 +221,8 @@ pub struct Ledger {
     pub(crate) event_mac: Arc<store::EventMac>,
     /// Transfers go through group commit when it is on.
     pub(crate) group: Option<crate::group_commit::GroupCommit>,
+    /// Concurrent session checks are read together when this is on.
+    pub(crate) session_checks: Option<crate::session_checks::SessionChecks>,
 }
 
 pub(crate) struct Decision {
@@ -264,6 +266,7 @@ impl Ledger {
             pseudonym_key: Arc::new(secret_key.to_vec()),
             event_mac: Arc::new(store::EventMac::new(secret_key)),
             group: None,
+            session_checks: None,
         }
     }
 
@@ -272,6 +275,16 @@ impl Ledger {
     pub fn with_group_commit(mut self, writers: usize) -> Ledger {
         if writers > 0 {
             self.group = Some(crate::group_commit::GroupCommit::start(self.clone(), writers));
+        }
+        self
+    }
+
+    /// Answers concurrent session checks with one statement per batch,
+    /// `readers` batches in flight at once (see `session_checks`). Needs a
+    /// Tokio runtime.
+    pub fn with_batched_session_checks(mut self, readers: usize) -> Ledger {
+        if readers > 0 {
+            self.session_checks = Some(crate::session_checks::SessionChecks::start(self.pool.clone(), readers));
         }
         self
     }

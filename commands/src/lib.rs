@@ -13,6 +13,7 @@ pub mod payments;
 pub mod personal;
 pub mod relay;
 pub mod secrets;
+pub mod session_checks;
 pub mod store;
 pub mod totp;
 

@@ -3,6 +3,7 @@
 
 use crate::harness::{TestLedger, PASSWORD};
 use data_encoding::BASE64URL_NOPAD;
+use ledger_commands::identity::{CredentialCheck, Principal};
 use ledger_commands::totp;
 use ledger_domain::events::Role;
 use reqwest::header::{HeaderMap, SET_COOKIE};
@@ -718,5 +719,76 @@ async fn no_credit_lands_after_a_freeze_even_when_they_race() {
     .await
     .unwrap();
     assert_eq!(late, 0);
+    t.cleanup().await;
+}
+
+/// Concurrent session checks are read together (`session_checks`): each
+/// answer must be what a check of its own answers, for every kind of session
+/// and in any mix, duplicates included.
+#[tokio::test]
+async fn batched_session_checks_answer_what_each_check_answers_alone() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let bob = t.person().await;
+    let cat = t.person().await;
+    let dan = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/admin/users/{}/block", bob.id),
+            Some(&admin.token),
+            Some("block-bob"),
+            Some(json!({"reason": "chargebacks"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = t.request(Method::POST, "/v1/auth/logout", Some(&cat.token), None, None).await;
+    assert!(s.is_success(), "{s} {v}");
+    // The sessions table is the write side's own state, not the log: expiring
+    // Dan's session by hand is what the clock would do.
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 minute' WHERE user_id = $1")
+        .bind(dan.id.parse::<Uuid>().unwrap())
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let session_of = |person: &crate::harness::Person| -> (Uuid, Uuid) {
+        let user = person.id.parse::<Uuid>().unwrap();
+        (user, claims_of(&person.token)["sid"].as_str().unwrap().parse().unwrap())
+    };
+    let (ann_id, ann_sid) = session_of(&ann);
+    let (bob_id, bob_sid) = session_of(&bob);
+    let (admin_id, admin_sid) = session_of(&admin);
+    let valid = |user_id, role, blocked| CredentialCheck::Valid(Principal { user_id, role, blocked });
+    let cases: Vec<((Uuid, Uuid), CredentialCheck)> = vec![
+        ((ann_id, ann_sid), valid(ann_id, Role::User, false)),
+        ((bob_id, bob_sid), valid(bob_id, Role::User, true)),
+        (session_of(&cat), CredentialCheck::Ended),
+        (session_of(&dan), CredentialCheck::Ended),
+        ((ann_id, bob_sid), CredentialCheck::Ended),
+        ((Uuid::new_v4(), ann_sid), CredentialCheck::Ended),
+        ((ann_id, Uuid::new_v4()), CredentialCheck::Ended),
+        ((admin_id, admin_sid), valid(admin_id, Role::Admin, false)),
+    ];
+
+    // The statement itself, over all kinds at once.
+    let pairs: Vec<(Uuid, Uuid)> = cases.iter().map(|c| c.0).collect();
+    let answers = ledger_commands::session_checks::check_all(&t.pool, &pairs).await.expect("one statement");
+    for ((pair, expected), answer) in cases.iter().zip(&answers) {
+        assert_eq!(answer, expected, "{pair:?}");
+    }
+
+    // Through the ledger, 400 checks in flight at once (so batches form),
+    // against the same checks made one at a time.
+    let batched = ledger::ledger_for(&t.config, t.pool.clone()).with_batched_session_checks(2);
+    let alone = ledger::ledger_for(&t.config, t.pool.clone());
+    let mix: Vec<usize> = (0..400).map(|i| (i * 7 + i / 8) % cases.len()).collect();
+    let together =
+        futures::future::join_all(mix.iter().map(|&i| batched.check_session(cases[i].0 .0, cases[i].0 .1))).await;
+    for (&i, answer) in mix.iter().zip(together) {
+        let one = alone.check_session(cases[i].0 .0, cases[i].0 .1).await.expect("check alone");
+        assert_eq!(answer.expect("batched check"), one, "{:?}", cases[i].0);
+        assert_eq!(one, cases[i].1, "{:?}", cases[i].0);
+    }
     t.cleanup().await;
 }
