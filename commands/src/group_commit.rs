@@ -252,12 +252,26 @@ async fn try_group(
     let mut tx = ledger.pool.begin().await?;
     let conn: &mut PgConnection = &mut tx;
 
-    // 1. The keys: locked in one order, then looked up.
-    lock_keys(conn, group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str()))).await?;
+    // 1. Every lock in one statement, in the one order every path takes them:
+    // the keys, then debited accounts exclusively, then credited ones shared
+    // (a freeze waits for them), each class sorted. The accounts of a command
+    // that turns out to be a replay are locked too: harmless, and it saves
+    // the group two round trips (a lookup must follow the locks in a
+    // statement of its own, whose snapshot sees what the previous holders
+    // committed).
+    let debited: BTreeSet<Uuid> = group.iter().map(|p| p.transfer.from_account).collect();
+    let credited: BTreeSet<Uuid> =
+        group.iter().map(|p| p.transfer.to_account).filter(|a| !debited.contains(a)).collect();
+    lock_group(
+        conn,
+        group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str())),
+        &debited,
+        &credited,
+    )
+    .await?;
     let previous = find_records(conn, group).await?;
 
-    // 2. The accounts: debited ones locked exclusively, credited ones shared
-    // (a freeze waits for them), each class in sorted order.
+    // 2. What is left to decide: not a replay, and an amount that parses.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
     let mut todo: Vec<(usize, Amount)> = Vec::new();
     for (i, p) in group.iter().enumerate() {
@@ -277,11 +291,6 @@ async fn try_group(
             }
         }
     }
-    let debited: BTreeSet<Uuid> = todo.iter().map(|(i, _)| group[*i].transfer.from_account).collect();
-    let credited: BTreeSet<Uuid> =
-        todo.iter().map(|(i, _)| group[*i].transfer.to_account).filter(|a| !debited.contains(a)).collect();
-    lock_accounts(conn, "pg_advisory_xact_lock", crate::ledger::ACCOUNT_LOCK_CLASS, &debited).await?;
-    lock_accounts(conn, "pg_advisory_xact_lock_shared", crate::ledger::ACCOUNT_STATUS_LOCK_CLASS, &credited).await?;
 
     // 3. Their states: from the cache where the stream has not moved since,
     // else folded from the log.
@@ -519,6 +528,46 @@ pub(crate) async fn lock_accounts(
     // The sorted subquery feeds the aggregate in order: locks are taken in it.
     let sql = format!("SELECT count({function}($1, k)) FROM (SELECT k FROM unnest($2::int[]) AS k ORDER BY k) sorted");
     sqlx::query(&sql).bind(class).bind(&keys).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Takes a group's locks in one statement: the idempotency keys, then the
+/// debited accounts (exclusive), then the credited ones (shared), each class
+/// sorted: the order of `lock_keys` followed by `lock_accounts` twice, which
+/// every other path keeps, so no two paths wait on each other in a cycle.
+pub(crate) async fn lock_group(
+    conn: &mut PgConnection,
+    pairs: impl Iterator<Item = (Uuid, &str)>,
+    debited: &BTreeSet<Uuid>,
+    credited: &BTreeSet<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
+    key_locks.sort_unstable();
+    key_locks.dedup();
+    let account_keys = |accounts: &BTreeSet<Uuid>| -> Vec<i64> {
+        let mut keys: Vec<i64> = accounts.iter().map(|a| i64::from(crate::ledger::lock_key(*a))).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    };
+    // The sorted subquery feeds the aggregate in order: locks are taken in it.
+    sqlx::query(
+        "SELECT count(CASE sorted.class
+                          WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
+                          WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
+                          ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END)
+         FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
+               UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
+               UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
+               ORDER BY class, k) sorted",
+    )
+    .bind(&key_locks)
+    .bind(account_keys(debited))
+    .bind(account_keys(credited))
+    .bind(crate::ledger::ACCOUNT_LOCK_CLASS)
+    .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
