@@ -16,6 +16,9 @@ use uuid::Uuid;
 
 /// Most checks answered by one statement.
 const MAX_BATCH: usize = 512;
+/// A request whose batch has not answered by then (a stuck statement, a dead
+/// connection) checks alone rather than waiting with the whole queue.
+const WAIT_FOR_BATCH: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Check {
     user_id: Uuid,
@@ -61,12 +64,18 @@ impl SessionChecks {
         SessionChecks { queue }
     }
 
-    /// The session's state, or `None` when the batch could not answer it
-    /// (the caller checks alone).
+    /// The session's state, or `None` when the batch could not answer it in
+    /// time (the caller checks alone).
     pub(crate) async fn check(&self, user_id: Uuid, session_id: Uuid) -> Option<CredentialCheck> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(Check { user_id, session_id, reply }).await.ok()?;
-        answer.await.ok().flatten()
+        let queued = Check { user_id, session_id, reply };
+        tokio::time::timeout(WAIT_FOR_BATCH, async {
+            self.queue.send(queued).await.ok()?;
+            answer.await.ok().flatten()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

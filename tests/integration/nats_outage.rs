@@ -71,3 +71,34 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
     let _ = nats.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Pooled connections that died while idle (a database restart, a dropped
+/// TCP connection) are found by the ping before they are handed out, so the
+/// next session check and command get a fresh connection instead of a 503.
+#[tokio::test]
+async fn connections_that_died_while_idle_are_replaced_before_use() {
+    let t = TestLedger::start().await;
+    let (_, token) = t.user().await;
+    let account = t.account(&token, "EUR").await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'ledger' AND state = 'idle'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .expect("terminate");
+    assert!(killed > 0, "the server's pool had no idle connection to kill");
+    let (s, v) = t.get("/v1/accounts", &token).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/accounts/{account}/deposits"),
+            Some(&token),
+            Some("after-the-restart"),
+            Some(serde_json::json!({"amount": "5.00"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    t.cleanup().await;
+}
