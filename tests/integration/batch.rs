@@ -116,5 +116,20 @@ async fn batches_are_bounded_and_keys_checked() {
         .await;
     assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
     assert!(v["detail"].as_str().unwrap().contains("transfers[1].key"));
+    // An item under the request's own key is refused before anything runs
+    // (it would wait on the batch's hold of that key), atomic or not.
+    for atomic in [false, true] {
+        let (s, v, _) = t
+            .request(
+                Method::POST,
+                "/v1/transfers/batch",
+                Some(&ann),
+                Some("the-batch"),
+                Some(json!({"atomic": atomic, "transfers": [one("other".into()), one("the-batch".into())]})),
+            )
+            .await;
+        assert_eq!((s, code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "validation"), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("transfers[1].key"), "{v}");
+    }
     t.cleanup().await;
 }

@@ -122,6 +122,14 @@ pub async fn batch(State(state): State<AppState>, request: CommandRequest<BatchR
         }
     }
     let envelope = command_envelope(&request);
+    // A non-atomic batch holds its own key while its items run under theirs:
+    // an item under the same key would wait for the batch that waits for it.
+    if let Some(i) = request.body.transfers.iter().position(|t| t.key == envelope.idempotency_key) {
+        return Err(Problem::validation(
+            &format!("transfers[{i}].key"),
+            "must differ from the request's Idempotency-Key, which records the whole batch",
+        ));
+    }
     let atomic = request.body.atomic;
     let items: Vec<ledger_commands::batch::BatchItem> = request
         .body
