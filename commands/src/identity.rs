@@ -749,20 +749,9 @@ impl Ledger {
                 return Ok(answer);
             }
         }
-        let row = sqlx::query(
-            "SELECT c.role, c.blocked,
-                    (s.session_id IS NOT NULL AND s.revoked_at IS NULL AND s.expires_at > now()) AS active
-             FROM credentials c LEFT JOIN sessions s ON s.session_id = $2 AND s.user_id = c.user_id
-             WHERE c.user_id = $1",
-        )
-        .bind(user_id)
-        .bind(session_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            None => Ok(CredentialCheck::Ended),
-            Some(r) => Ok(credential_check(user_id, &r)?),
-        }
+        // Alone: the batch's statement over one pair, so both paths answer alike.
+        let mut answers = crate::session_checks::check_all(&self.pool, &[(user_id, session_id)]).await?;
+        Ok(answers.pop().unwrap_or(CredentialCheck::Ended))
     }
 
     /// Changes the password and revokes every other session of the user.
