@@ -102,19 +102,19 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         tasks.spawn(sealer.run(shutdown.clone()));
     }
     if let (true, Some(client)) = (roles.projectors, &nats) {
-        let read_side = db::connect_read_side(&config.database_url, Projection::ALL.len() as u32 + 2)
-            .await
-            .context("connecting the read side to PostgreSQL")?;
-        for projection in Projection::ALL {
-            let projector = Projector {
-                pool: read_side.clone(),
-                js: async_nats::jetstream::new(client.clone()),
-                names: names.clone(),
-                projection,
-                applied: tokio::sync::watch::channel(LogPoint::START).0,
-            };
-            tasks.spawn(projector.run(shutdown.clone()));
-        }
+        let read_side =
+            db::connect_read_side(&config.database_url, 2).await.context("connecting the read side to PostgreSQL")?;
+        // One consumer and one transaction per batch for every read model:
+        // a quarter of the deliveries and of the per-batch statements of a
+        // projector per read model.
+        let projector = Projector {
+            pool: read_side.clone(),
+            js: async_nats::jetstream::new(client.clone()),
+            names: names.clone(),
+            projections: Projection::ALL.to_vec(),
+            applied: tokio::sync::watch::channel(LogPoint::START).0,
+        };
+        tasks.spawn(projector.run(shutdown.clone()));
         // Outdated projections are rebuilt together, in one pass over the log.
         let upgrade_pool = pool.clone();
         tasks.spawn(async move {

@@ -33,6 +33,64 @@ pub async fn save(conn: &mut PgConnection, projection: &str, point: LogPoint) ->
     Ok(())
 }
 
+/// Several projections' checkpoints, locked (in name order, as two read
+/// sides on two instances take them, so they never wait on each other in a
+/// cycle) until the transaction ends; with each, the number of the log's
+/// events after it up to `through`.
+///
+/// One statement. Its snapshot is taken before the locks, which is enough
+/// for the count: everything up to `through` was settled (committed, with
+/// nothing earlier still in flight) before the relay published it, so
+/// before this statement began. The checkpoints themselves are read at
+/// their latest committed values (`ON CONFLICT DO UPDATE` locks and reads
+/// the newest version of each row).
+pub async fn lock_counting(
+    conn: &mut PgConnection,
+    projections: &[&str],
+    through: LogPoint,
+) -> Result<Vec<(String, LogPoint, i64)>, sqlx::Error> {
+    let mut names: Vec<&str> = projections.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    let rows = sqlx::query(
+        "WITH locked AS (
+             INSERT INTO projection_checkpoints (projection, transaction_id, position)
+             SELECT name, '0'::xid8, 0 FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i) ORDER BY i
+             ON CONFLICT (projection) DO UPDATE SET projection = excluded.projection
+             RETURNING projection, transaction_id, position)
+         SELECT l.projection, l.transaction_id::text AS t, l.position,
+                (SELECT count(*) FROM events e
+                 WHERE (e.transaction_id, e.position) > (l.transaction_id, l.position)
+                   AND (e.transaction_id, e.position) <= ($2::text::xid8, $3)) AS in_log
+         FROM locked l",
+    )
+    .bind(&names)
+    .bind(through.transaction_id.to_string())
+    .bind(through.position)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get("projection")?, point_from(r)?, r.try_get("in_log")?))).collect()
+}
+
+/// Moves several projections' checkpoints, in one statement.
+pub async fn save_all(conn: &mut PgConnection, points: &[(&str, LogPoint)]) -> Result<(), sqlx::Error> {
+    if points.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE projection_checkpoints c
+         SET transaction_id = p.t::xid8, position = p.position, updated_at = now()
+         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS p(projection, t, position)
+         WHERE c.projection = p.projection",
+    )
+    .bind(points.iter().map(|(name, _)| *name).collect::<Vec<_>>())
+    .bind(points.iter().map(|(_, p)| p.transaction_id.to_string()).collect::<Vec<_>>())
+    .bind(points.iter().map(|(_, p)| p.position).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Every projection's checkpoint, without locking.
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<(String, LogPoint)>, sqlx::Error> {
     let rows = sqlx::query("SELECT projection, transaction_id::text AS t, position FROM projection_checkpoints")

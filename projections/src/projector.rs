@@ -1,11 +1,13 @@
-//! A projector: a JetStream durable consumer that applies events to one read
-//! model. Each batch and its checkpoint commit in one PostgreSQL transaction,
-//! and anything at or below the checkpoint is skipped, so redelivery and
-//! crashes have no second effect.
+//! A projector: a JetStream durable consumer that applies events to read
+//! models. A server runs one for all of them: one delivery of each event per
+//! instance, and one transaction per batch in which every read model applies
+//! the batch and moves its own checkpoint. Anything at or below a read
+//! model's checkpoint is skipped for it, so redelivery, crashes and a rebuild
+//! that moved one checkpoint have no second effect.
 //!
 //! JetStream is the fan-out, not the source of truth: before applying a batch
 //! the projector counts the log's events between its checkpoint and the
-//! batch's end. If delivery skipped any (a lost stream, a redelivery out of
+//! batch's end, per read model. If delivery skipped any (a lost stream, a redelivery out of
 //! order), it reads that range from the log instead. Nothing is lost.
 
 use crate::{checkpoint, Projection, ProjectionError};
@@ -14,7 +16,9 @@ use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_domain::Event;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,12 +29,22 @@ pub struct Projector {
     pub pool: PgPool,
     pub js: jetstream::Context,
     pub names: NatsNames,
-    pub projection: Projection,
+    /// The read models it maintains, each with its own checkpoint.
+    pub projections: Vec<Projection>,
     /// Publishes the checkpoint after every commit, for in-process waiters.
     pub applied: watch::Sender<LogPoint>,
 }
 
 impl Projector {
+    /// The durable consumer's name: the read model's own when there is one,
+    /// else the whole read side's.
+    fn consumer_name(&self) -> String {
+        match self.projections.as_slice() {
+            [one] => self.names.consumer(one.name()),
+            _ => self.names.consumer("read-side"),
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -38,7 +52,7 @@ impl Projector {
                 _ = shutdown.cancelled() => return,
                 result = self.consume() => {
                     if let Err(e) = result {
-                        tracing::warn!(projection = self.projection.name(), error = %e, "projector interrupted; retrying");
+                        tracing::warn!(consumer = %self.consumer_name(), error = %e, "projector interrupted; retrying");
                     }
                 }
             }
@@ -53,7 +67,7 @@ impl Projector {
     async fn consume(&self) -> Result<(), ProjectionError> {
         let nats = |e: &dyn std::fmt::Display| ProjectionError::Nats(e.to_string());
         let stream = ensure_stream(&self.js, &self.names).await.map_err(|e| nats(&e))?;
-        let name = self.names.consumer(self.projection.name());
+        let name = self.consumer_name();
         let consumer = stream
             .get_or_create_consumer(
                 &name,
@@ -75,7 +89,7 @@ impl Projector {
             .messages()
             .await
             .map_err(|e| nats(&e))?;
-        tracing::info!(projection = self.projection.name(), consumer = %name, "projector consuming");
+        tracing::info!(consumer = %name, "projector consuming");
         let mut batches = messages.ready_chunks(MAX_BATCH);
         while let Some(batch) = batches.next().await {
             let mut received = Vec::with_capacity(batch.len());
@@ -99,28 +113,65 @@ impl Projector {
                 }
             })
             .collect();
-        let mut tx = self.pool.begin().await?;
-        let from = checkpoint::lock(&mut tx, self.projection.name()).await?;
-        events.retain(|e| e.point() > from);
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
         if let Some(through) = events.last().map(RecordedEvent::point) {
-            let in_log = store::count_range(&mut tx, from, through).await?;
-            if in_log != events.len() as i64 {
-                tracing::warn!(
-                    projection = self.projection.name(),
-                    delivered = events.len(),
-                    in_log,
-                    "delivery skipped events; reading the range from the log"
-                );
-                events = store::read_range(&mut tx, from, through).await?;
+            let mut tx = self.pool.begin().await?;
+            let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+            let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
+            // Each projection applies what lies after its own checkpoint. If
+            // delivery skipped any of that, the batch comes from the log.
+            let skipped = checkpoints
+                .iter()
+                .find(|(_, from, in_log)| events.iter().filter(|e| e.point() > *from).count() as i64 != *in_log);
+            let logged = match skipped {
+                Some((name, from, in_log)) => {
+                    tracing::warn!(
+                        projection = name.as_str(),
+                        delivered = events.iter().filter(|e| e.point() > *from).count(),
+                        in_log,
+                        "delivery skipped events; reading the range from the log"
+                    );
+                    let earliest = checkpoints.iter().map(|(_, p, _)| *p).min().unwrap_or(*from);
+                    Some(store::read_range(&mut tx, earliest, through).await?)
+                }
+                None => None,
+            };
+            let source: &[RecordedEvent] = logged.as_deref().unwrap_or(&events);
+            let mut work: Vec<(Projection, Vec<&RecordedEvent>)> = Vec::new();
+            for (name, from, _) in &checkpoints {
+                let Some(projection) = self.projections.iter().copied().find(|p| p.name() == name) else { continue };
+                let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > *from).collect();
+                if !mine.is_empty() {
+                    work.push((projection, mine));
+                }
             }
-            self.projection.apply_all(&mut tx, &events).await?;
-            checkpoint::save(&mut tx, self.projection.name(), through).await?;
-            tx.commit().await?;
-            self.applied.send_replace(through);
-        } else {
-            tx.rollback().await?;
+            if work.is_empty() {
+                tx.rollback().await?;
+            } else {
+                // Decoded once for every projection.
+                let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
+                for (_, mine) in &work {
+                    for recorded in mine {
+                        if let std::collections::hash_map::Entry::Vacant(slot) = decoded.entry(recorded.point()) {
+                            let event = recorded
+                                .decode()
+                                .map_err(|source| ProjectionError::Decode { position: recorded.position, source })?;
+                            slot.insert(event);
+                        }
+                    }
+                }
+                let mut moved: Vec<(&str, LogPoint)> = Vec::with_capacity(work.len());
+                for (projection, mine) in &work {
+                    let pairs: Vec<(&RecordedEvent, &Event)> =
+                        mine.iter().filter_map(|r| decoded.get(&r.point()).map(|e| (*r, e))).collect();
+                    projection.apply_decoded(&mut tx, &pairs).await?;
+                    moved.push((projection.name(), through));
+                }
+                checkpoint::save_all(&mut tx, &moved).await?;
+                tx.commit().await?;
+                self.applied.send_replace(through);
+            }
         }
         // AckPolicy::All: acknowledging the last message acknowledges the batch.
         if let Some(last) = messages.last() {
