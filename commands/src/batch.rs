@@ -64,11 +64,30 @@ pub(crate) async fn decide(
 ) -> Result<Result<(Decision, Vec<ItemRecord>), DomainError>, StoreError> {
     // Locks in one order everywhere: item keys, then debited accounts, then
     // credited ones, each sorted; every step one statement for the batch.
+    // The accounts of items that turn out to be replays are locked and read
+    // too: harmless, and it makes the whole read one statement after the locks.
     use crate::group_commit as set;
-    set::lock_keys(conn, items.iter().map(|i| (actor, i.key.as_str()))).await?;
+    let debited: BTreeSet<Uuid> = items.iter().map(|i| i.from_account).collect();
+    let credited: BTreeSet<Uuid> = items.iter().map(|i| i.to_account).filter(|a| !debited.contains(a)).collect();
+    set::lock_group(conn, items.iter().map(|i| (actor, i.key.as_str())), &debited, &credited).await?;
     let users = vec![actor; items.len()];
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let previous = set::find_many(conn, &users, &keys).await?;
+    let debited: Vec<Uuid> = debited.into_iter().collect();
+    let credited: Vec<Uuid> = credited.into_iter().collect();
+    let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
+    let found = set::read_after_locks(
+        conn,
+        &set::ReadAfterLocks {
+            users: &users,
+            keys: &keys,
+            accounts: &all,
+            cached: &[],
+            full: &debited,
+            opening: &credited,
+        },
+    )
+    .await?;
+    let previous = found.records;
     let mut results = vec![Value::Null; items.len()];
     let mut todo = vec![];
     for (index, item) in items.iter().enumerate() {
@@ -94,23 +113,8 @@ pub(crate) async fn decide(
             None => todo.push(index),
         }
     }
-    let debited: BTreeSet<Uuid> = todo.iter().map(|i| items[*i].from_account).collect();
-    let credited: BTreeSet<Uuid> = todo.iter().map(|i| items[*i].to_account).filter(|a| !debited.contains(a)).collect();
-    set::lock_accounts(conn, "pg_advisory_xact_lock", crate::ledger::ACCOUNT_LOCK_CLASS, &debited).await?;
-    set::lock_accounts(conn, "pg_advisory_xact_lock_shared", crate::ledger::ACCOUNT_STATUS_LOCK_CLASS, &credited)
-        .await?;
-    let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
-    let versions = set::stream_versions(conn, &all).await?;
-    let mut states: BTreeMap<Uuid, (AccountState, i64)> = BTreeMap::new();
-    let debited: Vec<Uuid> = debited.into_iter().collect();
-    let credited: Vec<Uuid> = credited.into_iter().collect();
-    for (id, known) in set::load_full(conn, &debited, &versions)
-        .await?
-        .into_iter()
-        .chain(set::load_opening(conn, &credited, &versions).await?)
-    {
-        states.insert(id, (known.state, known.version));
-    }
+    let mut states: BTreeMap<Uuid, (AccountState, i64)> =
+        found.full.into_iter().chain(found.opening).map(|(id, known)| (id, (known.state, known.version))).collect();
     let fee = fees.rule(TransferKind::Transfer);
     let mut appends = vec![];
     let mut opened_fee_accounts = BTreeSet::new();

@@ -24,14 +24,14 @@
 
 use crate::idempotency::{self, CommandRecord};
 use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
-use crate::store::{self, account_stream, EventMetadata, StoreError, StreamAppend};
+use crate::store::{self, account_stream, EventMetadata, EventRows, StoreError, StreamAppend};
 use chrono::Utc;
 use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::events::TransferKind;
 use ledger_domain::money::Amount;
 use ledger_domain::{DomainError, Event};
 use serde_json::{json, Value};
-use sqlx::{PgConnection, Row};
+use sqlx::{FromRow, PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -269,7 +269,49 @@ async fn try_group(
         &credited,
     )
     .await?;
-    let previous = find_records(conn, group).await?;
+    // Everything the decisions need, in one statement after the locks: the
+    // recorded outcomes, the streams' versions, and the accounts' states
+    // (cached ones brought forward by their streams' later events, the
+    // others folded from the log).
+    let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
+    let mut states: HashMap<Uuid, Known> = cache.get(all.iter().copied());
+    // A debited account needs a full state; a credit-side one will not do.
+    states.retain(|id, known| known.full || !debited.contains(id));
+    let cached: Vec<(Uuid, i64)> = states.iter().map(|(id, known)| (*id, known.version)).collect();
+    let missing_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
+    let missing_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
+    let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
+    let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
+    let found = read_after_locks(
+        conn,
+        &ReadAfterLocks {
+            users: &users,
+            keys: &keys,
+            accounts: &all,
+            cached: &cached,
+            full: &missing_full,
+            opening: &missing_opening,
+        },
+    )
+    .await?;
+    let previous = found.records;
+    let versions = found.versions;
+    for (id, version, event) in found.later {
+        if let Some(known) = states.get_mut(&id) {
+            known.state = account::evolve(std::mem::take(&mut known.state), &event);
+            known.version = version;
+        }
+    }
+    // Usable: a cached state brought exactly to its stream's version. One
+    // that is ahead of it, or did not reach it, is folded again below.
+    states.retain(|id, known| versions.get(id).copied().unwrap_or(0) == known.version);
+    let from_cache: HashSet<Uuid> = states.keys().copied().collect();
+    states.extend(found.full);
+    states.extend(found.opening);
+    let refold_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
+    let refold_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
+    states.extend(load_full(conn, &refold_full, &versions).await?);
+    states.extend(load_opening(conn, &refold_opening, &versions).await?);
 
     // 2. What is left to decide: not a replay, and an amount that parses.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
@@ -291,23 +333,6 @@ async fn try_group(
             }
         }
     }
-
-    // 3. Their states: from the cache where the stream has not moved since,
-    // else folded from the log.
-    let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
-    let versions = stream_versions(conn, &all).await?;
-    let mut states: HashMap<Uuid, Known> = cache.get(all.iter().copied());
-    // Usable: at the stream's version, or behind it (the stream's later
-    // events, all of them, bring it forward). Never ahead of it.
-    states.retain(|id, known| {
-        versions.get(id).copied().unwrap_or(0) >= known.version && (known.full || !debited.contains(id))
-    });
-    catch_up(conn, &mut states, &versions).await?;
-    let from_cache: HashSet<Uuid> = states.keys().copied().collect();
-    let missing_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
-    let missing_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
-    states.extend(load_full(conn, &missing_full, &versions).await?);
-    states.extend(load_opening(conn, &missing_opening, &versions).await?);
 
     // 4. Decide in order; each command sees what the earlier ones did.
     let fee = ledger.fees.rule(TransferKind::Transfer);
@@ -405,28 +430,48 @@ async fn try_group(
             },
         ));
     }
-    let positions = store::append_many(conn, &batch, &ledger.event_mac).await?;
-    let mut records = Vec::new();
+    // 6. One statement appends every event and records every outcome; an
+    // accepted command's record gets its last event's position as written.
+    let rows = EventRows::new(&batch, &ledger.event_mac);
+    let mut records: Vec<(CommandRow<'_>, Option<Uuid>)> = Vec::new();
+    for (p, d) in group.iter().zip(decided.iter()) {
+        let (command_id, status, body, last_event) = match d {
+            Some(Decided::Rejected { command_id, status, body }) => (*command_id, *status, body, None),
+            Some(Decided::Accepted { command_id, body, first_event, events }) => {
+                (*command_id, 201, body, rows.ids.get(first_event + events.saturating_sub(1)).copied())
+            }
+            _ => continue,
+        };
+        let row = CommandRow {
+            user_id: p.envelope.actor,
+            key: &p.envelope.idempotency_key,
+            command_id,
+            request_hash: &p.envelope.request_hash,
+            status,
+            response: body,
+            position: None,
+        };
+        records.push((row, last_event));
+    }
+    let positions = rows.positions(append_and_record(conn, &rows, &records).await?);
+    drop(records);
     let mut outcomes = Vec::with_capacity(group.len());
-    for (p, d) in group.iter().zip(decided) {
+    for d in decided {
         let outcome = match d {
             Some(Decided::Answered(answer)) => answer,
-            Some(Decided::Rejected { command_id, status, body }) => {
-                records.push((p, command_id, status, body.clone(), None));
+            Some(Decided::Rejected { status, body, .. }) => {
                 Ok(Outcome { status, body, replayed: false, position: None })
             }
-            Some(Decided::Accepted { command_id, mut body, first_event, events }) => {
+            Some(Decided::Accepted { mut body, first_event, events, .. }) => {
                 // The command's position is its last event's.
                 let position = positions.get(first_event + events.saturating_sub(1)).copied();
                 body["position"] = json!(position);
-                records.push((p, command_id, 201, body.clone(), position));
                 Ok(Outcome { status: 201, body, replayed: false, position })
             }
             None => Err(CommandError::Store(StoreError::Conflict)),
         };
         outcomes.push(outcome);
     }
-    record_all(conn, &records).await?;
     tx.commit().await?;
     if !batch.is_empty() {
         ledger.appended.notify_one();
@@ -462,79 +507,10 @@ fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
     crate::ledger::movement_body(transfer_id, events)
 }
 
-async fn find_records(
-    conn: &mut PgConnection,
-    group: &[Pending],
-) -> Result<HashMap<(Uuid, String), CommandRecord>, sqlx::Error> {
-    let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
-    let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
-    find_many(conn, &users, &keys).await
-}
-
-/// The recorded outcomes of several (user, key) pairs, in one statement.
-pub(crate) async fn find_many(
-    conn: &mut PgConnection,
-    users: &[Uuid],
-    keys: &[&str],
-) -> Result<HashMap<(Uuid, String), CommandRecord>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Found {
-        user_id: Uuid,
-        #[sqlx(flatten)]
-        record: CommandRecord,
-    }
-    let found: Vec<Found> = sqlx::query_as(
-        "SELECT c.user_id, c.idempotency_key, c.command_id, c.request_hash, c.status, c.response, c.position,
-                c.recorded_at
-         FROM commands c JOIN unnest($1::uuid[], $2::text[]) AS k(user_id, idempotency_key)
-           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key",
-    )
-    .bind(users)
-    .bind(keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(found.into_iter().map(|f| ((f.user_id, f.record.idempotency_key.clone()), f.record)).collect())
-}
-
-/// Locks (user, key) pairs in one statement, in one order everywhere.
-pub(crate) async fn lock_keys(
-    conn: &mut PgConnection,
-    pairs: impl Iterator<Item = (Uuid, &str)>,
-) -> Result<(), sqlx::Error> {
-    let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
-    key_locks.sort_unstable();
-    key_locks.dedup();
-    sqlx::query(
-        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) sorted",
-    )
-    .bind(&key_locks)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-pub(crate) async fn lock_accounts(
-    conn: &mut PgConnection,
-    function: &str,
-    class: i32,
-    accounts: &BTreeSet<Uuid>,
-) -> Result<(), sqlx::Error> {
-    if accounts.is_empty() {
-        return Ok(());
-    }
-    let mut keys: Vec<i32> = accounts.iter().map(|a| crate::ledger::lock_key(*a)).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    // The sorted subquery feeds the aggregate in order: locks are taken in it.
-    let sql = format!("SELECT count({function}($1, k)) FROM (SELECT k FROM unnest($2::int[]) AS k ORDER BY k) sorted");
-    sqlx::query(&sql).bind(class).bind(&keys).execute(&mut *conn).await?;
-    Ok(())
-}
-
-/// Takes a group's locks in one statement: the idempotency keys, then the
-/// debited accounts (exclusive), then the credited ones (shared), each class
-/// sorted: the order of `lock_keys` followed by `lock_accounts` twice, which
-/// every other path keeps, so no two paths wait on each other in a cycle.
+/// Takes a group's (or an atomic batch's) locks in one statement: the
+/// idempotency keys, then the debited accounts (exclusive), then the credited
+/// ones (shared), each class sorted: the order the single-command path keeps
+/// too (key, then accounts), so no two paths wait on each other in a cycle.
 pub(crate) async fn lock_group(
     conn: &mut PgConnection,
     pairs: impl Iterator<Item = (Uuid, &str)>,
@@ -551,8 +527,14 @@ pub(crate) async fn lock_group(
         keys
     };
     // The sorted subquery feeds the aggregate in order: locks are taken in it.
+    // For the rest of the transaction, statements run on generic plans: the
+    // read after the locks is five index lookups by id arrays whose best plan
+    // does not depend on the values, but its custom plan costs ~1.7 ms of
+    // planning per run, more than running it, and PostgreSQL keeps choosing
+    // custom plans for it because it misjudges the generic plan's row counts.
     sqlx::query(
-        "SELECT count(CASE sorted.class
+        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+                count(CASE sorted.class
                           WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
                           WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
                           ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END)
@@ -571,48 +553,115 @@ pub(crate) async fn lock_group(
     Ok(())
 }
 
-/// Brings cached states forward by their streams' later events (debits,
-/// holds, freezes by other writers or instances), in one statement. The
-/// credits they missed stay missed: the states remain lower bounds.
-async fn catch_up(
+/// What a group reads once its locks are held.
+pub(crate) struct ReadAfterLocks<'a> {
+    /// (user, key) pairs whose recorded outcomes to find.
+    pub users: &'a [Uuid],
+    pub keys: &'a [&'a str],
+    /// Accounts whose streams' versions to read.
+    pub accounts: &'a [Uuid],
+    /// Cached states (account, version they are at): their streams' later events.
+    pub cached: &'a [(Uuid, i64)],
+    /// Accounts to fold in full (every movement), and credit-side only.
+    pub full: &'a [Uuid],
+    pub opening: &'a [Uuid],
+}
+
+/// What it found, all of one snapshot.
+pub(crate) struct FoundAfterLocks {
+    pub records: HashMap<(Uuid, String), CommandRecord>,
+    pub versions: HashMap<Uuid, i64>,
+    /// Cached accounts' later events: (account, the stream version it brings them to, event), in order.
+    pub later: Vec<(Uuid, i64, Event)>,
+    pub full: HashMap<Uuid, Known>,
+    pub opening: HashMap<Uuid, Known>,
+}
+
+/// Reads everything a group decides on in one statement (one round trip
+/// instead of three to five): each part is the query that would otherwise be
+/// its own statement, tagged by `part`. It must follow the locks in a
+/// statement of its own, whose snapshot sees what earlier holders committed.
+pub(crate) async fn read_after_locks(
     conn: &mut PgConnection,
-    states: &mut HashMap<Uuid, Known>,
-    versions: &HashMap<Uuid, i64>,
-) -> Result<(), StoreError> {
-    let behind: Vec<(Uuid, i64)> = states
-        .iter()
-        .filter(|(id, known)| versions.get(id).copied().unwrap_or(0) > known.version)
-        .map(|(id, known)| (*id, known.version))
-        .collect();
-    if behind.is_empty() {
-        return Ok(());
-    }
-    let streams: Vec<String> = behind.iter().map(|(id, _)| account_stream(*id)).collect();
-    let after: Vec<i64> = behind.iter().map(|(_, v)| *v).collect();
-    let by_stream: HashMap<&str, Uuid> =
-        streams.iter().map(String::as_str).zip(behind.iter().map(|(id, _)| *id)).collect();
+    read: &ReadAfterLocks<'_>,
+) -> Result<FoundAfterLocks, StoreError> {
+    let streams = |ids: &[Uuid]| -> Vec<String> { ids.iter().map(|a| account_stream(*a)).collect() };
+    let cached_streams: Vec<String> = read.cached.iter().map(|(id, _)| account_stream(*id)).collect();
+    let cached_after: Vec<i64> = read.cached.iter().map(|(_, v)| *v).collect();
+    let full_ids: Vec<String> = read.full.iter().map(Uuid::to_string).collect();
     let rows = sqlx::query(
-        "SELECT e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload
-         FROM unnest($1::text[], $2::bigint[]) AS s(stream_id, after)
+        "SELECT 0 AS part, NULL::text AS stream_id, NULL::bigint AS stream_version, NULL::text AS event_type,
+                NULL::int AS schema_version, NULL::jsonb AS payload, NULL::bigint AS event_position,
+                c.user_id, c.idempotency_key, c.command_id, c.request_hash, c.status, c.response, c.position,
+                c.recorded_at
+         FROM commands c JOIN unnest($1::uuid[], $2::text[]) AS k(user_id, idempotency_key)
+           ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key
+         UNION ALL
+         SELECT 1, s.stream_id, (SELECT max(stream_version) FROM events e WHERE e.stream_id = s.stream_id),
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM unnest($3::text[]) AS s(stream_id)
+         UNION ALL
+         SELECT 2, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM unnest($4::text[], $5::bigint[]) AS s(stream_id, after)
          JOIN events e ON e.stream_id = s.stream_id AND e.stream_version > s.after
-         ORDER BY e.stream_id, e.stream_version",
+         UNION ALL
+         SELECT 3, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM events e
+         WHERE e.stream_id = ANY($6)
+            OR (e.event_type = 'TransferRecorded' AND e.payload->>'to_account' = ANY($7))
+            OR (e.event_type = 'TransferRecorded' AND e.payload->>'from_account' = ANY($7))
+         UNION ALL
+         SELECT 4, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM events e
+         WHERE e.stream_id = ANY($8) AND e.event_type IN ('AccountOpened', 'AccountFrozen', 'AccountUnfrozen')
+         ORDER BY part, event_position",
     )
-    .bind(&streams)
-    .bind(&after)
+    .bind(read.users)
+    .bind(read.keys)
+    .bind(streams(read.accounts))
+    .bind(&cached_streams)
+    .bind(&cached_after)
+    .bind(streams(read.full))
+    .bind(&full_ids)
+    .bind(streams(read.opening))
     .fetch_all(&mut *conn)
     .await?;
+
+    let mut records = HashMap::new();
+    let mut versions: HashMap<Uuid, i64> = read.accounts.iter().map(|a| (*a, 0)).collect();
+    let mut later = Vec::new();
+    let mut full_rows = Vec::new();
+    let mut opening_rows = Vec::new();
+    // Rows are keyed by the stream they name: never by the order they come back in.
+    let by_stream: HashMap<String, Uuid> =
+        read.accounts.iter().chain(read.cached.iter().map(|(id, _)| id)).map(|a| (account_stream(*a), *a)).collect();
     for row in rows {
-        let Some(id) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
-        let event = stored_event(&row)?;
-        if let Some(known) = states.get_mut(id) {
-            known.state = account::evolve(std::mem::take(&mut known.state), &event);
-            known.version = row.try_get("stream_version")?;
+        match row.try_get::<i32, _>("part")? {
+            0 => {
+                let user: Uuid = row.try_get("user_id")?;
+                let record = CommandRecord::from_row(&row)?;
+                records.insert((user, record.idempotency_key.clone()), record);
+            }
+            1 => {
+                if let Some(account) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
+                    versions.insert(*account, row.try_get::<Option<i64>, _>("stream_version")?.unwrap_or(0));
+                }
+            }
+            2 => {
+                if let Some(account) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
+                    later.push((*account, row.try_get("stream_version")?, stored_event(&row)?));
+                }
+            }
+            3 => full_rows.push(row),
+            _ => opening_rows.push(row),
         }
     }
-    // A state that did not reach its stream's version (a row it could not
-    // see) is not used.
-    states.retain(|id, known| versions.get(id).copied().unwrap_or(0) == known.version);
-    Ok(())
+    let full = fold_full(read.full, &versions, &full_rows)?;
+    let opening = fold_opening(read.opening, &versions, &opening_rows)?;
+    Ok(FoundAfterLocks { records, versions, later, full, opening })
 }
 
 /// The event in a row that has `event_type`, `schema_version` and `payload`.
@@ -622,30 +671,6 @@ fn stored_event(row: &sqlx::postgres::PgRow) -> Result<Event, StoreError> {
         row.try_get("schema_version")?,
         row.try_get("payload")?,
     )?)
-}
-
-/// The current version of each account's stream (absent: 0).
-pub(crate) async fn stream_versions(
-    conn: &mut PgConnection,
-    accounts: &[Uuid],
-) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
-    let streams: Vec<String> = accounts.iter().map(|a| account_stream(*a)).collect();
-    let rows = sqlx::query(
-        "SELECT s.stream_id, (SELECT max(stream_version) FROM events e WHERE e.stream_id = s.stream_id) AS version
-         FROM unnest($1::text[]) AS s(stream_id)",
-    )
-    .bind(&streams)
-    .fetch_all(&mut *conn)
-    .await?;
-    // Keyed by the stream each row names: never by the order rows come back in.
-    let by_stream: HashMap<String, Uuid> = streams.iter().cloned().zip(accounts.iter().copied()).collect();
-    let mut versions: HashMap<Uuid, i64> = accounts.iter().map(|a| (*a, 0)).collect();
-    for row in rows {
-        if let Some(account) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
-            versions.insert(*account, row.try_get::<Option<i64>, _>("version")?.unwrap_or(0));
-        }
-    }
-    Ok(versions)
 }
 
 /// Full states (every movement) of the accounts, in one statement.
@@ -670,7 +695,18 @@ pub(crate) async fn load_full(
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    let by_stream: HashMap<String, Uuid> = streams.into_iter().zip(accounts.iter().copied()).collect();
+    fold_full(accounts, versions, &rows)
+}
+
+/// Full states of the accounts from rows (`event_type`, `schema_version`,
+/// `payload`, `stream_id`) of their streams and of every movement naming
+/// them, in log order.
+fn fold_full(
+    accounts: &[Uuid],
+    versions: &HashMap<Uuid, i64>,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<HashMap<Uuid, Known>, StoreError> {
+    let by_stream: HashMap<String, Uuid> = accounts.iter().map(|a| (account_stream(*a), *a)).collect();
     let mut states: HashMap<Uuid, Known> = accounts
         .iter()
         .map(|a| {
@@ -678,7 +714,7 @@ pub(crate) async fn load_full(
         })
         .collect();
     for row in rows {
-        let event = stored_event(&row)?;
+        let event = stored_event(row)?;
         // The accounts this event is about: its stream's, and a movement's two sides.
         let mut about: Vec<Uuid> = Vec::with_capacity(2);
         if let Some(a) = by_stream.get(row.try_get::<&str, _>("stream_id")?) {
@@ -718,7 +754,17 @@ pub(crate) async fn load_opening(
     .bind(&streams)
     .fetch_all(&mut *conn)
     .await?;
-    let by_stream: HashMap<String, Uuid> = streams.into_iter().zip(accounts.iter().copied()).collect();
+    fold_opening(accounts, versions, &rows)
+}
+
+/// Credit-side states of the accounts from rows (`event_type`,
+/// `schema_version`, `payload`, `stream_id`) of their openings and freezes.
+fn fold_opening(
+    accounts: &[Uuid],
+    versions: &HashMap<Uuid, i64>,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<HashMap<Uuid, Known>, StoreError> {
+    let by_stream: HashMap<String, Uuid> = accounts.iter().map(|a| (account_stream(*a), *a)).collect();
     let mut states: HashMap<Uuid, Known> = accounts
         .iter()
         .map(|a| {
@@ -727,30 +773,12 @@ pub(crate) async fn load_opening(
         .collect();
     for row in rows {
         let Some(a) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
-        let event = stored_event(&row)?;
+        let event = stored_event(row)?;
         if let Some(known) = states.get_mut(a) {
             known.state = account::evolve(std::mem::take(&mut known.state), &event);
         }
     }
     Ok(states)
-}
-
-type Record<'a> = (&'a Pending, Uuid, u16, Value, Option<i64>);
-
-async fn record_all(conn: &mut PgConnection, records: &[Record<'_>]) -> Result<(), sqlx::Error> {
-    let rows: Vec<CommandRow<'_>> = records
-        .iter()
-        .map(|r| CommandRow {
-            user_id: r.0.envelope.actor,
-            key: &r.0.envelope.idempotency_key,
-            command_id: r.1,
-            request_hash: &r.0.envelope.request_hash,
-            status: r.2,
-            response: &r.3,
-            position: r.4,
-        })
-        .collect();
-    record_many(conn, &rows).await
 }
 
 /// An idempotency record to write.
@@ -762,6 +790,57 @@ pub(crate) struct CommandRow<'a> {
     pub status: u16,
     pub response: &'a Value,
     pub position: Option<i64>,
+}
+
+/// Appends events and records outcomes in one statement. Each record's
+/// `Option<Uuid>` names the event whose position it takes (an accepted
+/// command's last), set in its `position` column and response body as
+/// written; records without one keep theirs. Returns what the insert of the
+/// events returned.
+async fn append_and_record(
+    conn: &mut PgConnection,
+    events: &EventRows,
+    records: &[(CommandRow<'_>, Option<Uuid>)],
+) -> Result<Vec<(Uuid, i64)>, StoreError> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH appended AS ({} RETURNING event_id, position),
+                  recorded AS (
+                      INSERT INTO commands (user_id, idempotency_key, command_id, request_hash, status, response,
+                                            position)
+                      SELECT r.user_id, r.idempotency_key, r.command_id, r.request_hash, r.status,
+                             CASE WHEN a.position IS NULL THEN r.response
+                                  ELSE jsonb_set(r.response, '{{position}}', to_jsonb(a.position)) END,
+                             coalesce(a.position, r.position)
+                      FROM unnest($15::uuid[], $16::text[], $17::uuid[], $18::bytea[], $19::smallint[],
+                                  $20::jsonb[], $21::bigint[], $22::uuid[])
+                           AS r(user_id, idempotency_key, command_id, request_hash, status, response, position,
+                                last_event)
+                      LEFT JOIN appended a ON a.event_id = r.last_event)
+             SELECT event_id, position FROM appended",
+            store::INSERT_EVENTS
+        )
+    });
+    if events.is_empty() && records.is_empty() {
+        return Ok(vec![]);
+    }
+    let result = events
+        .bind(sqlx::query_as::<_, (Uuid, i64)>(SQL.as_str()))
+        .bind(records.iter().map(|(r, _)| r.user_id).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.key).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.command_id).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.request_hash).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.status as i16).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.response).collect::<Vec<_>>())
+        .bind(records.iter().map(|(r, _)| r.position).collect::<Vec<_>>())
+        .bind(records.iter().map(|(_, last)| *last).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await;
+    match result {
+        Ok(written) => Ok(written),
+        Err(e) if store::is_unique_violation(&e) => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes idempotency records in one statement.

@@ -162,90 +162,139 @@ where
     A: std::borrow::Borrow<StreamAppend>,
     M: std::borrow::Borrow<EventMetadata>,
 {
-    use chrono::SubsecRound;
-    let count: usize = appends.iter().map(|(a, _)| a.borrow().events.len()).sum();
-    let mut ids = Vec::with_capacity(count);
-    let mut streams = Vec::with_capacity(count);
-    let mut versions = Vec::with_capacity(count);
-    let mut types = Vec::with_capacity(count);
-    let mut schema_versions = Vec::with_capacity(count);
-    let mut payloads = Vec::with_capacity(count);
-    let mut macs = Vec::with_capacity(count);
-    let mut command_ids = Vec::with_capacity(count);
-    let mut correlation_ids = Vec::with_capacity(count);
-    let mut causation_ids = Vec::with_capacity(count);
-    let mut actor_ids = Vec::with_capacity(count);
-    let mut recorded_ats = Vec::with_capacity(count);
-    let mut client_ips = Vec::with_capacity(count);
-    let mut user_agents = Vec::with_capacity(count);
-    for (append, metadata) in appends {
-        let append = append.borrow();
-        // Stored at microseconds: the MAC covers the value as stored.
-        let metadata =
-            EventMetadata { recorded_at: metadata.borrow().recorded_at.trunc_subsecs(6), ..metadata.borrow().clone() };
-        for (i, event) in append.events.iter().enumerate() {
-            let recorded = RecordedEvent {
-                position: 0,
-                transaction_id: 0,
-                event_id: Uuid::now_v7(),
-                stream_id: append.stream_id.clone(),
-                stream_version: append.expected_version + 1 + i as i64,
-                event_type: event.event_type().to_owned(),
-                schema_version: event.schema_version(),
-                payload: event.payload(),
-                metadata: metadata.clone(),
-            };
-            macs.push(authenticator.of(&recorded));
-            ids.push(recorded.event_id);
-            streams.push(recorded.stream_id);
-            versions.push(recorded.stream_version);
-            types.push(recorded.event_type);
-            schema_versions.push(recorded.schema_version);
-            payloads.push(recorded.payload);
-            command_ids.push(metadata.command_id);
-            correlation_ids.push(metadata.correlation_id);
-            causation_ids.push(metadata.causation_id);
-            actor_ids.push(metadata.actor_id);
-            recorded_ats.push(metadata.recorded_at);
-            client_ips.push(metadata.client_ip.clone());
-            user_agents.push(metadata.user_agent.clone());
-        }
-    }
-    if ids.is_empty() {
+    let rows = EventRows::new(appends, authenticator);
+    if rows.is_empty() {
         return Ok(vec![]);
     }
-    let result = sqlx::query_as::<_, (Uuid, i64)>(
-        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
+    let sql = format!("{INSERT_EVENTS} RETURNING event_id, position");
+    let result = rows.bind(sqlx::query_as::<_, (Uuid, i64)>(&sql)).fetch_all(&mut *conn).await;
+    match result {
+        Ok(written) => Ok(rows.positions(written)),
+        Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The insert of an [`EventRows`], its columns bound as `$1` to `$14`; a
+/// caller adds `RETURNING` or wraps it in a statement of its own.
+pub const INSERT_EVENTS: &str = "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version,
                              payload, command_id, correlation_id, causation_id, actor_id, recorded_at,
                              client_ip, user_agent, mac)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[],
                               $7::uuid[], $8::uuid[], $9::uuid[], $10::uuid[], $11::timestamptz[],
-                              $12::text[], $13::text[], $14::text[])
-         RETURNING event_id, position",
-    )
-    .bind(&ids)
-    .bind(&streams)
-    .bind(&versions)
-    .bind(&types)
-    .bind(&schema_versions)
-    .bind(&payloads)
-    .bind(&command_ids)
-    .bind(&correlation_ids)
-    .bind(&causation_ids)
-    .bind(&actor_ids)
-    .bind(&recorded_ats)
-    .bind(&client_ips)
-    .bind(&user_agents)
-    .bind(&macs)
-    .fetch_all(&mut *conn)
-    .await;
-    match result {
-        Ok(rows) => {
-            let positions: std::collections::HashMap<Uuid, i64> = rows.into_iter().collect();
-            Ok(ids.iter().map(|id| positions.get(id).copied().unwrap_or_default()).collect())
+                              $12::text[], $13::text[], $14::text[])";
+
+/// Events to append, as the columns of one set-based insert, each event
+/// authenticated and at its stream's next version.
+pub struct EventRows {
+    pub ids: Vec<Uuid>,
+    streams: Vec<String>,
+    versions: Vec<i64>,
+    types: Vec<String>,
+    schema_versions: Vec<i32>,
+    payloads: Vec<serde_json::Value>,
+    macs: Vec<String>,
+    command_ids: Vec<Option<Uuid>>,
+    correlation_ids: Vec<Option<Uuid>>,
+    causation_ids: Vec<Option<Uuid>>,
+    actor_ids: Vec<Option<Uuid>>,
+    recorded_ats: Vec<DateTime<Utc>>,
+    client_ips: Vec<Option<String>>,
+    user_agents: Vec<Option<String>>,
+}
+
+impl EventRows {
+    pub fn new<A, M>(appends: &[(A, M)], authenticator: &EventMac) -> EventRows
+    where
+        A: std::borrow::Borrow<StreamAppend>,
+        M: std::borrow::Borrow<EventMetadata>,
+    {
+        use chrono::SubsecRound;
+        let count: usize = appends.iter().map(|(a, _)| a.borrow().events.len()).sum();
+        let mut rows = EventRows {
+            ids: Vec::with_capacity(count),
+            streams: Vec::with_capacity(count),
+            versions: Vec::with_capacity(count),
+            types: Vec::with_capacity(count),
+            schema_versions: Vec::with_capacity(count),
+            payloads: Vec::with_capacity(count),
+            macs: Vec::with_capacity(count),
+            command_ids: Vec::with_capacity(count),
+            correlation_ids: Vec::with_capacity(count),
+            causation_ids: Vec::with_capacity(count),
+            actor_ids: Vec::with_capacity(count),
+            recorded_ats: Vec::with_capacity(count),
+            client_ips: Vec::with_capacity(count),
+            user_agents: Vec::with_capacity(count),
+        };
+        for (append, metadata) in appends {
+            let append = append.borrow();
+            // Stored at microseconds: the MAC covers the value as stored.
+            let metadata = EventMetadata {
+                recorded_at: metadata.borrow().recorded_at.trunc_subsecs(6),
+                ..metadata.borrow().clone()
+            };
+            for (i, event) in append.events.iter().enumerate() {
+                let recorded = RecordedEvent {
+                    position: 0,
+                    transaction_id: 0,
+                    event_id: Uuid::now_v7(),
+                    stream_id: append.stream_id.clone(),
+                    stream_version: append.expected_version + 1 + i as i64,
+                    event_type: event.event_type().to_owned(),
+                    schema_version: event.schema_version(),
+                    payload: event.payload(),
+                    metadata: metadata.clone(),
+                };
+                rows.macs.push(authenticator.of(&recorded));
+                rows.ids.push(recorded.event_id);
+                rows.streams.push(recorded.stream_id);
+                rows.versions.push(recorded.stream_version);
+                rows.types.push(recorded.event_type);
+                rows.schema_versions.push(recorded.schema_version);
+                rows.payloads.push(recorded.payload);
+                rows.command_ids.push(metadata.command_id);
+                rows.correlation_ids.push(metadata.correlation_id);
+                rows.causation_ids.push(metadata.causation_id);
+                rows.actor_ids.push(metadata.actor_id);
+                rows.recorded_ats.push(metadata.recorded_at);
+                rows.client_ips.push(metadata.client_ip.clone());
+                rows.user_agents.push(metadata.user_agent.clone());
+            }
         }
-        Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
-        Err(e) => Err(e.into()),
+        rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Binds the columns as `$1` to `$14` of [`INSERT_EVENTS`].
+    pub fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.streams)
+            .bind(&self.versions)
+            .bind(&self.types)
+            .bind(&self.schema_versions)
+            .bind(&self.payloads)
+            .bind(&self.command_ids)
+            .bind(&self.correlation_ids)
+            .bind(&self.causation_ids)
+            .bind(&self.actor_ids)
+            .bind(&self.recorded_ats)
+            .bind(&self.client_ips)
+            .bind(&self.user_agents)
+            .bind(&self.macs)
+    }
+
+    /// Each event's position, in the order given, from what the insert returned.
+    pub fn positions(&self, written: Vec<(Uuid, i64)>) -> Vec<i64> {
+        let positions: std::collections::HashMap<Uuid, i64> = written.into_iter().collect();
+        self.ids.iter().map(|id| positions.get(id).copied().unwrap_or_default()).collect()
     }
 }
 
