@@ -310,8 +310,7 @@ async fn try_group(
     states.extend(found.opening);
     let refold_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     let refold_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
-    states.extend(load_full(conn, &refold_full, &versions).await?);
-    states.extend(load_opening(conn, &refold_opening, &versions).await?);
+    states.extend(fold_again(conn, &refold_full, &refold_opening).await?);
 
     // 2. What is left to decide: not a replay, and an amount that parses.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
@@ -364,7 +363,7 @@ async fn try_group(
         // A refusal on a cached state may be the cache's: credits it has not
         // seen. Decide again on a fresh fold plus this group's own events.
         if outcome.is_err() && from_cache.contains(&t.from_account) && reloaded.insert(t.from_account) {
-            let mut fresh = load_full(conn, &[t.from_account], &versions).await?;
+            let mut fresh = fold_again(conn, &[t.from_account], &[]).await?;
             if let Some(known) = fresh.get_mut(&t.from_account) {
                 for (_, append) in &appends {
                     known.state = append.events.iter().fold(std::mem::take(&mut known.state), account::evolve);
@@ -673,29 +672,32 @@ fn stored_event(row: &sqlx::postgres::PgRow) -> Result<Event, StoreError> {
     )?)
 }
 
-/// Full states (every movement) of the accounts, in one statement.
-pub(crate) async fn load_full(
+/// Folds accounts from the log again (full states for `full`, credit-side
+/// ones for `opening`), at their streams' current versions: the same read as
+/// after the locks, without the rest.
+async fn fold_again(
     conn: &mut PgConnection,
-    accounts: &[Uuid],
-    versions: &HashMap<Uuid, i64>,
+    full: &[Uuid],
+    opening: &[Uuid],
 ) -> Result<HashMap<Uuid, Known>, StoreError> {
-    if accounts.is_empty() {
+    if full.is_empty() && opening.is_empty() {
         return Ok(HashMap::new());
     }
-    let streams: Vec<String> = accounts.iter().map(|a| account_stream(*a)).collect();
-    let ids: Vec<String> = accounts.iter().map(Uuid::to_string).collect();
-    let rows = sqlx::query(
-        "SELECT event_type, schema_version, payload, stream_id FROM events
-         WHERE stream_id = ANY($1)
-            OR (event_type = 'TransferRecorded' AND payload->>'to_account' = ANY($2))
-            OR (event_type = 'TransferRecorded' AND payload->>'from_account' = ANY($2))
-         ORDER BY position",
+    let accounts: Vec<Uuid> = full.iter().chain(opening).copied().collect();
+    let found = read_after_locks(
+        conn,
+        &ReadAfterLocks { users: &[], keys: &[], accounts: &accounts, cached: &[], full, opening },
     )
-    .bind(&streams)
-    .bind(&ids)
-    .fetch_all(&mut *conn)
     .await?;
-    fold_full(accounts, versions, &rows)
+    Ok(found.full.into_iter().chain(found.opening).collect())
+}
+
+/// States at their streams' versions, before any event is applied.
+fn unfolded(accounts: &[Uuid], versions: &HashMap<Uuid, i64>, full: bool) -> HashMap<Uuid, Known> {
+    accounts
+        .iter()
+        .map(|a| (*a, Known { state: AccountState::default(), version: versions.get(a).copied().unwrap_or(0), full }))
+        .collect()
 }
 
 /// Full states of the accounts from rows (`event_type`, `schema_version`,
@@ -707,12 +709,7 @@ fn fold_full(
     rows: &[sqlx::postgres::PgRow],
 ) -> Result<HashMap<Uuid, Known>, StoreError> {
     let by_stream: HashMap<String, Uuid> = accounts.iter().map(|a| (account_stream(*a), *a)).collect();
-    let mut states: HashMap<Uuid, Known> = accounts
-        .iter()
-        .map(|a| {
-            (*a, Known { state: AccountState::default(), version: versions.get(a).copied().unwrap_or(0), full: true })
-        })
-        .collect();
+    let mut states = unfolded(accounts, versions, true);
     for row in rows {
         let event = stored_event(row)?;
         // The accounts this event is about: its stream's, and a movement's two sides.
@@ -736,27 +733,6 @@ fn fold_full(
     Ok(states)
 }
 
-/// Openings and freezes of the accounts (the credit side), in one statement.
-pub(crate) async fn load_opening(
-    conn: &mut PgConnection,
-    accounts: &[Uuid],
-    versions: &HashMap<Uuid, i64>,
-) -> Result<HashMap<Uuid, Known>, StoreError> {
-    if accounts.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let streams: Vec<String> = accounts.iter().map(|a| account_stream(*a)).collect();
-    let rows = sqlx::query(
-        "SELECT event_type, schema_version, payload, stream_id FROM events
-         WHERE stream_id = ANY($1) AND event_type IN ('AccountOpened', 'AccountFrozen', 'AccountUnfrozen')
-         ORDER BY stream_id, stream_version",
-    )
-    .bind(&streams)
-    .fetch_all(&mut *conn)
-    .await?;
-    fold_opening(accounts, versions, &rows)
-}
-
 /// Credit-side states of the accounts from rows (`event_type`,
 /// `schema_version`, `payload`, `stream_id`) of their openings and freezes.
 fn fold_opening(
@@ -765,12 +741,7 @@ fn fold_opening(
     rows: &[sqlx::postgres::PgRow],
 ) -> Result<HashMap<Uuid, Known>, StoreError> {
     let by_stream: HashMap<String, Uuid> = accounts.iter().map(|a| (account_stream(*a), *a)).collect();
-    let mut states: HashMap<Uuid, Known> = accounts
-        .iter()
-        .map(|a| {
-            (*a, Known { state: AccountState::default(), version: versions.get(a).copied().unwrap_or(0), full: false })
-        })
-        .collect();
+    let mut states = unfolded(accounts, versions, false);
     for row in rows {
         let Some(a) = by_stream.get(row.try_get::<&str, _>("stream_id")?) else { continue };
         let event = stored_event(row)?;
