@@ -2,8 +2,9 @@
 //!
 //! One relay leads at a time (a PostgreSQL session advisory lock); the others
 //! stand by. Its checkpoint lives in PostgreSQL and advances only after
-//! JetStream acknowledged every event of a batch, so a crash republishes at
-//! most one batch, which `Nats-Msg-Id` deduplication drops.
+//! JetStream acknowledged every event of a batch; while busy it is saved at
+//! most every 100 ms, so a crash republishes at most that long's events (and
+//! one batch), which `Nats-Msg-Id` deduplication (a 120 s window) drops.
 
 use crate::nats::{ensure_stream, NatsNames, HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_TRANSACTION_ID};
 use crate::store::{self, LogPoint, RecordedEvent};
@@ -23,6 +24,9 @@ pub enum RelayError {
     #[error("publish: {0}")]
     Publish(String),
 }
+
+/// How often, at most, a busy relay saves its cursor.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Relay {
     pub pool: PgPool,
@@ -84,26 +88,43 @@ impl Relay {
         }
         tracing::info!(stream = %self.names.stream(), "relay is leading");
         let mut checkpoint = self.load_checkpoint(&mut conn).await?;
+        // The cursor is saved at most every CHECKPOINT_EVERY while busy, and
+        // before going idle: what a crash re-publishes is a fraction of a
+        // second's events, well inside JetStream's deduplication window.
+        let mut saved = (checkpoint, std::time::Instant::now());
+        // The stream is looked up (and created if missing) when leading
+        // starts and after a failed publish, not before every batch.
+        let mut stream_ready = false;
         let mut publish_backoff = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
             let events = store::read_settled_after(&mut conn, checkpoint, self.batch_size).await?;
             let read = started.elapsed();
             let Some(last) = events.last().map(RecordedEvent::point) else {
+                if saved.0 != checkpoint {
+                    self.save_checkpoint(&mut conn, checkpoint).await?;
+                    saved = (checkpoint, std::time::Instant::now());
+                }
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.idle_poll) => {}
                 }
                 continue;
             };
-            if let Err(e) = self.publish(&events).await {
+            if let Err(e) = self.publish(&events, !stream_ready).await {
                 tracing::warn!(error = %e, "publishing to JetStream failed; will retry");
+                stream_ready = false;
                 tokio::time::sleep(publish_backoff).await;
                 publish_backoff = (publish_backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
+            stream_ready = true;
             publish_backoff = Duration::from_millis(50);
-            self.save_checkpoint(&mut conn, last).await?;
+            checkpoint = last;
+            if saved.1.elapsed() >= CHECKPOINT_EVERY {
+                self.save_checkpoint(&mut conn, checkpoint).await?;
+                saved = (checkpoint, std::time::Instant::now());
+            }
             tracing::debug!(
                 count = events.len(),
                 position = last.position,
@@ -111,13 +132,14 @@ impl Relay {
                 total_ms = started.elapsed().as_millis() as u64,
                 "relayed"
             );
-            checkpoint = last;
         }
     }
 
-    async fn publish(&self, events: &[RecordedEvent]) -> Result<(), RelayError> {
+    async fn publish(&self, events: &[RecordedEvent], ensure_stream_first: bool) -> Result<(), RelayError> {
         let fail = |e: &dyn std::fmt::Display| RelayError::Publish(e.to_string());
-        ensure_stream(&self.js, &self.names).await.map_err(|e| fail(&e))?;
+        if ensure_stream_first {
+            ensure_stream(&self.js, &self.names).await.map_err(|e| fail(&e))?;
+        }
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let mut headers = async_nats::HeaderMap::new();

@@ -102,3 +102,43 @@ async fn connections_that_died_while_idle_are_replaced_before_use() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     t.cleanup().await;
 }
+
+/// The relay looks its stream up when it starts leading and after a failed
+/// publish, not before every batch: a stream deleted under it is recreated
+/// at the next publish, the read side converges, and the relay's cursor,
+/// saved lazily while busy, is saved once it goes idle.
+#[tokio::test]
+async fn a_stream_deleted_under_the_relay_is_recreated_and_its_cursor_saved_when_idle() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let p = t.deposit(&ann, &a, "10.00").await;
+    assert_eq!(t.balance(&ann, &a, p).await, "10.00");
+
+    let client = async_nats::connect(&t.config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let names = ledger_commands::nats::NatsNames::new(&t.config.nats_prefix);
+    js.delete_stream(names.stream()).await.unwrap();
+
+    let p = t.deposit(&ann, &a, "5.00").await;
+    assert_eq!(t.balance(&ann, &a, p).await, "15.00", "the read side converges");
+    let mut stream = js.get_stream(names.stream()).await.expect("the relay recreated the stream");
+    assert!(stream.info().await.unwrap().state.messages >= 1);
+    t.assert_invariants().await;
+
+    let head = t.head().await;
+    let mut saved = 0;
+    for _ in 0..100 {
+        saved = sqlx::query_scalar::<_, i64>("SELECT position FROM relay_checkpoints")
+            .fetch_optional(&t.pool)
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        if saved == head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(saved, head, "an idle relay has saved its cursor at the head");
+    t.cleanup().await;
+}
