@@ -424,7 +424,12 @@ impl Ledger {
                 amount: item.amount.clone(),
                 reference: item.reference.clone(),
             };
-            let result = match self.execute(&item_envelope, command, render).await {
+            // Each item in a transaction of its own, never through group
+            // commit: this batch holds the request's key while its items
+            // run, and a transfer under that key waiting in a group would
+            // hold a writer the items needed (with one writer, every
+            // transfer of the instance stalled until the time limit).
+            let result = match self.execute_direct(&item_envelope, command, render).await {
                 Ok(outcome) => {
                     last = outcome.position.max(last);
                     json!({ "key": item.key, "status": outcome.status, "body": outcome.body, "replayed": outcome.replayed })

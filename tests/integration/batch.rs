@@ -133,3 +133,52 @@ async fn batches_are_bounded_and_keys_checked() {
     }
     t.cleanup().await;
 }
+
+/// A non-atomic batch holds its request key while its items run. A plain
+/// transfer sent meanwhile under that same key waits for it, then is refused
+/// as a reuse of the key; it must not hold up the batch's items (with one
+/// group-commit writer, it used to hold the only writer until the 30 s limit).
+#[tokio::test]
+async fn a_transfer_reusing_a_running_batchs_key_waits_for_it_without_stalling_it() {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = 1).await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&ann, &a, "1000.00").await;
+    let items: Vec<Value> = (0..300)
+        .map(|i| json!({"key": format!("item-{i}"), "from_account": a, "to_account": b, "amount": "1.00"}))
+        .collect();
+    let batch = t.request(
+        Method::POST,
+        "/v1/transfers/batch",
+        Some(&ann),
+        Some("shared-key"),
+        Some(json!({"atomic": false, "transfers": items})),
+    );
+    let single = async {
+        // Once the batch's first item is recorded, the batch holds the key.
+        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM commands WHERE idempotency_key = 'item-0'")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        t.request(
+            Method::POST,
+            "/v1/transfers",
+            Some(&ann),
+            Some("shared-key"),
+            Some(json!({"from_account": a, "to_account": b, "amount": "2.00"})),
+        )
+        .await
+    };
+    let ((bs, bv, _), (ss, sv, _)) = tokio::join!(batch, single);
+    assert_eq!(bs, StatusCode::OK, "{bv}");
+    assert!(bv["results"].as_array().unwrap().iter().all(|r| r["status"] == 201), "{bv}");
+    assert_eq!((ss, code(&sv)), (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reuse"), "{sv}");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
