@@ -69,7 +69,8 @@ pub(crate) async fn decide(
     use crate::group_commit as set;
     let debited: BTreeSet<Uuid> = items.iter().map(|i| i.from_account).collect();
     let credited: BTreeSet<Uuid> = items.iter().map(|i| i.to_account).filter(|a| !debited.contains(a)).collect();
-    set::lock_group(conn, items.iter().map(|i| (actor, i.key.as_str())), &debited, &credited).await?;
+    set::lock_group(conn, items.iter().map(|i| (actor, i.key.as_str())), &debited, &credited, set::KeyLocks::Wait)
+        .await?;
     let users = vec![actor; items.len()];
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let debited: Vec<Uuid> = debited.into_iter().collect();

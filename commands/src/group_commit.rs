@@ -212,63 +212,90 @@ async fn next_group(
 }
 
 /// Writes a group; on any failure of the transaction, runs each of its
-/// commands alone.
+/// commands alone. A command whose key another transaction holds leaves the
+/// group and runs alone too, so no group waits on a key (a running
+/// non-atomic batch holds its request key for as long as its items take).
 async fn write_group(ledger: &Ledger, cache: &AccountCache, group: Vec<Pending>) {
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
     match try_group(ledger, cache, &group).await {
         Ok(outcomes) => {
             tracing::trace!(size = outcomes.len(), "group committed");
             for (pending, outcome) in group.into_iter().zip(outcomes) {
-                let _ = pending.reply.send(outcome);
+                match outcome {
+                    Some(outcome) => {
+                        let _ = pending.reply.send(outcome);
+                    }
+                    None => run_alone(ledger, pending),
+                }
             }
         }
         Err(e) => {
             tracing::debug!(error = %e, size = group.len(), "group commit failed; running its commands one by one");
             cache.forget(accounts.into_iter());
             for pending in group {
-                let ledger = ledger.clone();
-                tokio::spawn(async move {
-                    let outcome =
-                        ledger.execute_direct(&pending.envelope, pending.transfer.command(), pending.render).await;
-                    let _ = pending.reply.send(outcome);
-                });
+                run_alone(ledger, pending);
             }
         }
     }
 }
 
+/// Runs a command on the single-command path, in a task of its own: the
+/// writer goes on to the next group.
+fn run_alone(ledger: &Ledger, pending: Pending) {
+    let ledger = ledger.clone();
+    tokio::spawn(async move {
+        let outcome = ledger.execute_direct(&pending.envelope, pending.transfer.command(), pending.render).await;
+        let _ = pending.reply.send(outcome);
+    });
+}
+
 /// What became of one command of the group before the append.
 enum Decided {
+    /// Its key is held by another transaction: it leaves the group.
+    Alone,
     Answered(Result<Outcome, CommandError>),
-    Rejected { command_id: Uuid, status: u16, body: Value },
-    Accepted { command_id: Uuid, body: Value, first_event: usize, events: usize },
+    Rejected {
+        command_id: Uuid,
+        status: u16,
+        body: Value,
+    },
+    Accepted {
+        command_id: Uuid,
+        body: Value,
+        first_event: usize,
+        events: usize,
+    },
 }
 
 async fn try_group(
     ledger: &Ledger,
     cache: &AccountCache,
     group: &[Pending],
-) -> Result<Vec<Result<Outcome, CommandError>>, StoreError> {
+) -> Result<Vec<Option<Result<Outcome, CommandError>>>, StoreError> {
     let mut tx = ledger.pool.begin().await?;
     let conn: &mut PgConnection = &mut tx;
 
     // 1. Every lock in one statement, in the one order every path takes them:
     // the keys, then debited accounts exclusively, then credited ones shared
-    // (a freeze waits for them), each class sorted. The accounts of a command
-    // that turns out to be a replay are locked too: harmless, and it saves
-    // the group two round trips (a lookup must follow the locks in a
-    // statement of its own, whose snapshot sees what the previous holders
-    // committed).
+    // (a freeze waits for them), each class sorted. Keys are only tried: one
+    // held elsewhere sends its command off to run alone. The accounts of a
+    // command that turns out to be a replay, or leaves, are locked too:
+    // harmless, and it saves the group two round trips (a lookup must follow
+    // the locks in a statement of its own, whose snapshot sees what the
+    // previous holders committed).
     let debited: BTreeSet<Uuid> = group.iter().map(|p| p.transfer.from_account).collect();
     let credited: BTreeSet<Uuid> =
         group.iter().map(|p| p.transfer.to_account).filter(|a| !debited.contains(a)).collect();
-    lock_group(
+    let busy: HashSet<i64> = lock_group(
         conn,
         group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str())),
         &debited,
         &credited,
+        KeyLocks::Try,
     )
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     // Everything the decisions need, in one statement after the locks: the
     // recorded outcomes, the streams' versions, and the accounts' states
     // (cached ones brought forward by their streams' later events, the
@@ -317,6 +344,10 @@ async fn try_group(
     let mut todo: Vec<(usize, Amount)> = Vec::new();
     for (i, p) in group.iter().enumerate() {
         let key = (p.envelope.actor, p.envelope.idempotency_key.as_str());
+        if busy.contains(&idempotency::key_lock_id(key.0, key.1)) {
+            decided.push(Some(Decided::Alone));
+            continue;
+        }
         if let Some(record) = previous.get(&(key.0, key.1.to_owned())) {
             decided.push(Some(Decided::Answered(replay(record, &p.envelope))));
             continue;
@@ -457,6 +488,10 @@ async fn try_group(
     let mut outcomes = Vec::with_capacity(group.len());
     for d in decided {
         let outcome = match d {
+            Some(Decided::Alone) => {
+                outcomes.push(None);
+                continue;
+            }
             Some(Decided::Answered(answer)) => answer,
             Some(Decided::Rejected { status, body, .. }) => {
                 Ok(Outcome { status, body, replayed: false, position: None })
@@ -469,7 +504,7 @@ async fn try_group(
             }
             None => Err(CommandError::Store(StoreError::Conflict)),
         };
-        outcomes.push(outcome);
+        outcomes.push(Some(outcome));
     }
     tx.commit().await?;
     if !batch.is_empty() {
@@ -506,16 +541,29 @@ fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
     crate::ledger::movement_body(transfer_id, events)
 }
 
+/// How a lock statement takes the idempotency keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLocks {
+    /// Waits for each (one command: an atomic batch).
+    Wait,
+    /// Takes each that is free and reports the others (a group, which must
+    /// not wait on one command's key with every other command in it).
+    Try,
+}
+
 /// Takes a group's (or an atomic batch's) locks in one statement: the
 /// idempotency keys, then the debited accounts (exclusive), then the credited
 /// ones (shared), each class sorted: the order the single-command path keeps
-/// too (key, then accounts), so no two paths wait on each other in a cycle.
+/// too (key, then accounts), so no two paths wait on each other in a cycle
+/// (a key only tried never waits). Returns the key lock ids another
+/// transaction holds (never any with `KeyLocks::Wait`).
 pub(crate) async fn lock_group(
     conn: &mut PgConnection,
     pairs: impl Iterator<Item = (Uuid, &str)>,
     debited: &BTreeSet<Uuid>,
     credited: &BTreeSet<Uuid>,
-) -> Result<(), sqlx::Error> {
+    keys: KeyLocks,
+) -> Result<Vec<i64>, sqlx::Error> {
     let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
     key_locks.sort_unstable();
     key_locks.dedup();
@@ -525,31 +573,47 @@ pub(crate) async fn lock_group(
         keys.dedup();
         keys
     };
-    // The sorted subquery feeds the aggregate in order: locks are taken in it.
+    // The sorted subquery feeds the aggregates in order: locks are taken in
+    // it (for each row, every aggregate's argument and filter in turn).
     // For the rest of the transaction, statements run on generic plans: the
     // read after the locks is five index lookups by id arrays whose best plan
     // does not depend on the values, but its custom plan costs ~1.7 ms of
     // planning per run, more than running it, and PostgreSQL keeps choosing
     // custom plans for it because it misjudges the generic plan's row counts.
-    sqlx::query(
-        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
-                count(CASE sorted.class
-                          WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
-                          WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
-                          ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END)
-         FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
-               UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
-               UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
-               ORDER BY class, k) sorted",
-    )
-    .bind(&key_locks)
-    .bind(account_keys(debited))
-    .bind(account_keys(credited))
-    .bind(crate::ledger::ACCOUNT_LOCK_CLASS)
-    .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let sql = match keys {
+        KeyLocks::Wait => {
+            "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+                    count(CASE sorted.class
+                              WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
+                              WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
+                              ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END),
+                    NULL::bigint[]
+             FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
+                   UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
+                   UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
+                   ORDER BY class, k) sorted"
+        }
+        KeyLocks::Try => {
+            "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+                    count(CASE sorted.class
+                              WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
+                              WHEN 2 THEN pg_advisory_xact_lock_shared($5, sorted.k::int) END),
+                    array_agg(sorted.k) FILTER (WHERE sorted.class = 0 AND NOT pg_try_advisory_xact_lock(sorted.k))
+             FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
+                   UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
+                   UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
+                   ORDER BY class, k) sorted"
+        }
+    };
+    let (_, _, busy): (String, i64, Option<Vec<i64>>) = sqlx::query_as(sql)
+        .bind(&key_locks)
+        .bind(account_keys(debited))
+        .bind(account_keys(credited))
+        .bind(crate::ledger::ACCOUNT_LOCK_CLASS)
+        .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(busy.unwrap_or_default())
 }
 
 /// What a group reads once its locks are held.

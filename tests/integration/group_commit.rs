@@ -130,3 +130,49 @@ async fn two_instances_debiting_one_account_never_overdraw() {
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+/// A group only tries its commands' keys: one whose key another transaction
+/// holds (here a test's own, as a running batch or a concurrent retry would)
+/// leaves the group and waits alone, and the rest of the group commits. With
+/// one writer, a group waiting on that key used to hold up every transfer.
+#[tokio::test]
+async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = 1).await;
+    let (ann_id, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let ann_id: Uuid = ann_id.parse().unwrap();
+
+    let mut holder = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ledger_commands::idempotency::key_lock_id(ann_id, "held-key"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let body = json!({"from_account": a, "to_account": b, "amount": "1.00"});
+    let held = t.request(Method::POST, "/v1/transfers", Some(&ann), Some("held-key"), Some(body.clone()));
+    let others = async {
+        // Once the held key's command waits for its lock, others follow.
+        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            .fetch_one(&t.pool)
+            .await
+            .unwrap()
+            == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &a, &b, "2.00")).await;
+        let other = other.expect("a transfer under another key is not held up");
+        holder.commit().await.unwrap();
+        other
+    };
+    let ((hs, hv, _), (os, ov)) = tokio::join!(held, others);
+    assert_eq!(os, StatusCode::CREATED, "{ov}");
+    assert_eq!(hs, StatusCode::CREATED, "{hv}");
+    let p = hv["position"].as_i64().unwrap().max(ov["position"].as_i64().unwrap());
+    assert_eq!(t.balance(&ann, &a, p).await, "7.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
