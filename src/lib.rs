@@ -101,6 +101,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         };
         tasks.spawn(sealer.run(shutdown.clone()));
     }
+    let mut applied = None;
     if let (true, Some(client)) = (roles.projectors, &nats) {
         let read_side =
             db::connect_read_side(&config.database_url, 2).await.context("connecting the read side to PostgreSQL")?;
@@ -112,7 +113,11 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             js: async_nats::jetstream::new(client.clone()),
             names: names.clone(),
             projections: Projection::ALL.to_vec(),
-            applied: tokio::sync::watch::channel(LogPoint::START).0,
+            applied: {
+                let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
+                applied = Some(receiver);
+                sender
+            },
         };
         tasks.spawn(projector.run(shutdown.clone()));
         // Outdated projections are rebuilt together, in one pass over the log.
@@ -145,6 +150,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             nats: nats.clone(),
             names: names.clone(),
             read_wait: config.read_wait,
+            applied,
             secure_cookies: !config.insecure_cookies,
             rate_limit: Arc::new(RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
             request_timeout: config.request_timeout,

@@ -221,7 +221,7 @@ impl FromRequestParts<AppState> for ReadAfter {
         if position == 0 {
             return Ok(ReadAfter);
         }
-        match read_side::wait_for(&state.pool, position, state.read_wait).await {
+        match read_side::wait_for_applied(&state.pool, position, state.read_wait, state.applied.as_ref()).await {
             Ok(()) => Ok(ReadAfter),
             Err(WaitError::Lag(p)) => Err(Problem::new(
                 StatusCode::GATEWAY_TIMEOUT,

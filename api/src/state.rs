@@ -16,6 +16,8 @@ pub struct AppState {
     pub names: NatsNames,
     /// How long a GET with `min_position` waits for the read side.
     pub read_wait: Duration,
+    /// This instance's projector's progress, when it runs one.
+    pub applied: Option<ledger_projections::read_side::Applied>,
     /// Cookies carry the Secure flag unless `LEDGER_INSECURE_COOKIES=1`.
     pub secure_cookies: bool,
     pub rate_limit: Arc<RateLimiter>,

@@ -31,7 +31,8 @@ pub struct Projector {
     pub names: NatsNames,
     /// The read models it maintains, each with its own checkpoint.
     pub projections: Vec<Projection>,
-    /// Publishes the checkpoint after every commit, for in-process waiters.
+    /// Publishes the batch's end after every commit, for in-process waiters
+    /// (`read_side::wait_for_applied`): every read model is at or past it.
     pub applied: watch::Sender<LogPoint>,
 }
 
@@ -170,7 +171,14 @@ impl Projector {
                 }
                 checkpoint::save_all(&mut tx, &moved).await?;
                 tx.commit().await?;
-                self.applied.send_replace(through);
+                // Never backwards: a later batch's end is past every earlier one's.
+                self.applied.send_if_modified(|at| {
+                    let moved = through > *at;
+                    if moved {
+                        *at = through;
+                    }
+                    moved
+                });
             }
         }
         // AckPolicy::All: acknowledging the last message acknowledges the batch.

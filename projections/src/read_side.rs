@@ -2,8 +2,10 @@
 
 use crate::{checkpoint, Projection};
 use ledger_commands::store;
+use ledger_commands::store::LogPoint;
 use sqlx::PgPool;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,9 +18,27 @@ pub enum WaitError {
     Store(#[from] store::StoreError),
 }
 
+/// How far this instance's projector has applied the log: after each of its
+/// commits every read model is at or past the point it publishes (a read
+/// model it skipped was already past the batch's end).
+pub type Applied = watch::Receiver<LogPoint>;
+
 /// Waits, up to `timeout`, until every projection has applied the event at
 /// `position` (and so everything before it in tailing order).
 pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result<(), WaitError> {
+    wait_for_applied(pool, position, timeout, None).await
+}
+
+/// As `wait_for`; with this instance's projector's progress, a wait ends as
+/// soon as that projector commits past the position instead of at the next
+/// poll of the checkpoints. The polls go on: another instance's projector
+/// may be the one applying.
+pub async fn wait_for_applied(
+    pool: &PgPool,
+    position: i64,
+    timeout: Duration,
+    applied: Option<&Applied>,
+) -> Result<(), WaitError> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     // A connection is held only for each short check, never across a sleep:
@@ -37,7 +57,11 @@ pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     };
+    let mut applied = applied.cloned();
     loop {
+        if applied.as_ref().is_some_and(|a| *a.borrow() >= target) {
+            return Ok(());
+        }
         let checkpoints = {
             let mut conn = pool.acquire().await?;
             checkpoint::all(&mut conn).await?
@@ -51,7 +75,24 @@ pub async fn wait_for(pool: &PgPool, position: i64, timeout: Duration) -> Result
         if Instant::now() + pause > deadline {
             return Err(WaitError::Lag(position));
         }
-        tokio::time::sleep(pause).await;
+        let mut projector_gone = false;
+        match applied.as_mut() {
+            Some(local) => {
+                tokio::select! {
+                    reached = local.wait_for(|point| *point >= target) => match reached {
+                        Ok(_) => return Ok(()),
+                        Err(_) => projector_gone = true,
+                    },
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            None => tokio::time::sleep(pause).await,
+        }
+        if projector_gone {
+            // Its task ended: polls only from now on.
+            applied = None;
+            tokio::time::sleep(pause).await;
+        }
         pause = (pause * 2).min(Duration::from_millis(25));
     }
 }

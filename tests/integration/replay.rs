@@ -294,3 +294,38 @@ async fn a_read_model_behind_the_others_catches_up_from_the_log_and_the_others_a
     assert_eq!(dump(&t, "statement_entries", "account_id, entry_no").await, entries_after);
     t.cleanup().await;
 }
+
+/// A `min_position` wait ends when this instance's projector reports it has
+/// committed past the position, without waiting for its next poll of the
+/// checkpoints; without such a report it polls as before.
+#[tokio::test]
+async fn a_wait_for_the_read_side_ends_on_the_local_projectors_report() {
+    use ledger_projections::read_side;
+    use std::time::Duration;
+    let t = TestLedger::start().await;
+    let (_, token) = t.user().await;
+    let a = t.account(&token, "EUR").await;
+    t.settle().await;
+    // The read side is held still: its checkpoints stay where they are.
+    let mut hold = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints FOR UPDATE").execute(&mut *hold).await.unwrap();
+    let p = t.deposit(&token, &a, "3.00").await;
+    let point = {
+        let mut conn = t.pool.acquire().await.unwrap();
+        ledger_commands::store::point_of(&mut conn, p).await.unwrap().unwrap()
+    };
+
+    let waited = read_side::wait_for_applied(&t.pool, p, Duration::from_millis(300), None).await;
+    assert!(matches!(waited, Err(read_side::WaitError::Lag(_))), "the checkpoints are behind: {waited:?}");
+
+    let (report, applied) = tokio::sync::watch::channel(ledger_commands::store::LogPoint::START);
+    let wait = read_side::wait_for_applied(&t.pool, p, Duration::from_secs(20), Some(&applied));
+    let reported = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        report.send_replace(point);
+    };
+    let (waited, ()) = tokio::join!(wait, reported);
+    assert!(waited.is_ok(), "{waited:?}");
+    hold.rollback().await.unwrap();
+    t.cleanup().await;
+}
