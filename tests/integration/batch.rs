@@ -158,14 +158,7 @@ async fn a_transfer_reusing_a_running_batchs_key_waits_for_it_without_stalling_i
     );
     let single = async {
         // Once the batch's first item is recorded, the batch holds the key.
-        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM commands WHERE idempotency_key = 'item-0'")
-            .fetch_one(&t.pool)
-            .await
-            .unwrap()
-            == 0
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        t.wait_until_counted("SELECT count(*) FROM commands WHERE idempotency_key = 'item-0'").await;
         t.request(
             Method::POST,
             "/v1/transfers",

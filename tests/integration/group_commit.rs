@@ -155,14 +155,7 @@ async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
     let held = t.request(Method::POST, "/v1/transfers", Some(&ann), Some("held-key"), Some(body.clone()));
     let others = async {
         // Once the held key's command waits for its lock, others follow.
-        while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-            .fetch_one(&t.pool)
-            .await
-            .unwrap()
-            == 0
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
         let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &a, &b, "2.00")).await;
         let other = other.expect("a transfer under another key is not held up");
         holder.commit().await.unwrap();

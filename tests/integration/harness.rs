@@ -219,6 +219,14 @@ impl TestLedger {
             .unwrap_or(0)
     }
 
+    /// Waits until `count_sql` (a `SELECT count(*) …`) counts something:
+    /// for a test that must act once another task has reached a point.
+    pub async fn wait_until_counted(&self, count_sql: &str) {
+        while sqlx::query_scalar::<_, i64>(count_sql).fetch_one(&self.pool).await.expect("count") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until every projection has applied the whole log.
     pub async fn settle(&self) {
         let head = self.head().await;
