@@ -184,42 +184,75 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let client = client_info(parts);
-        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
-            let token = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .map(str::trim)
-                .ok_or_else(|| Problem::unauthorized("the Authorization header must be \"Bearer <token>\""))?;
-            if token.starts_with(API_KEY_PREFIX) {
-                return api_key_caller(state, token, &parts.method, client).await;
-            }
-            return session_caller(state, token, false, client).await;
-        }
-        if let Some(token) = cookie(&parts.headers, ACCESS_COOKIE) {
-            let token = token.to_owned();
-            let user = session_caller(state, &token, true, client).await?;
-            if !is_safe_method(&parts.method) {
-                let session_id = user.session_id().unwrap_or_default();
-                check_csrf(&parts.headers, &state.jwt.csrf_token(session_id))?;
-            }
-            return Ok(user);
-        }
-        Err(Problem::unauthorized("an Authorization: Bearer <access_token> header (or a session cookie) is required"))
+        Ok(authenticate(parts, state, SessionCheck::Now).await?.0)
     }
 }
 
-async fn session_caller(state: &AppState, token: &str, cookie: bool, client: ClientInfo) -> Result<AuthUser, Problem> {
+/// When an access token's session is checked against the database.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SessionCheck {
+    /// Before the handler runs (every route but one).
+    Now,
+    /// By the command's own write transaction (`POST /v1/transfers`): the
+    /// caller comes back with the least role (`user`) and the session to
+    /// check, which the command refuses exactly as `Now` would.
+    ByTheWrite,
+}
+
+/// The caller, and the session left unchecked (`SessionCheck::ByTheWrite`
+/// with an access token only; API keys are always checked now).
+pub async fn authenticate(
+    parts: &Parts,
+    state: &AppState,
+    check: SessionCheck,
+) -> Result<(AuthUser, Option<Uuid>), Problem> {
+    let client = client_info(parts);
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| Problem::unauthorized("the Authorization header must be \"Bearer <token>\""))?;
+        if token.starts_with(API_KEY_PREFIX) {
+            return Ok((api_key_caller(state, token, &parts.method, client).await?, None));
+        }
+        return session_caller(state, token, false, client, check).await;
+    }
+    if let Some(token) = cookie(&parts.headers, ACCESS_COOKIE) {
+        let token = token.to_owned();
+        let (user, unchecked) = session_caller(state, &token, true, client, check).await?;
+        if !is_safe_method(&parts.method) {
+            let session_id = user.session_id().unwrap_or_default();
+            check_csrf(&parts.headers, &state.jwt.csrf_token(session_id))?;
+        }
+        return Ok((user, unchecked));
+    }
+    Err(Problem::unauthorized("an Authorization: Bearer <access_token> header (or a session cookie) is required"))
+}
+
+async fn session_caller(
+    state: &AppState,
+    token: &str,
+    cookie: bool,
+    client: ClientInfo,
+    check: SessionCheck,
+) -> Result<(AuthUser, Option<Uuid>), Problem> {
     let (user_id, session_id) =
         state.jwt.verify(token).ok_or_else(|| Problem::unauthorized("the access token is invalid or expired"))?;
-    match state.ledger.check_session(user_id, session_id).await? {
+    if check == SessionCheck::ByTheWrite {
+        let caller =
+            AuthUser { user_id, role: Role::User, credential: Credential::Session { session_id, cookie }, client };
+        return Ok((caller, Some(session_id)));
+    }
+    let caller = match state.ledger.check_session(user_id, session_id).await? {
         CredentialCheck::Ended => Err(Problem::unauthorized("the session has ended; log in again")),
         CredentialCheck::Valid(p) if p.blocked => Err(blocked()),
         CredentialCheck::Valid(p) => {
             Ok(AuthUser { user_id, role: p.role, credential: Credential::Session { session_id, cookie }, client })
         }
-    }
+    }?;
+    Ok((caller, None))
 }
 
 async fn api_key_caller(state: &AppState, key: &str, method: &Method, client: ClientInfo) -> Result<AuthUser, Problem> {

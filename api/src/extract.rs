@@ -1,6 +1,6 @@
 //! Request extractors that answer bad input with problem+json.
 
-use crate::auth::{AuthUser, Credential};
+use crate::auth::{authenticate, AuthUser, Credential, SessionCheck};
 use crate::problem::Problem;
 use crate::rate_limit::Caller;
 use crate::state::AppState;
@@ -89,6 +89,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// request's fingerprint and the typed body.
 pub struct CommandRequest<T> {
     pub user: AuthUser,
+    /// The session the command's write transaction must check (only from
+    /// `WriteChecksSession`); `user.role` is then the least role.
+    pub unchecked_session: Option<Uuid>,
     pub idempotency_key: String,
     pub request_hash: Vec<u8>,
     pub correlation_id: Option<Uuid>,
@@ -99,35 +102,65 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let (mut parts, body) = req.into_parts();
-        let user = AuthUser::from_request_parts(&mut parts, state).await?;
-        rate_limit(state, &user)?;
-        let key = match parts.headers.get(IDEMPOTENCY_KEY) {
-            None => {
-                return Err(Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "idempotency-key-required",
-                    "every POST needs an Idempotency-Key header, unique per intended operation",
-                ))
-            }
-            Some(v) => v.to_str().ok().filter(|k| idempotency::key_is_valid(k)).ok_or_else(|| {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "idempotency-key-invalid",
-                    format!("the Idempotency-Key must be 1 to {} printable ASCII characters", idempotency::MAX_KEY_LEN),
-                )
-            })?,
-        }
-        .to_owned();
-        let correlation_id =
-            parts.headers.get("x-correlation-id").and_then(|v| v.to_str().ok()).and_then(|v| Uuid::parse_str(v).ok());
-        let method = parts.method.to_string();
-        let path = parts.uri.path().to_owned();
-        let headers = parts.headers.clone();
-        let value = json_body(&headers, body_bytes(Request::from_parts(parts, body), state).await).await?;
-        let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
-        Ok(CommandRequest { user, idempotency_key: key, request_hash, correlation_id, body: typed(value)? })
+        command_request(req, state, SessionCheck::Now).await
     }
+}
+
+/// A `CommandRequest` whose access token's session is checked by the
+/// command's write transaction instead of a statement of its own before it
+/// (`POST /v1/transfers`, where group commit reads it with the group's
+/// records). Only for a handler that passes the request straight to
+/// `Ledger::execute` and reads nothing on the caller's behalf before.
+pub struct WriteChecksSession<T>(pub CommandRequest<T>);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for WriteChecksSession<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(WriteChecksSession(command_request(req, state, SessionCheck::ByTheWrite).await?))
+    }
+}
+
+async fn command_request<T: DeserializeOwned>(
+    req: Request,
+    state: &AppState,
+    check: SessionCheck,
+) -> Result<CommandRequest<T>, Problem> {
+    let (parts, body) = req.into_parts();
+    let (user, unchecked_session) = authenticate(&parts, state, check).await?;
+    rate_limit(state, &user)?;
+    let key = match parts.headers.get(IDEMPOTENCY_KEY) {
+        None => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency-key-required",
+                "every POST needs an Idempotency-Key header, unique per intended operation",
+            ))
+        }
+        Some(v) => v.to_str().ok().filter(|k| idempotency::key_is_valid(k)).ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency-key-invalid",
+                format!("the Idempotency-Key must be 1 to {} printable ASCII characters", idempotency::MAX_KEY_LEN),
+            )
+        })?,
+    }
+    .to_owned();
+    let correlation_id =
+        parts.headers.get("x-correlation-id").and_then(|v| v.to_str().ok()).and_then(|v| Uuid::parse_str(v).ok());
+    let method = parts.method.to_string();
+    let path = parts.uri.path().to_owned();
+    let headers = parts.headers.clone();
+    let value = json_body(&headers, body_bytes(Request::from_parts(parts, body), state).await).await?;
+    let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
+    Ok(CommandRequest {
+        user,
+        unchecked_session,
+        idempotency_key: key,
+        request_hash,
+        correlation_id,
+        body: typed(value)?,
+    })
 }
 
 /// The per-user (or per-API-key) limit on command requests.

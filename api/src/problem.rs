@@ -221,6 +221,7 @@ impl From<CommandError> for Problem {
                 Problem::new(StatusCode::CONFLICT, "two-factor-not-set-up", e.to_string())
             }
             CommandError::UserBlocked => Problem::new(StatusCode::FORBIDDEN, "user-blocked", e.to_string()),
+            CommandError::SessionEnded => Problem::unauthorized("the session has ended; log in again"),
             CommandError::TooManyAttempts { retry_after } => {
                 Problem::new(StatusCode::TOO_MANY_REQUESTS, "too-many-attempts", e.to_string())
                     .with_retry_after(retry_after)

@@ -85,6 +85,7 @@ pub(crate) async fn decide(
             cached: &[],
             full: &debited,
             opening: &credited,
+            sessions: &[],
         },
     )
     .await?;

@@ -23,6 +23,7 @@
 //! the truth; a debit it refuses is decided again on a fresh fold.
 
 use crate::idempotency::{self, CommandRecord};
+use crate::identity::{credential_check, CredentialCheck};
 use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
 use crate::store::{self, account_stream, EventMetadata, EventRows, StoreError, StreamAppend};
 use chrono::Utc;
@@ -309,6 +310,12 @@ async fn try_group(
     let missing_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
     let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
+    // Sessions the API left to this transaction: checked in the same read.
+    let checked: Vec<usize> = (0..group.len()).filter(|&i| group[i].envelope.unchecked_session.is_some()).collect();
+    let sessions: Vec<(Uuid, Uuid)> = checked
+        .iter()
+        .filter_map(|&i| group[i].envelope.unchecked_session.map(|s| (group[i].envelope.actor, s)))
+        .collect();
     let found = read_after_locks(
         conn,
         &ReadAfterLocks {
@@ -318,9 +325,15 @@ async fn try_group(
             cached: &cached,
             full: &missing_full,
             opening: &missing_opening,
+            sessions: &sessions,
         },
     )
     .await?;
+    let mut refused: HashMap<usize, CommandError> = checked
+        .into_iter()
+        .zip(found.sessions)
+        .filter_map(|(i, check)| check.refusal().map(|refusal| (i, refusal)))
+        .collect();
     let previous = found.records;
     let versions = found.versions;
     for (id, version, event) in found.later {
@@ -339,10 +352,16 @@ async fn try_group(
     let refold_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     states.extend(fold_again(conn, &refold_full, &refold_opening).await?);
 
-    // 2. What is left to decide: not a replay, and an amount that parses.
+    // 2. What is left to decide: a live session, not a replay, and an
+    // amount that parses. A refused session is answered before its key is
+    // looked at: nothing is recorded under it.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
     let mut todo: Vec<(usize, Amount)> = Vec::new();
     for (i, p) in group.iter().enumerate() {
+        if let Some(refusal) = refused.remove(&i) {
+            decided.push(Some(Decided::Answered(Err(refusal))));
+            continue;
+        }
         let key = (p.envelope.actor, p.envelope.idempotency_key.as_str());
         if busy.contains(&idempotency::key_lock_id(key.0, key.1)) {
             decided.push(Some(Decided::Alone));
@@ -628,6 +647,8 @@ pub(crate) struct ReadAfterLocks<'a> {
     /// Accounts to fold in full (every movement), and credit-side only.
     pub full: &'a [Uuid],
     pub opening: &'a [Uuid],
+    /// (user, session) pairs to check as `check_session` does.
+    pub sessions: &'a [(Uuid, Uuid)],
 }
 
 /// What it found, all of one snapshot.
@@ -638,6 +659,8 @@ pub(crate) struct FoundAfterLocks {
     pub later: Vec<(Uuid, i64, Event)>,
     pub full: HashMap<Uuid, Known>,
     pub opening: HashMap<Uuid, Known>,
+    /// One answer per pair of `sessions`, in order.
+    pub sessions: Vec<CredentialCheck>,
 }
 
 /// Reads everything a group decides on in one statement (one round trip
@@ -656,30 +679,37 @@ pub(crate) async fn read_after_locks(
         "SELECT 0 AS part, NULL::text AS stream_id, NULL::bigint AS stream_version, NULL::text AS event_type,
                 NULL::int AS schema_version, NULL::jsonb AS payload, NULL::bigint AS event_position,
                 c.user_id, c.idempotency_key, c.command_id, c.request_hash, c.status, c.response, c.position,
-                c.recorded_at
+                c.recorded_at, NULL::text AS role, NULL::bool AS blocked, NULL::bool AS active
          FROM commands c JOIN unnest($1::uuid[], $2::text[]) AS k(user_id, idempotency_key)
            ON c.user_id = k.user_id AND c.idempotency_key = k.idempotency_key
          UNION ALL
          SELECT 1, s.stream_id, (SELECT max(stream_version) FROM events e WHERE e.stream_id = s.stream_id),
-                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
          FROM unnest($3::text[]) AS s(stream_id)
          UNION ALL
          SELECT 2, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
-                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
          FROM unnest($4::text[], $5::bigint[]) AS s(stream_id, after)
          JOIN events e ON e.stream_id = s.stream_id AND e.stream_version > s.after
          UNION ALL
          SELECT 3, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
-                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
          FROM events e
          WHERE e.stream_id = ANY($6)
             OR (e.event_type = 'TransferRecorded' AND e.payload->>'to_account' = ANY($7))
             OR (e.event_type = 'TransferRecorded' AND e.payload->>'from_account' = ANY($7))
          UNION ALL
          SELECT 4, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.payload, e.position,
-                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
          FROM events e
          WHERE e.stream_id = ANY($8) AND e.event_type IN ('AccountOpened', 'AccountFrozen', 'AccountUnfrozen')
+         UNION ALL
+         SELECT 5, NULL, NULL, NULL, NULL, NULL, q.i, q.user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c.role,
+                c.blocked,
+                s.session_id IS NOT NULL AND s.revoked_at IS NULL AND s.expires_at > statement_timestamp()
+         FROM unnest($9::uuid[], $10::uuid[]) WITH ORDINALITY AS q(user_id, session_id, i)
+         JOIN credentials c ON c.user_id = q.user_id
+         LEFT JOIN sessions s ON s.session_id = q.session_id AND s.user_id = c.user_id
          ORDER BY part, event_position",
     )
     .bind(read.users)
@@ -690,6 +720,8 @@ pub(crate) async fn read_after_locks(
     .bind(streams(read.full))
     .bind(&full_ids)
     .bind(streams(read.opening))
+    .bind(read.sessions.iter().map(|p| p.0).collect::<Vec<_>>())
+    .bind(read.sessions.iter().map(|p| p.1).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
 
@@ -698,6 +730,8 @@ pub(crate) async fn read_after_locks(
     let mut later = Vec::new();
     let mut full_rows = Vec::new();
     let mut opening_rows = Vec::new();
+    // A pair without a row names no user: its session has ended.
+    let mut sessions: Vec<CredentialCheck> = read.sessions.iter().map(|_| CredentialCheck::Ended).collect();
     // Rows are keyed by the stream they name: never by the order they come back in.
     let by_stream: HashMap<String, Uuid> =
         read.accounts.iter().chain(read.cached.iter().map(|(id, _)| id)).map(|a| (account_stream(*a), *a)).collect();
@@ -719,12 +753,19 @@ pub(crate) async fn read_after_locks(
                 }
             }
             3 => full_rows.push(row),
-            _ => opening_rows.push(row),
+            4 => opening_rows.push(row),
+            _ => {
+                let i: i64 = row.try_get("event_position")?;
+                let index = usize::try_from(i - 1).ok().filter(|&index| index < sessions.len()).ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("session check answered pair {i} of {}", sessions.len()))
+                })?;
+                sessions[index] = credential_check(read.sessions[index].0, &row)?;
+            }
         }
     }
     let full = fold_full(read.full, &versions, &full_rows)?;
     let opening = fold_opening(read.opening, &versions, &opening_rows)?;
-    Ok(FoundAfterLocks { records, versions, later, full, opening })
+    Ok(FoundAfterLocks { records, versions, later, full, opening, sessions })
 }
 
 /// The event in a row that has `event_type`, `schema_version` and `payload`.
@@ -750,7 +791,7 @@ async fn fold_again(
     let accounts: Vec<Uuid> = full.iter().chain(opening).copied().collect();
     let found = read_after_locks(
         conn,
-        &ReadAfterLocks { users: &[], keys: &[], accounts: &accounts, cached: &[], full, opening },
+        &ReadAfterLocks { users: &[], keys: &[], accounts: &accounts, cached: &[], full, opening, sessions: &[] },
     )
     .await?;
     Ok(found.full.into_iter().chain(found.opening).collect())

@@ -73,6 +73,18 @@ pub enum CredentialCheck {
     Ended,
 }
 
+impl CredentialCheck {
+    /// Why a command under this session is refused, if it is: what the
+    /// API's extractor answers for an ended session or a blocked user.
+    pub(crate) fn refusal(self) -> Option<crate::ledger::CommandError> {
+        match self {
+            CredentialCheck::Ended => Some(crate::ledger::CommandError::SessionEnded),
+            CredentialCheck::Valid(p) if p.blocked => Some(crate::ledger::CommandError::UserBlocked),
+            CredentialCheck::Valid(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionView {
     pub session_id: Uuid,

@@ -47,6 +47,8 @@ pub enum CommandError {
     TwoFactorNotSetUp,
     #[error("this user is blocked")]
     UserBlocked,
+    #[error("the session has ended; log in again")]
+    SessionEnded,
     #[error("too many failed logins; retry after {retry_after} s")]
     TooManyAttempts { retry_after: u64 },
     #[error("this refresh token was already used; the session has been revoked")]
@@ -188,6 +190,12 @@ pub struct CommandEnvelope {
     /// The event that caused this command, for commands the system sends in
     /// reaction to one; its command id is then derived from the key.
     pub causation_id: Option<Uuid>,
+    /// The caller's session when the API left its check to the write: the
+    /// command is refused (`SessionEnded`, `UserBlocked`, nothing recorded)
+    /// unless the session is live and its user not blocked. A group checks
+    /// it in the statement that reads its records (the snapshot it decides
+    /// on), which saves each transfer a round trip of its own.
+    pub unchecked_session: Option<Uuid>,
 }
 
 /// Namespace of command ids derived from an Idempotency-Key.
@@ -320,6 +328,14 @@ impl Ledger {
         self.execute_direct(envelope, command, render).await
     }
 
+    /// Refuses a command whose session the API left unchecked if it has
+    /// ended or its user is blocked (the extractor's answers, from the same
+    /// check).
+    async fn check_unchecked_session(&self, envelope: &CommandEnvelope) -> Result<(), CommandError> {
+        let Some(session_id) = envelope.unchecked_session else { return Ok(()) };
+        self.check_session(envelope.actor, session_id).await?.refusal().map_or(Ok(()), Err)
+    }
+
     /// Runs one command in its own transaction (no group commit).
     pub(crate) async fn execute_direct(
         &self,
@@ -327,6 +343,7 @@ impl Ledger {
         command: LedgerCommand,
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
+        self.check_unchecked_session(envelope).await?;
         for attempt in 0..=MAX_CONFLICT_RETRIES {
             match self.try_execute(envelope, &command, render).await {
                 Err(CommandError::Store(StoreError::Conflict)) => {
@@ -402,6 +419,7 @@ impl Ledger {
         items: Vec<crate::batch::BatchItem>,
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
+        self.check_unchecked_session(envelope).await?;
         let mut tx = self.pool.begin().await?;
         idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
         if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
@@ -417,6 +435,7 @@ impl Ledger {
                 correlation_id: envelope.correlation_id,
                 client: envelope.client.clone(),
                 causation_id: None,
+                unchecked_session: None,
             };
             let command = LedgerCommand::Transfer {
                 from_account: item.from_account,

@@ -34,6 +34,7 @@ fn system_envelope(key: String, correlation: Option<Uuid>, causation: Option<Uui
         correlation_id: correlation,
         client: ClientInfo::default(),
         causation_id: causation,
+        unchecked_session: None,
     }
 }
 

@@ -118,6 +118,7 @@ async fn two_instances_debiting_one_account_never_overdraw() {
             correlation_id: None,
             client: Default::default(),
             causation_id: None,
+            unchecked_session: None,
         };
         async move { ledger.execute(&envelope, command, render).await.expect("executed").status }
     };

@@ -35,6 +35,21 @@ fn signed_token(claims: &Value, secret: &[u8]) -> String {
         .expect("encode")
 }
 
+/// An admin blocks a user; the admin's answer.
+async fn block(t: &TestLedger, admin_token: &str, user_id: &str) -> Value {
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/admin/users/{user_id}/block"),
+            Some(admin_token),
+            Some(&format!("block-{user_id}")),
+            Some(json!({"reason": "chargebacks"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
 #[tokio::test]
 async fn forged_expired_tampered_and_blocked_tokens_are_refused() {
     let t = TestLedger::start().await;
@@ -70,16 +85,7 @@ async fn forged_expired_tampered_and_blocked_tokens_are_refused() {
     assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
 
     // A blocked user's still-valid token is refused from the next request on.
-    let (s, v, _) = t
-        .request(
-            Method::POST,
-            &format!("/v1/admin/users/{}/block", ann.id),
-            Some(&admin.token),
-            Some("block-ann"),
-            Some(json!({"reason": "chargebacks"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = block(&t, &admin.token, &ann.id).await;
     assert_eq!(v["blocked"], true);
     let (s, v) = t.get("/v1/accounts", &ann.token).await;
     assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
@@ -791,4 +797,76 @@ async fn batched_session_checks_answer_what_each_check_answers_alone() {
         assert_eq!(one, cases[i].1, "{:?}", cases[i].0);
     }
     t.cleanup().await;
+}
+
+/// A transfer's session is checked by its own write (group commit reads it
+/// with the group's records; the single-command path checks it first), not
+/// before it: an ended session or a blocked user still moves nothing, gets
+/// the answer a check before the handler gives, and leaves its key unused.
+async fn a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(writers: usize) {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = writers).await;
+    let ann = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let from = t.account(&ann.token, "EUR").await;
+    let to = t.account(&ann.token, "EUR").await;
+    t.deposit(&ann.token, &from, "100.00").await;
+    let (s, phone) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{phone}");
+    let phone_token = phone["access_token"].as_str().expect("token").to_owned();
+    let (s, v) = t.post_plain("/v1/auth/logout", &phone_token, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // The ended session's transfer races live ones, so groups hold both kinds.
+    let body = json!({"from_account": from, "to_account": to, "amount": "1.00"});
+    let transfer = |token: &str, key: &str| {
+        let (token, key, body) = (token.to_owned(), key.to_owned(), body.clone());
+        let t = &t;
+        async move { t.request(Method::POST, "/v1/transfers", Some(&token), Some(&key), Some(body)).await }
+    };
+    let ended = futures::future::join_all((0..4).map(|i| transfer(&phone_token, &format!("ended-{i}"))));
+    let live = futures::future::join_all((0..8).map(|i| transfer(&ann.token, &format!("live-{i}"))));
+    let (ended, live) = tokio::join!(ended, live);
+    for (s, v, _) in &ended {
+        assert_eq!((*s, code(v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+        assert_eq!(v["detail"], "the session has ended; log in again");
+    }
+    for (s, v, _) in &live {
+        assert_eq!(*s, StatusCode::CREATED, "{v}");
+    }
+    // The refused requests' keys were never recorded: under a live session
+    // the same key and body is a new transfer, not a replay.
+    let (s, v, headers) = transfer(&ann.token, "ended-0").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(headers.get("idempotent-replayed").is_none(), "a first answer, not a replay");
+
+    block(&t, &admin.token, &ann.id).await;
+    let (s, v, _) = transfer(&ann.token, "blocked").await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
+
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM commands WHERE idempotency_key IN ('blocked', 'ended-1', 'ended-2')")
+            .fetch_one(&t.pool)
+            .await
+            .expect("commands counted");
+    assert_eq!(recorded, 0, "nothing recorded under a refused request's key");
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'TransferRecorded' AND payload->>'from_account' = $1",
+    )
+    .bind(&from)
+    .fetch_one(&t.pool)
+    .await
+    .expect("transfers counted");
+    assert_eq!(moved, 9, "the eight live transfers and the key reused under a live session");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_grouped_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing() {
+    a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(2).await;
+}
+
+#[tokio::test]
+async fn a_transfer_alone_under_an_ended_session_or_a_blocked_user_moves_nothing() {
+    a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(0).await;
 }

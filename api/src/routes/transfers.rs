@@ -2,7 +2,7 @@ use super::accounts::{command_envelope, run, MovementResponse};
 use super::{money, path_id, transfer_not_found};
 use crate::access::{authorize, Action};
 use crate::auth::AuthUser;
-use crate::extract::{CommandRequest, PathParam, ReadAfter};
+use crate::extract::{CommandRequest, PathParam, ReadAfter, WriteChecksSession};
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::State;
@@ -44,7 +44,7 @@ pub struct TransferResponse {
         (status = 422, description = "insufficient-funds, currency-mismatch, same-account or validation")))]
 pub async fn create(
     State(state): State<AppState>,
-    request: CommandRequest<TransferRequest>,
+    WriteChecksSession(request): WriteChecksSession<TransferRequest>,
 ) -> Result<Response, Problem> {
     let envelope = command_envelope(&request);
     let TransferRequest { from_account, to_account, amount, reference } = request.body;
