@@ -9,6 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use ledger_commands::idempotency;
+use ledger_commands::{CommandEnvelope, CommandError};
 use ledger_projections::read_side::{self, WaitError};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -89,9 +90,6 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// request's fingerprint and the typed body.
 pub struct CommandRequest<T> {
     pub user: AuthUser,
-    /// The session the command's write transaction must check (only from
-    /// `WriteChecksSession`); `user.role` is then the least role.
-    pub unchecked_session: Option<Uuid>,
     pub idempotency_key: String,
     pub request_hash: Vec<u8>,
     pub correlation_id: Option<Uuid>,
@@ -102,32 +100,54 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        command_request(req, state, SessionCheck::Now).await
+        Ok(command_request(req, state, SessionCheck::Now).await?.0)
     }
 }
 
-/// A `CommandRequest` whose access token's session is checked by the
-/// command's write transaction instead of a statement of its own before it
-/// (`POST /v1/transfers`, where group commit reads it with the group's
-/// records). Only for a handler that passes the request straight to
-/// `Ledger::execute` and reads nothing on the caller's behalf before.
-pub struct WriteChecksSession<T>(pub CommandRequest<T>);
+/// A command whose access token's session is checked by its own write
+/// transaction instead of a statement of its own before it (`POST
+/// /v1/transfers`: group commit reads the group's sessions with its
+/// records). It carries no `AuthUser`: the caller's role is unknown until
+/// the write, so nothing can be authorized on it before; the envelope goes
+/// straight to `Ledger::execute`, which refuses an ended session (401) or a
+/// blocked user (403) before anything else, and records nothing.
+pub struct WriteChecksSession<T> {
+    pub envelope: CommandEnvelope,
+    pub body: T,
+}
 
 impl<T: DeserializeOwned> FromRequest<AppState> for WriteChecksSession<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(WriteChecksSession(command_request(req, state, SessionCheck::ByTheWrite).await?))
+        let (request, unchecked_session) = command_request(req, state, SessionCheck::ByTheWrite).await?;
+        let envelope = CommandEnvelope {
+            actor: request.user.user_id,
+            idempotency_key: request.idempotency_key,
+            request_hash: request.request_hash,
+            correlation_id: request.correlation_id,
+            client: request.user.client,
+            causation_id: None,
+            unchecked_session,
+        };
+        Ok(WriteChecksSession { envelope, body: request.body })
     }
 }
 
+/// The request and the session left for the write to check (`ByTheWrite`).
 async fn command_request<T: DeserializeOwned>(
     req: Request,
     state: &AppState,
     check: SessionCheck,
-) -> Result<CommandRequest<T>, Problem> {
+) -> Result<(CommandRequest<T>, Option<Uuid>), Problem> {
     let (parts, body) = req.into_parts();
     let (user, unchecked_session) = authenticate(&parts, state, check).await?;
+    // A session a write here already found ended is refused at the door, so
+    // a revoked token cannot spend its user's rate limit (it is refused by
+    // the first write it reaches, at the cost of one token).
+    if unchecked_session.is_some_and(|session| state.ledger.session_known_ended(session)) {
+        return Err(CommandError::SessionEnded.into());
+    }
     rate_limit(state, &user)?;
     let key = match parts.headers.get(IDEMPOTENCY_KEY) {
         None => {
@@ -153,14 +173,8 @@ async fn command_request<T: DeserializeOwned>(
     let headers = parts.headers.clone();
     let value = json_body(&headers, body_bytes(Request::from_parts(parts, body), state).await).await?;
     let request_hash = idempotency::request_hash(&method, &path, &canonical_json(&value));
-    Ok(CommandRequest {
-        user,
-        unchecked_session,
-        idempotency_key: key,
-        request_hash,
-        correlation_id,
-        body: typed(value)?,
-    })
+    let request = CommandRequest { user, idempotency_key: key, request_hash, correlation_id, body: typed(value)? };
+    Ok((request, unchecked_session))
 }
 
 /// The per-user (or per-API-key) limit on command requests.

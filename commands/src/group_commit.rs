@@ -332,7 +332,11 @@ async fn try_group(
     let mut refused: HashMap<usize, CommandError> = checked
         .into_iter()
         .zip(found.sessions)
-        .filter_map(|(i, check)| check.refusal().map(|refusal| (i, refusal)))
+        .filter_map(|(i, check)| {
+            let refusal = check.refusal()?;
+            let session = group[i].envelope.unchecked_session.unwrap_or_default();
+            Some((i, ledger.refused_session(session, refusal)))
+        })
         .collect();
     let previous = found.records;
     let versions = found.versions;

@@ -231,6 +231,8 @@ pub struct Ledger {
     pub(crate) group: Option<crate::group_commit::GroupCommit>,
     /// Concurrent session checks are read together when this is on.
     pub(crate) session_checks: Option<crate::session_checks::SessionChecks>,
+    /// Sessions whose writes were refused as ended (`unchecked_session`).
+    pub(crate) ended_sessions: crate::session_checks::EndedSessions,
 }
 
 pub(crate) struct Decision {
@@ -275,6 +277,7 @@ impl Ledger {
             event_mac: Arc::new(store::EventMac::new(secret_key)),
             group: None,
             session_checks: None,
+            ended_sessions: Default::default(),
         }
     }
 
@@ -333,7 +336,24 @@ impl Ledger {
     /// check).
     async fn check_unchecked_session(&self, envelope: &CommandEnvelope) -> Result<(), CommandError> {
         let Some(session_id) = envelope.unchecked_session else { return Ok(()) };
-        self.check_session(envelope.actor, session_id).await?.refusal().map_or(Ok(()), Err)
+        match self.check_session(envelope.actor, session_id).await?.refusal() {
+            None => Ok(()),
+            Some(refusal) => Err(self.refused_session(session_id, refusal)),
+        }
+    }
+
+    /// Remembers a session a write found ended; passes the refusal on.
+    pub(crate) fn refused_session(&self, session_id: Uuid, refusal: CommandError) -> CommandError {
+        if matches!(refusal, CommandError::SessionEnded) {
+            self.ended_sessions.remember(session_id);
+        }
+        refusal
+    }
+
+    /// Whether a write of this process found the session ended: it stays
+    /// ended, so the API refuses its token at once (401, as the write would).
+    pub fn session_known_ended(&self, session_id: Uuid) -> bool {
+        self.ended_sessions.contains(session_id)
     }
 
     /// Runs one command in its own transaction (no group commit).

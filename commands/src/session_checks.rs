@@ -119,3 +119,30 @@ pub async fn check_all(pool: &PgPool, pairs: &[(Uuid, Uuid)]) -> Result<Vec<Cred
     }
     Ok(answers)
 }
+
+/// Sessions a write found ended, remembered by this process: an ended
+/// session never becomes live again (a block ends the user's sessions too),
+/// so a token whose write was refused is refused again from memory at the
+/// door, before it can spend its user's rate limit. Only an optimisation of
+/// the answer's path: forgetting (the set is cleared when full) loses nothing.
+#[derive(Clone, Default)]
+pub(crate) struct EndedSessions {
+    known: Arc<std::sync::Mutex<std::collections::HashSet<Uuid>>>,
+}
+
+/// Sessions remembered before the memory is cleared.
+const ENDED_SESSIONS: usize = 100_000;
+
+impl EndedSessions {
+    pub(crate) fn remember(&self, session_id: Uuid) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= ENDED_SESSIONS {
+            known.clear();
+        }
+        known.insert(session_id);
+    }
+
+    pub(crate) fn contains(&self, session_id: Uuid) -> bool {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(&session_id)
+    }
+}

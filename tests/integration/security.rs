@@ -227,6 +227,26 @@ async fn browser_sessions_use_http_only_cookies_and_double_submit_csrf() {
     }
     let r = post(Some(&csrf)).await.unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    // A transfer (whose session its write checks) needs the CSRF header too.
+    let account: Value = r.json().await.unwrap();
+    let transfer = |csrf_header: Option<&str>| {
+        let mut req = t
+            .http
+            .post(format!("{}/v1/transfers", t.base))
+            .header("cookie", &jar)
+            .header("idempotency-key", Uuid::new_v4().to_string())
+            .json(&json!({"from_account": account["account_id"], "to_account": Uuid::new_v4(), "amount": "1.00"}));
+        if let Some(h) = csrf_header {
+            req = req.header("x-csrf-token", h);
+        }
+        req.send()
+    };
+    let r = transfer(None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(code(&r.json::<Value>().await.unwrap()), "csrf");
+    let r = transfer(Some(&csrf)).await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "account-not-found", "past the door, refused by the write's decision: {v}");
 
     // Refresh by cookie also needs the CSRF header, and rotates the cookies.
     let refresh_by_cookie = |csrf_header: Option<String>| {
@@ -839,15 +859,28 @@ async fn a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(write
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert!(headers.get("idempotent-replayed").is_none(), "a first answer, not a replay");
 
+    // A key recorded while a session was live is not replayed to it once it
+    // has ended: the session is refused before the key is looked up.
+    let (s, tablet) = t.login(&ann.email, PASSWORD, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{tablet}");
+    let tablet_token = tablet["access_token"].as_str().expect("token").to_owned();
+    let (s, v, _) = transfer(&tablet_token, "from-the-tablet").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = t.post_plain("/v1/auth/logout", &tablet_token, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = transfer(&tablet_token, "from-the-tablet").await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "not the recorded answer: {v}");
+
     block(&t, &admin.token, &ann.id).await;
     let (s, v, _) = transfer(&ann.token, "blocked").await;
     assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
 
-    let recorded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM commands WHERE idempotency_key IN ('blocked', 'ended-1', 'ended-2')")
-            .fetch_one(&t.pool)
-            .await
-            .expect("commands counted");
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands WHERE idempotency_key IN ('blocked', 'ended-1', 'ended-2', 'ended-3')",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .expect("commands counted");
     assert_eq!(recorded, 0, "nothing recorded under a refused request's key");
     let moved: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE event_type = 'TransferRecorded' AND payload->>'from_account' = $1",
@@ -856,7 +889,7 @@ async fn a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(write
     .fetch_one(&t.pool)
     .await
     .expect("transfers counted");
-    assert_eq!(moved, 9, "the eight live transfers and the key reused under a live session");
+    assert_eq!(moved, 10, "the eight live transfers, the key reused under a live session, the tablet's");
     t.assert_invariants().await;
     t.cleanup().await;
 }
@@ -869,4 +902,31 @@ async fn a_grouped_transfer_under_an_ended_session_or_a_blocked_user_moves_nothi
 #[tokio::test]
 async fn a_transfer_alone_under_an_ended_session_or_a_blocked_user_moves_nothing() {
     a_transfer_under_an_ended_session_or_a_blocked_user_moves_nothing(0).await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_does_not_spend_its_users_rate_limit() {
+    let t = TestLedger::start_with(|c| {
+        c.rate_limit_per_sec = 1;
+        c.rate_limit_burst = 8;
+    })
+    .await;
+    let ann = t.person().await;
+    let from = t.account(&ann.token, "EUR").await;
+    let to = t.account(&ann.token, "EUR").await;
+    t.deposit(&ann.token, &from, "10.00").await;
+    let (_, phone) = t.login(&ann.email, PASSWORD, json!({})).await;
+    let phone_token = phone["access_token"].as_str().expect("token").to_owned();
+    let (s, v) = t.post_plain("/v1/auth/logout", &phone_token, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // A stolen token, revoked, keeps knocking: refused every time, and
+    // (after the first refusal) without taking the user's tokens.
+    let body = json!({"from_account": from, "to_account": to, "amount": "1.00"});
+    for _ in 0..20 {
+        let (s, v) = t.post("/v1/transfers", &phone_token, body.clone()).await;
+        assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+    }
+    let (s, v) = t.post("/v1/transfers", &ann.token, body).await;
+    assert_eq!(s, StatusCode::CREATED, "the live session still has its rate: {v}");
+    t.cleanup().await;
 }

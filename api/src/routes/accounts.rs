@@ -90,7 +90,7 @@ fn envelope<T>(request: &CommandRequest<T>) -> CommandEnvelope {
         correlation_id: request.correlation_id,
         client: request.user.client.clone(),
         causation_id: None,
-        unchecked_session: request.unchecked_session,
+        unchecked_session: None,
     }
 }
 

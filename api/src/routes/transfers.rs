@@ -40,14 +40,16 @@ pub struct TransferResponse {
 #[utoipa::path(post, path = "/v1/transfers", tag = "transfers", request_body = TransferRequest,
     params(("Idempotency-Key" = String, Header)),
     responses((status = 201, body = MovementResponse),
+        (status = 401, description = "unauthorized (also a session that has ended, checked by the transfer's own write)"),
+        (status = 403, description = "user-blocked or csrf"),
         (status = 404, description = "account-not-found"),
         (status = 422, description = "insufficient-funds, currency-mismatch, same-account or validation")))]
 pub async fn create(
     State(state): State<AppState>,
-    WriteChecksSession(request): WriteChecksSession<TransferRequest>,
+    request: WriteChecksSession<TransferRequest>,
 ) -> Result<Response, Problem> {
-    let envelope = command_envelope(&request);
-    let TransferRequest { from_account, to_account, amount, reference } = request.body;
+    let WriteChecksSession { envelope, body: TransferRequest { from_account, to_account, amount, reference } } =
+        request;
     run(&state, envelope, LedgerCommand::Transfer { from_account, to_account, amount, reference }).await
 }
 
