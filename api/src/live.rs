@@ -1,10 +1,13 @@
 //! Live updates over WebSocket: `GET /v1/live`.
 //!
-//! Every instance follows the JetStream stream with an ephemeral consumer of
-//! its own and forwards each money event (movements, holds, orders, freezes)
-//! to the sockets of the users it concerns that are connected to *this*
-//! instance; several instances behind a balancer each serve their own
-//! sockets. A reconnecting client sends `?after_position=N` and first gets
+//! Every instance with sockets connected follows the JetStream stream with an
+//! ephemeral consumer of its own and forwards each money event (movements,
+//! holds, orders, freezes) to the sockets of the users it concerns that are
+//! connected to *this* instance; several instances behind a balancer each
+//! serve their own sockets. An instance without sockets does not follow
+//! (NATS would deliver it every event for nobody); the first socket starts
+//! the consumer and waits for it before its replay, so nothing falls
+//! between the two, and the consumer stops `LINGER` after the last socket. A reconnecting client sends `?after_position=N` and first gets
 //! what it missed from the log, or `{"type":"resync"}` when that is more than
 //! `REPLAY_LIMIT` events back. Each socket has a bounded queue: a client that
 //! falls behind is disconnected, never buffered without bound.
@@ -46,6 +49,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_secs(15);
 /// Queued (never sent) to make a socket check its credential now.
 const RECHECK_NOW: &str = "\u{0}recheck";
+/// How long the feed follows the stream after the last socket left (a
+/// reconnecting client finds it running).
+const LINGER: Duration = Duration::from_secs(30);
+/// How long a new socket waits for the feed to follow the stream before it
+/// goes on without (NATS down: it gets its replay, and live events once the
+/// feed is back).
+const FEED_READY_WAIT: Duration = Duration::from_secs(5);
 
 type Clients = HashMap<Uuid, Vec<(u64, mpsc::Sender<String>)>>;
 
@@ -55,6 +65,13 @@ pub struct LiveHub {
     clients: Mutex<Clients>,
     owners: Mutex<HashMap<Uuid, Option<Uuid>>>,
     next_id: AtomicU64,
+    /// Whether the feed's consumer follows the stream now. Only changed to
+    /// `false` under the `clients` lock, after seeing no socket: a socket
+    /// registered before that keeps the feed going; one registered after
+    /// sees `false` and waits for the restart.
+    following: tokio::sync::watch::Sender<bool>,
+    /// Wakes the feed when a socket registers.
+    wanted: tokio::sync::Notify,
 }
 
 impl LiveHub {
@@ -64,7 +81,26 @@ impl LiveHub {
             clients: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            following: tokio::sync::watch::Sender::new(false),
+            wanted: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Stops following if no socket is connected; says whether it stopped.
+    fn stop_following_if_unused(&self) -> bool {
+        let clients = self.clients();
+        if clients.is_empty() {
+            self.following.send_replace(false);
+            return true;
+        }
+        false
+    }
+
+    /// Waits (a bounded time) until the feed follows the stream.
+    async fn feed_ready(&self) {
+        self.wanted.notify_one();
+        let mut following = self.following.subscribe();
+        let _ = tokio::time::timeout(FEED_READY_WAIT, following.wait_for(|f| *f)).await;
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, Clients> {
@@ -244,7 +280,8 @@ fn message(recorded: &RecordedEvent) -> String {
     json!({ "type": recorded.event_type, "position": recorded.position, "data": recorded.payload }).to_string()
 }
 
-/// Follows JetStream from now on and feeds the hub, reconnecting on errors.
+/// While sockets are connected, follows JetStream from now on and feeds
+/// the hub, reconnecting on errors.
 pub async fn run_feed(
     hub: Arc<LiveHub>,
     js: async_nats::jetstream::Context,
@@ -252,21 +289,33 @@ pub async fn run_feed(
     shutdown: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            result = feed(&hub, &js, &names) => {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "live feed interrupted; retrying");
-                }
+        // Registered for a wake-up before looking, so none is missed.
+        let wanted = hub.wanted.notified();
+        if hub.connected() == 0 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wanted => continue,
             }
         }
-        tokio::select! {
+        let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            result = feed(&hub, &js, &names) => result,
+        };
+        hub.following.send_replace(false);
+        match result {
+            Ok(()) => tracing::debug!("live feed stopped: no socket connected"),
+            Err(e) => {
+                tracing::warn!(error = %e, "live feed interrupted; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     }
 }
 
+/// Follows the stream until no socket has been connected for `LINGER`.
 async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNames) -> Result<(), String> {
     let stream = ensure_stream(js, names).await.map_err(|e| e.to_string())?;
     // Ephemeral and unacknowledged: each instance sees everything from now on;
@@ -281,13 +330,36 @@ async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNa
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| e.to_string())?;
-        if let Ok(recorded) = serde_json::from_slice::<RecordedEvent>(&message.payload) {
-            hub.publish(&recorded).await;
+    hub.following.send_replace(true);
+    let mut idle_check = tokio::time::interval(LINGER);
+    idle_check.tick().await;
+    let mut idle = false;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { return Err("the live feed's message stream ended".into()) };
+                let message = message.map_err(|e| e.to_string())?;
+                if hub.connected() == 0 {
+                    continue;
+                }
+                if let Ok(recorded) = serde_json::from_slice::<RecordedEvent>(&message.payload) {
+                    hub.publish(&recorded).await;
+                }
+            }
+            _ = idle_check.tick() => {
+                // Stops when nobody was connected at the last check and nobody is now.
+                if idle && hub.stop_following_if_unused() {
+                    // Gone at once rather than after its inactivity threshold.
+                    let name = consumer.cached_info().name.clone();
+                    if let Err(e) = stream.delete_consumer(&name).await {
+                        tracing::debug!(error = %e, "the live feed's consumer is left to expire");
+                    }
+                    return Ok(());
+                }
+                idle = hub.connected() == 0;
+            }
         }
     }
-    Err("the live feed's message stream ended".into())
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -345,6 +417,10 @@ async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, state: AppState,
     // Registered before the replay, so nothing falls between the two; a client
     // may see an event twice and keeps the highest position it has seen.
     let (id, mut rx) = hub.register(user);
+    // The feed follows the stream before the replay reads the log: an event
+    // the replay misses was committed after it read, so published after
+    // the consumer started.
+    hub.feed_ready().await;
     if let Some(after) = after {
         for text in replay(&hub, user, after).await {
             if !send(&mut socket, text).await {

@@ -106,3 +106,36 @@ async fn a_socket_closes_when_its_session_ends() {
     assert!(closed.is_ok(), "the socket was closed after logout-all");
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_feed_follows_the_stream_only_while_a_socket_is_connected() {
+    let t = TestLedger::start().await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "USD").await;
+    let b = t.account(&bob, "USD").await;
+    t.deposit(&bob, &b, "20.00").await;
+    t.settle().await;
+    let js = async_nats::jetstream::new(async_nats::connect(&t.config.nats_url).await.expect("NATS"));
+    let names = ledger_commands::nats::NatsNames::new(&t.config.nats_prefix);
+    let consumers = || async {
+        let mut stream = js.get_stream(names.stream()).await.expect("the stream");
+        stream.info().await.expect("stream info").state.consumer_count
+    };
+    // Events flowed, but with no socket nothing but the read side (and the
+    // payment process) consumes them.
+    let without_sockets = consumers().await;
+
+    let mut socket = connect(&t, &ann, "").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while consumers().await == without_sockets {
+        assert!(tokio::time::Instant::now() < deadline, "the first socket starts the feed's consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(consumers().await, without_sockets + 1, "one consumer for this instance's sockets");
+    // Its socket is served from the moment it follows.
+    let (_, sent) = t.post("/v1/transfers", &bob, json!({"from_account": b, "to_account": a, "amount": "2.00"})).await;
+    let message = next_of(&mut socket, "TransferRecorded").await;
+    assert_eq!(message["position"], sent["position"]);
+    t.cleanup().await;
+}
