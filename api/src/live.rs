@@ -89,18 +89,20 @@ impl LiveHub {
     /// Stops following if no socket is connected; says whether it stopped.
     fn stop_following_if_unused(&self) -> bool {
         let clients = self.clients();
-        if clients.is_empty() {
+        if clients.values().all(Vec::is_empty) {
             self.following.send_replace(false);
             return true;
         }
         false
     }
 
-    /// Waits (a bounded time) until the feed follows the stream.
-    async fn feed_ready(&self) {
+    /// Waits (a bounded time) until the feed follows the stream; says
+    /// whether it does.
+    async fn feed_ready(&self) -> bool {
         self.wanted.notify_one();
         let mut following = self.following.subscribe();
-        let _ = tokio::time::timeout(FEED_READY_WAIT, following.wait_for(|f| *f)).await;
+        let ready = tokio::time::timeout(FEED_READY_WAIT, following.wait_for(|f| *f)).await;
+        matches!(ready, Ok(Ok(_)))
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, Clients> {
@@ -141,6 +143,9 @@ impl LiveHub {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             });
+            if list.is_empty() {
+                clients.remove(&user);
+            }
         }
     }
 
@@ -420,7 +425,7 @@ async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, state: AppState,
     // The feed follows the stream before the replay reads the log: an event
     // the replay misses was committed after it read, so published after
     // the consumer started.
-    hub.feed_ready().await;
+    let following = hub.feed_ready().await;
     if let Some(after) = after {
         for text in replay(&hub, user, after).await {
             if !send(&mut socket, text).await {
@@ -428,6 +433,12 @@ async fn serve_socket(mut socket: WebSocket, hub: Arc<LiveHub>, state: AppState,
                 return;
             }
         }
+    }
+    // No feed yet (NATS unreachable): what happens until it follows again
+    // would be missed without a word, so the client is told to resync.
+    if !following && !send(&mut socket, json!({ "type": "resync" }).to_string()).await {
+        hub.unregister(user, id);
+        return;
     }
     let mut recheck = tokio::time::interval(RECHECK);
     recheck.tick().await;

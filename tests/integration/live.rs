@@ -118,21 +118,23 @@ async fn the_feed_follows_the_stream_only_while_a_socket_is_connected() {
     t.settle().await;
     let js = async_nats::jetstream::new(async_nats::connect(&t.config.nats_url).await.expect("NATS"));
     let names = ledger_commands::nats::NatsNames::new(&t.config.nats_prefix);
-    let consumers = || async {
-        let mut stream = js.get_stream(names.stream()).await.expect("the stream");
-        stream.info().await.expect("stream info").state.consumer_count
+    // The durable consumers (read side, payment process) are named after
+    // the prefix; the live feed's is ephemeral, named by the server.
+    let ephemeral = || async {
+        let stream = js.get_stream(names.stream()).await.expect("the stream");
+        let all: Vec<String> =
+            stream.consumer_names().collect::<Vec<_>>().await.into_iter().map(|n| n.expect("name")).collect();
+        all.into_iter().filter(|n| !n.starts_with(&t.config.nats_prefix)).count()
     };
-    // Events flowed, but with no socket nothing but the read side (and the
-    // payment process) consumes them.
-    let without_sockets = consumers().await;
+    assert_eq!(ephemeral().await, 0, "events flowed, but with no socket the feed does not follow them");
 
     let mut socket = connect(&t, &ann, "").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while consumers().await == without_sockets {
+    while ephemeral().await == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the first socket starts the feed's consumer");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(consumers().await, without_sockets + 1, "one consumer for this instance's sockets");
+    assert_eq!(ephemeral().await, 1, "one consumer for this instance's sockets");
     // Its socket is served from the moment it follows.
     let (_, sent) = t.post("/v1/transfers", &bob, json!({"from_account": b, "to_account": a, "amount": "2.00"})).await;
     let message = next_of(&mut socket, "TransferRecorded").await;
