@@ -536,13 +536,15 @@ pub(crate) async fn account_state(
     Ok((events.iter().fold(AccountState::default(), account::evolve), version))
 }
 
-pub(crate) const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
+/// Debits take (class, `lock_key(account)`) exclusively; public so tests can
+/// hold an account's lock as a concurrent writer would.
+pub const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
 /// Freezes take this lock exclusively, credits share it: a credit decided
 /// before a freeze commits first, one decided after sees the freeze. Nobody
 /// waits for the debit lock while holding this one, so the two cannot deadlock.
 pub(crate) const ACCOUNT_STATUS_LOCK_CLASS: i32 = 0x4C45_4448;
 
-pub(crate) fn lock_key(account_id: Uuid) -> i32 {
+pub fn lock_key(account_id: Uuid) -> i32 {
     let (hi, lo) = account_id.as_u64_pair();
     let folded = hi ^ lo;
     (folded ^ (folded >> 32)) as u32 as i32

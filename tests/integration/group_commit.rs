@@ -170,3 +170,42 @@ async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_command_whose_account_is_held_elsewhere_does_not_hold_up_its_group() {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = 1).await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let c = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    t.deposit(&ann, &c, "10.00").await;
+
+    // Another writer (an atomic batch, a hold, another instance's group)
+    // holds account a's debit lock.
+    let mut holder = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(ledger_commands::ledger::ACCOUNT_LOCK_CLASS)
+        .bind(ledger_commands::ledger::lock_key(a.parse().unwrap()))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let held = transfer(&t, &ann, &a, &b, "1.00");
+    let others = async {
+        // Once the held account's transfer waits for its lock, others follow.
+        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
+        let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
+        let other = other.expect("a transfer between other accounts is not held up");
+        holder.commit().await.unwrap();
+        other
+    };
+    let ((hs, hv), (os, ov)) = tokio::join!(held, others);
+    assert_eq!(os, StatusCode::CREATED, "{ov}");
+    assert_eq!(hs, StatusCode::CREATED, "{hv}");
+    let p = hv["position"].as_i64().unwrap().max(ov["position"].as_i64().unwrap());
+    assert_eq!(t.balance(&ann, &a, p).await, "9.00");
+    assert_eq!(t.balance(&ann, &c, p).await, "8.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
