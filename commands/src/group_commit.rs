@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 use sqlx::{FromRow, PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -115,23 +116,73 @@ pub(crate) struct GroupCommit {
     queue: mpsc::Sender<Pending>,
 }
 
+/// How long the writer must have been on one group before a standby writer
+/// takes the next one.
+const STANDBY_AFTER: Duration = Duration::from_millis(20);
+/// How often a standby writer looks.
+const STANDBY_POLL: Duration = Duration::from_millis(5);
+
+/// When the writer started the group it is on, if it is on one.
+#[derive(Default)]
+struct Writing {
+    since: Mutex<Option<Instant>>,
+}
+
+impl Writing {
+    fn set(&self, since: Option<Instant>) {
+        if let Ok(mut s) = self.since.lock() {
+            *s = since;
+        }
+    }
+
+    fn stuck(&self) -> bool {
+        self.since.lock().ok().and_then(|s| *s).is_some_and(|since| since.elapsed() >= STANDBY_AFTER)
+    }
+}
+
 impl GroupCommit {
-    /// Starts `writers` tasks. Each takes what is queued (up to a group),
-    /// writes it, and comes back: a busy server forms large groups, an idle
-    /// one commits each transfer at once.
+    /// Starts one writer and `writers - 1` standby writers. The writer takes
+    /// what is queued (up to a group), writes it, and comes back: a busy
+    /// server forms large groups, an idle one commits each transfer at once.
+    /// One writer makes the largest groups (the fewest transactions per
+    /// transfer: +6–11% at the bench's peak, BENCHMARKS.md), but a group
+    /// that is slow in PostgreSQL (a cold fold of an account with a long
+    /// history, a wait on another transaction's insert) would hold up every
+    /// transfer behind it; so a standby takes the queue's next group once
+    /// the writer has been on one for `STANDBY_AFTER`.
     pub(crate) fn start(ledger: Ledger, writers: usize) -> GroupCommit {
         let (queue, receiver) = mpsc::channel::<Pending>(MAX_GROUP * writers.max(1) * 4);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let cache = AccountCache::default();
-        for _ in 0..writers.max(1) {
-            let receiver = receiver.clone();
-            let ledger = ledger.clone();
-            let cache = cache.clone();
+        let writing = Arc::new(Writing::default());
+        {
+            let (receiver, ledger, cache, writing) = (receiver.clone(), ledger.clone(), cache.clone(), writing.clone());
+            tokio::spawn(async move {
+                let mut deferred: Vec<Pending> = Vec::new();
+                while let Some(group) = next_group(&receiver, &mut deferred, Waiting::Yes).await {
+                    writing.set(Some(Instant::now()));
+                    write_group(&ledger, &cache, group).await;
+                    writing.set(None);
+                }
+            });
+        }
+        for _ in 1..writers.max(1) {
+            let (receiver, ledger, cache, writing) = (receiver.clone(), ledger.clone(), cache.clone(), writing.clone());
             tokio::spawn(async move {
                 let mut deferred: Vec<Pending> = Vec::new();
                 loop {
-                    let Some(group) = next_group(&receiver, &mut deferred).await else { break };
-                    write_group(&ledger, &cache, group).await;
+                    tokio::time::sleep(STANDBY_POLL).await;
+                    if !writing.stuck() && deferred.is_empty() {
+                        // Gone with the queue (every sender dropped).
+                        if receiver.try_lock().is_ok_and(|r| r.is_closed() && r.is_empty()) {
+                            break;
+                        }
+                        continue;
+                    }
+                    let Some(group) = next_group(&receiver, &mut deferred, Waiting::No).await else { break };
+                    if !group.is_empty() {
+                        write_group(&ledger, &cache, group).await;
+                    }
                 }
             });
         }
@@ -167,10 +218,12 @@ impl GroupCommit {
 }
 
 /// Takes the deferred commands and whatever else is queued, one per (user,
-/// key); waits only when there is nothing at all.
+/// key); waits only when there is nothing at all, and then only with
+/// `Waiting::Yes` (else the group is empty). `None` once the queue is closed.
 async fn next_group(
     receiver: &tokio::sync::Mutex<mpsc::Receiver<Pending>>,
     deferred: &mut Vec<Pending>,
+    waiting: Waiting,
 ) -> Option<Vec<Pending>> {
     let mut group: Vec<Pending> = Vec::new();
     let mut keys: HashSet<(Uuid, String)> = HashSet::new();
@@ -184,11 +237,23 @@ async fn next_group(
     }
     // With deferred commands in hand, never wait for the queue: another
     // writer may be holding it while it waits for new commands.
-    let mut receiver = if group.is_empty() {
+    let mut receiver = if group.is_empty() && waiting == Waiting::Yes {
         let mut receiver = receiver.lock().await;
         let first = receiver.recv().await?;
         keys.insert((first.envelope.actor, first.envelope.idempotency_key.clone()));
         group.push(first);
+        receiver
+    } else if group.is_empty() {
+        // A standby: whoever holds the queue waits on it, so it is empty.
+        let Ok(mut receiver) = receiver.try_lock() else { return Some(group) };
+        match receiver.try_recv() {
+            Ok(first) => {
+                keys.insert((first.envelope.actor, first.envelope.idempotency_key.clone()));
+                group.push(first);
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return Some(group),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+        }
         receiver
     } else {
         match receiver.try_lock() {
@@ -210,6 +275,12 @@ async fn next_group(
     drop(receiver);
     *deferred = later;
     Some(group)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Yes,
+    No,
 }
 
 /// Writes a group; on any failure of the transaction, runs each of its

@@ -209,3 +209,47 @@ async fn a_command_whose_account_is_held_elsewhere_does_not_hold_up_its_group() 
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() {
+    // The default: one writer and a standby.
+    let t = TestLedger::start().await;
+    assert_eq!(t.config.group_commit_writers, 2);
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let c = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    t.deposit(&ann, &c, "10.00").await;
+
+    // Another transaction has inserted (not committed) the next event of
+    // a's stream: the group appending a's debit waits on the unique index.
+    let stream = format!("account-{a}");
+    let mut holder = t.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload)
+         SELECT gen_random_uuid(), $1, max(stream_version) + 1, 'Placeholder', 1, '{}' FROM events
+         WHERE stream_id = $1",
+    )
+    .bind(&stream)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let stuck = transfer(&t, &ann, &a, &b, "1.00");
+    let others = async {
+        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted").await;
+        let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
+        let other = other.expect("a transfer behind the stuck group is written by the standby writer");
+        holder.rollback().await.unwrap();
+        other
+    };
+    let ((ss, sv), (os, ov)) = tokio::join!(stuck, others);
+    assert_eq!(os, StatusCode::CREATED, "{ov}");
+    assert_eq!(ss, StatusCode::CREATED, "the stuck group goes on once the other transaction is gone: {sv}");
+    let p = sv["position"].as_i64().unwrap().max(ov["position"].as_i64().unwrap());
+    assert_eq!(t.balance(&ann, &a, p).await, "9.00");
+    assert_eq!(t.balance(&ann, &c, p).await, "8.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
