@@ -16,8 +16,9 @@ pub struct Config {
     pub jwt_secret: Vec<u8>,
     pub jwt_secret_is_default: bool,
     pub db_max_connections: u32,
-    /// Transactions writing grouped transfers at once (`LEDGER_GROUP_COMMIT_WRITERS`, 2; 0 = every
-    /// transfer in its own transaction).
+    /// Group-commit writers (`LEDGER_GROUP_COMMIT_WRITERS`, 2): one writes groups, the others
+    /// stand by and take the next group while it is on one for over 20 ms; 0 = every transfer
+    /// in its own transaction.
     pub group_commit_writers: usize,
     pub read_wait: Duration,
     pub relay_poll: Duration,

@@ -284,10 +284,9 @@ enum Waiting {
 }
 
 /// Writes a group; on any failure of the transaction, runs each of its
-/// commands alone. A command whose key or account another transaction holds
-/// leaves the group and runs alone too, so no group waits on a lock (a
-/// running non-atomic batch holds its request key for as long as its items
-/// take; an atomic batch holds its accounts for as long as it runs).
+/// commands alone. A command whose key another transaction holds leaves the
+/// group and runs alone too, so no group waits on a key (a running
+/// non-atomic batch holds its request key for as long as its items take).
 async fn write_group(ledger: &Ledger, cache: &AccountCache, group: Vec<Pending>) {
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
     match try_group(ledger, cache, &group).await {
@@ -324,8 +323,7 @@ fn run_alone(ledger: &Ledger, pending: Pending) {
 
 /// What became of one command of the group before the append.
 enum Decided {
-    /// Its key or one of its accounts is held by another transaction: it
-    /// leaves the group.
+    /// Its key is held by another transaction: it leaves the group.
     Alone,
     Answered(Result<Outcome, CommandError>),
     Rejected {
@@ -351,10 +349,8 @@ async fn try_group(
 
     // 1. Every lock in one statement, in the one order every path takes them:
     // the keys, then debited accounts exclusively, then credited ones shared
-    // (a freeze waits for them), each class sorted. Every lock is only tried,
-    // so a group never waits: a command whose key or account another
-    // transaction holds (a running batch, a hold, another instance's group)
-    // leaves the group and runs alone, where it waits. The accounts of a
+    // (a freeze waits for them), each class sorted. Keys are only tried: one
+    // held elsewhere sends its command off to run alone. The accounts of a
     // command that turns out to be a replay, or leaves, are locked too:
     // harmless, and it saves the group two round trips (a lookup must follow
     // the locks in a statement of its own, whose snapshot sees what the
@@ -362,14 +358,16 @@ async fn try_group(
     let debited: BTreeSet<Uuid> = group.iter().map(|p| p.transfer.from_account).collect();
     let credited: BTreeSet<Uuid> =
         group.iter().map(|p| p.transfer.to_account).filter(|a| !debited.contains(a)).collect();
-    let busy = lock_group(
+    let busy: HashSet<i64> = lock_group(
         conn,
         group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str())),
         &debited,
         &credited,
         KeyLocks::Try,
     )
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     // Everything the decisions need, in one statement after the locks: the
     // recorded outcomes, the streams' versions, and the accounts' states
     // (cached ones brought forward by their streams' later events, the
@@ -440,10 +438,7 @@ async fn try_group(
             continue;
         }
         let key = (p.envelope.actor, p.envelope.idempotency_key.as_str());
-        if busy.keys.contains(&idempotency::key_lock_id(key.0, key.1))
-            || busy.accounts.contains(&p.transfer.from_account)
-            || busy.accounts.contains(&p.transfer.to_account)
-        {
+        if busy.contains(&idempotency::key_lock_id(key.0, key.1)) {
             decided.push(Some(Decided::Alone));
             continue;
         }
@@ -609,13 +604,7 @@ async fn try_group(
     if !batch.is_empty() {
         ledger.appended.notify_one();
     }
-    // Accounts whose locks were held elsewhere were read, not decided on: not kept.
-    cache.put(
-        states
-            .into_iter()
-            .filter(|(id, _)| (debited.contains(id) || credited.contains(id)) && !busy.accounts.contains(id))
-            .collect(),
-    );
+    cache.put(states.into_iter().filter(|(id, _)| debited.contains(id) || credited.contains(id)).collect());
     Ok(outcomes)
 }
 
@@ -646,14 +635,13 @@ fn movement_body(transfer_id: Uuid, events: &[Event]) -> Value {
     crate::ledger::movement_body(transfer_id, events)
 }
 
-/// How a lock statement takes its locks (keys and accounts).
+/// How a lock statement takes the idempotency keys.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyLocks {
     /// Waits for each (one command: an atomic batch).
     Wait,
     /// Takes each that is free and reports the others (a group, which must
-    /// not wait on one command's key or accounts with every other command
-    /// in it).
+    /// not wait on one command's key with every other command in it).
     Try,
 }
 
@@ -661,15 +649,15 @@ pub(crate) enum KeyLocks {
 /// idempotency keys, then the debited accounts (exclusive), then the credited
 /// ones (shared), each class sorted: the order the single-command path keeps
 /// too (key, then accounts), so no two paths wait on each other in a cycle
-/// (a lock only tried never waits). Returns the locks another transaction
-/// holds (none with `KeyLocks::Wait`).
+/// (a key only tried never waits). Returns the key lock ids another
+/// transaction holds (never any with `KeyLocks::Wait`).
 pub(crate) async fn lock_group(
     conn: &mut PgConnection,
     pairs: impl Iterator<Item = (Uuid, &str)>,
     debited: &BTreeSet<Uuid>,
     credited: &BTreeSet<Uuid>,
     keys: KeyLocks,
-) -> Result<HeldElsewhere, sqlx::Error> {
+) -> Result<Vec<i64>, sqlx::Error> {
     let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
     key_locks.sort_unstable();
     key_locks.dedup();
@@ -680,7 +668,8 @@ pub(crate) async fn lock_group(
         keys
     };
     // The sorted subquery feeds the aggregates in order: locks are taken in
-    // it (for each row, every aggregate's argument and filter in turn).
+    // it (for each row, every aggregate's argument and filter in turn; CASE,
+    // not AND, so a class's lock function runs on that class's rows only).
     // For the rest of the transaction, statements run on generic plans: the
     // read after the locks is five index lookups by id arrays whose best plan
     // does not depend on the values, but its custom plan costs ~1.7 ms of
@@ -689,12 +678,11 @@ pub(crate) async fn lock_group(
     let sql = match keys {
         KeyLocks::Wait => {
             "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
-                    CASE WHEN count(CASE sorted.class
-                                       WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
-                                       WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
-                                       ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END) >= 0
-                         THEN NULL::bigint[] END,
-                    NULL::bigint[], NULL::bigint[]
+                    count(CASE sorted.class
+                              WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
+                              WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
+                              ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END),
+                    NULL::bigint[]
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
@@ -702,19 +690,18 @@ pub(crate) async fn lock_group(
         }
         KeyLocks::Try => {
             "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
-                    array_agg(sorted.k) FILTER (WHERE sorted.class = 0 AND NOT pg_try_advisory_xact_lock(sorted.k)),
-                    array_agg(sorted.k) FILTER (WHERE sorted.class = 1
-                                                  AND NOT pg_try_advisory_xact_lock($4, sorted.k::int)),
-                    array_agg(sorted.k) FILTER (WHERE sorted.class = 2
-                                                  AND NOT pg_try_advisory_xact_lock_shared($5, sorted.k::int))
+                    count(CASE sorted.class
+                              WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
+                              WHEN 2 THEN pg_advisory_xact_lock_shared($5, sorted.k::int) END),
+                    array_agg(sorted.k) FILTER (WHERE CASE WHEN sorted.class = 0
+                                                       THEN NOT pg_try_advisory_xact_lock(sorted.k) END)
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
                    ORDER BY class, k) sorted"
         }
     };
-    type Busy = Option<Vec<i64>>;
-    let (_, keys, debits, credits): (String, Busy, Busy, Busy) = sqlx::query_as(sql)
+    let (_, _, busy): (String, i64, Option<Vec<i64>>) = sqlx::query_as(sql)
         .bind(&key_locks)
         .bind(account_keys(debited))
         .bind(account_keys(credited))
@@ -722,28 +709,7 @@ pub(crate) async fn lock_group(
         .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
         .fetch_one(&mut *conn)
         .await?;
-    let busy_accounts: HashSet<i64> = debits.into_iter().chain(credits).flatten().collect();
-    Ok(HeldElsewhere {
-        keys: keys.unwrap_or_default().into_iter().collect(),
-        accounts: debited
-            .iter()
-            .chain(credited)
-            .filter(|a| busy_accounts.contains(&i64::from(crate::ledger::lock_key(**a))))
-            .copied()
-            .collect(),
-    })
-}
-
-/// The locks a group found held by other transactions (never any with
-/// `KeyLocks::Wait`, which waits for each).
-#[derive(Default)]
-pub(crate) struct HeldElsewhere {
-    /// Idempotency key lock ids.
-    pub keys: HashSet<i64>,
-    /// Accounts whose lock (debit, or the shared status lock of a credit) is
-    /// held: their lock ids, so an account sharing one with a held account
-    /// counts as held too.
-    pub accounts: HashSet<Uuid>,
+    Ok(busy.unwrap_or_default())
 }
 
 /// What a group reads once its locks are held.

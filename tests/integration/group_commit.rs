@@ -9,6 +9,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+/// Advisory locks waited for in this test's database (other tests share the server).
+const WAITING_ADVISORY: &str = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
 async fn transfer(t: &TestLedger, token: &str, from: &str, to: &str, amount: &str) -> (StatusCode, Value) {
     t.post("/v1/transfers", token, json!({"from_account": from, "to_account": to, "amount": amount})).await
 }
@@ -156,7 +160,7 @@ async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
     let held = t.request(Method::POST, "/v1/transfers", Some(&ann), Some("held-key"), Some(body.clone()));
     let others = async {
         // Once the held key's command waits for its lock, others follow.
-        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
+        t.wait_until_counted(WAITING_ADVISORY).await;
         let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &a, &b, "2.00")).await;
         let other = other.expect("a transfer under another key is not held up");
         holder.commit().await.unwrap();
@@ -172,8 +176,10 @@ async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
 }
 
 #[tokio::test]
-async fn a_command_whose_account_is_held_elsewhere_does_not_hold_up_its_group() {
-    let t = TestLedger::start_with(|c| c.group_commit_writers = 1).await;
+async fn a_group_waiting_on_an_account_lock_does_not_hold_up_the_transfers_behind_it() {
+    // The default: one writer and a standby, which takes the next group.
+    let t = TestLedger::start().await;
+    assert_eq!(t.config.group_commit_writers, 2);
     let (_, ann) = t.user().await;
     let (_, bob) = t.user().await;
     let a = t.account(&ann, "EUR").await;
@@ -193,10 +199,10 @@ async fn a_command_whose_account_is_held_elsewhere_does_not_hold_up_its_group() 
         .unwrap();
     let held = transfer(&t, &ann, &a, &b, "1.00");
     let others = async {
-        // Once the held account's transfer waits for its lock, others follow.
-        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").await;
+        // Once the held account's group waits for its lock, others follow.
+        t.wait_until_counted(WAITING_ADVISORY).await;
         let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
-        let other = other.expect("a transfer between other accounts is not held up");
+        let other = other.expect("a transfer between other accounts is written by the standby writer");
         holder.commit().await.unwrap();
         other
     };
@@ -227,6 +233,11 @@ async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() 
     // a's stream: the group appending a's debit waits on the unique index.
     let stream = format!("account-{a}");
     let mut holder = t.pool.begin().await.unwrap();
+    // pg_locks shows the 32-bit transaction id.
+    let holder_xid: String = sqlx::query_scalar("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload)
          SELECT gen_random_uuid(), $1, max(stream_version) + 1, 'Placeholder', 1, '{}' FROM events
@@ -238,7 +249,11 @@ async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() 
     .unwrap();
     let stuck = transfer(&t, &ann, &a, &b, "1.00");
     let others = async {
-        t.wait_until_counted("SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted").await;
+        t.wait_until_counted(&format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted
+               AND transactionid::text = '{holder_xid}'"
+        ))
+        .await;
         let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
         let other = other.expect("a transfer behind the stuck group is written by the standby writer");
         holder.rollback().await.unwrap();
