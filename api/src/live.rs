@@ -7,8 +7,10 @@
 //! serve their own sockets. An instance without sockets does not follow
 //! (NATS would deliver it every event for nobody); the first socket starts
 //! the consumer and waits for it before its replay, so nothing falls
-//! between the two, and the consumer stops `LINGER` after the last socket. A reconnecting client sends `?after_position=N` and first gets
-//! what it missed from the log, or `{"type":"resync"}` when that is more than
+//! between the two, and the consumer stops when two checks `LINGER` apart
+//! found no socket. A reconnecting client sends `?after_position=N` and
+//! first gets what it missed from the log, or `{"type":"resync"}` when that
+//! is more than
 //! `REPLAY_LIMIT` events back. Each socket has a bounded queue: a client that
 //! falls behind is disconnected, never buffered without bound.
 
@@ -49,8 +51,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_secs(15);
 /// Queued (never sent) to make a socket check its credential now.
 const RECHECK_NOW: &str = "\u{0}recheck";
-/// How long the feed follows the stream after the last socket left (a
-/// reconnecting client finds it running).
+/// The feed stops after two checks this far apart found no socket (30–60 s
+/// after the last one left, as a rule: a reconnecting client finds it running).
 const LINGER: Duration = Duration::from_secs(30);
 /// How long a new socket waits for the feed to follow the stream before it
 /// goes on without (NATS down: it gets its replay, and live events once the

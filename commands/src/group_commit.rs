@@ -145,10 +145,10 @@ impl GroupCommit {
     /// what is queued (up to a group), writes it, and comes back: a busy
     /// server forms large groups, an idle one commits each transfer at once.
     /// One writer makes the largest groups (the fewest transactions per
-    /// transfer: +6–11% at the bench's peak, BENCHMARKS.md), but a group
-    /// that is slow in PostgreSQL (a cold fold of an account with a long
-    /// history, a wait on another transaction's insert) would hold up every
-    /// transfer behind it; so a standby takes the queue's next group once
+    /// transfer: +7.5% at the bench's peak, BENCHMARKS.md), but a group
+    /// that is slow in PostgreSQL (waiting on an account lock an atomic
+    /// batch holds, on another transaction's insert, a cold fold of an
+    /// account with a long history) would hold up every transfer behind it; so a standby takes the queue's next group once
     /// the writer has been on one for `STANDBY_AFTER`.
     pub(crate) fn start(ledger: Ledger, writers: usize) -> GroupCommit {
         let (queue, receiver) = mpsc::channel::<Pending>(MAX_GROUP * writers.max(1) * 4);

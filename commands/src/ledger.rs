@@ -544,6 +544,8 @@ pub const ACCOUNT_LOCK_CLASS: i32 = 0x4C45_4447;
 /// waits for the debit lock while holding this one, so the two cannot deadlock.
 pub(crate) const ACCOUNT_STATUS_LOCK_CLASS: i32 = 0x4C45_4448;
 
+/// An account's advisory lock key (with `ACCOUNT_LOCK_CLASS` or the status class); public for the
+/// same reason as the class.
 pub fn lock_key(account_id: Uuid) -> i32 {
     let (hi, lo) = account_id.as_u64_pair();
     let folded = hi ^ lo;
