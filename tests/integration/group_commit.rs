@@ -175,9 +175,9 @@ async fn a_command_whose_key_is_held_elsewhere_does_not_hold_up_its_group() {
     t.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_group_waiting_on_an_account_lock_does_not_hold_up_the_transfers_behind_it() {
-    // The default: one writer and a standby, which takes the next group.
+/// Ann's accounts a and c with 10.00 each and Bob's account b, on a ledger
+/// with the default group commit (one writer and a standby).
+async fn writer_and_standby() -> (TestLedger, String, String, String, String) {
     let t = TestLedger::start().await;
     assert_eq!(t.config.group_commit_writers, 2);
     let (_, ann) = t.user().await;
@@ -187,28 +187,28 @@ async fn a_group_waiting_on_an_account_lock_does_not_hold_up_the_transfers_behin
     let b = t.account(&bob, "EUR").await;
     t.deposit(&ann, &a, "10.00").await;
     t.deposit(&ann, &c, "10.00").await;
+    (t, ann, a, c, b)
+}
 
-    // Another writer (an atomic batch, a hold, another instance's group)
-    // holds account a's debit lock.
-    let mut holder = t.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(ledger_commands::ledger::ACCOUNT_LOCK_CLASS)
-        .bind(ledger_commands::ledger::lock_key(a.parse().unwrap()))
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+/// While `holder` keeps a 1.00 transfer a -> b's group waiting (once
+/// `waiting_sql` counts the wait), a 2.00 transfer c -> b is written by the
+/// standby; then the holder rolls back and the first goes through too.
+async fn the_transfer_behind_is_not_held_up(
+    (t, ann, a, c, b): (TestLedger, String, String, String, String),
+    holder: sqlx::Transaction<'_, sqlx::Postgres>,
+    waiting_sql: &str,
+) {
     let held = transfer(&t, &ann, &a, &b, "1.00");
-    let others = async {
-        // Once the held account's group waits for its lock, others follow.
-        t.wait_until_counted(WAITING_ADVISORY).await;
+    let behind = async {
+        t.wait_until_counted(waiting_sql).await;
         let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
-        let other = other.expect("a transfer between other accounts is written by the standby writer");
-        holder.commit().await.unwrap();
+        let other = other.expect("a transfer behind the waiting group is written by the standby writer");
+        holder.rollback().await.unwrap();
         other
     };
-    let ((hs, hv), (os, ov)) = tokio::join!(held, others);
+    let ((hs, hv), (os, ov)) = tokio::join!(held, behind);
     assert_eq!(os, StatusCode::CREATED, "{ov}");
-    assert_eq!(hs, StatusCode::CREATED, "{hv}");
+    assert_eq!(hs, StatusCode::CREATED, "the waiting group goes on once the other transaction is gone: {hv}");
     let p = hv["position"].as_i64().unwrap().max(ov["position"].as_i64().unwrap());
     assert_eq!(t.balance(&ann, &a, p).await, "9.00");
     assert_eq!(t.balance(&ann, &c, p).await, "8.00");
@@ -217,22 +217,26 @@ async fn a_group_waiting_on_an_account_lock_does_not_hold_up_the_transfers_behin
 }
 
 #[tokio::test]
-async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() {
-    // The default: one writer and a standby.
-    let t = TestLedger::start().await;
-    assert_eq!(t.config.group_commit_writers, 2);
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let c = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "10.00").await;
-    t.deposit(&ann, &c, "10.00").await;
+async fn a_group_waiting_on_an_account_lock_does_not_hold_up_the_transfers_behind_it() {
+    let ledger = writer_and_standby().await;
+    // Another writer (an atomic batch, a hold, another instance's group)
+    // holds account a's debit lock.
+    let mut holder = ledger.0.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(ledger_commands::ledger::ACCOUNT_LOCK_CLASS)
+        .bind(ledger_commands::ledger::lock_key(ledger.2.parse().unwrap()))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    the_transfer_behind_is_not_held_up(ledger, holder, WAITING_ADVISORY).await;
+}
 
+#[tokio::test]
+async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() {
+    let ledger = writer_and_standby().await;
     // Another transaction has inserted (not committed) the next event of
     // a's stream: the group appending a's debit waits on the unique index.
-    let stream = format!("account-{a}");
-    let mut holder = t.pool.begin().await.unwrap();
+    let mut holder = ledger.0.pool.begin().await.unwrap();
     // pg_locks shows the 32-bit transaction id.
     let holder_xid: String = sqlx::query_scalar("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text")
         .fetch_one(&mut *holder)
@@ -243,28 +247,13 @@ async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() 
          SELECT gen_random_uuid(), $1, max(stream_version) + 1, 'Placeholder', 1, '{}' FROM events
          WHERE stream_id = $1",
     )
-    .bind(&stream)
+    .bind(format!("account-{}", ledger.2))
     .execute(&mut *holder)
     .await
     .unwrap();
-    let stuck = transfer(&t, &ann, &a, &b, "1.00");
-    let others = async {
-        t.wait_until_counted(&format!(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted
-               AND transactionid::text = '{holder_xid}'"
-        ))
-        .await;
-        let other = tokio::time::timeout(std::time::Duration::from_secs(20), transfer(&t, &ann, &c, &b, "2.00")).await;
-        let other = other.expect("a transfer behind the stuck group is written by the standby writer");
-        holder.rollback().await.unwrap();
-        other
-    };
-    let ((ss, sv), (os, ov)) = tokio::join!(stuck, others);
-    assert_eq!(os, StatusCode::CREATED, "{ov}");
-    assert_eq!(ss, StatusCode::CREATED, "the stuck group goes on once the other transaction is gone: {sv}");
-    let p = sv["position"].as_i64().unwrap().max(ov["position"].as_i64().unwrap());
-    assert_eq!(t.balance(&ann, &a, p).await, "9.00");
-    assert_eq!(t.balance(&ann, &c, p).await, "8.00");
-    t.assert_invariants().await;
-    t.cleanup().await;
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted
+           AND transactionid::text = '{holder_xid}'"
+    );
+    the_transfer_behind_is_not_held_up(ledger, holder, &waiting).await;
 }
