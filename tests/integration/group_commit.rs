@@ -257,3 +257,30 @@ async fn a_group_stuck_in_postgresql_does_not_hold_up_the_transfers_behind_it() 
     );
     the_transfer_behind_is_not_held_up(ledger, holder, &waiting).await;
 }
+
+/// A freeze moves only the frozen account's stream: a group whose writer
+/// cached the credited account as open must see it (after the locks, the
+/// group reads each cached stream's later events and applies them).
+#[tokio::test]
+async fn a_transfer_on_a_warm_cache_to_an_account_frozen_since_is_refused() {
+    let (t, ann, a, b) = two_accounts().await;
+    let admin = t.person_with_role(ledger_domain::events::Role::Admin).await;
+    assert_eq!(transfer(&t, &ann, &a, &b, "1.00").await.0, StatusCode::CREATED);
+    assert_eq!(transfer(&t, &ann, &a, &b, "1.00").await.0, StatusCode::CREATED);
+    let (s, v, _) = t
+        .request(
+            Method::POST,
+            &format!("/v1/admin/accounts/{b}/freeze"),
+            Some(&admin.token),
+            Some("freeze-b"),
+            Some(json!({"reason": "court order"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = transfer(&t, &ann, &a, &b, "1.00").await;
+    assert_eq!((s, v["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/account-frozen")), "{v}");
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "8.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
