@@ -377,6 +377,12 @@ async fn try_group(
     // A debited account needs a full state; a credit-side one will not do.
     states.retain(|id, known| known.full || !debited.contains(id));
     let cached: Vec<(Uuid, i64)> = states.iter().map(|(id, known)| (*id, known.version)).collect();
+    // A cached credit-side state needs no version lookup (an index probe and
+    // a heap fetch each): its stream's later events bring it to the head. A
+    // debited account's version is read all the same: the group appends at
+    // it, and a cache that were ever ahead of the log must not leave a gap.
+    let credit_cached: HashSet<Uuid> = states.keys().filter(|id| !debited.contains(id)).copied().collect();
+    let versioned: Vec<Uuid> = all.iter().filter(|a| !credit_cached.contains(a)).copied().collect();
     let missing_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     let missing_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
@@ -392,7 +398,7 @@ async fn try_group(
         &ReadAfterLocks {
             users: &users,
             keys: &keys,
-            accounts: &all,
+            accounts: &versioned,
             cached: &cached,
             full: &missing_full,
             opening: &missing_opening,
@@ -417,9 +423,10 @@ async fn try_group(
             known.version = version;
         }
     }
-    // Usable: a cached state brought exactly to its stream's version. One
-    // that is ahead of it, or did not reach it, is folded again below.
-    states.retain(|id, known| versions.get(id).copied().unwrap_or(0) == known.version);
+    // Usable: a cached debited state brought exactly to its stream's
+    // version (one that is ahead of it, or did not reach it, is folded again
+    // below); a cached credit-side state, brought to its stream's head.
+    states.retain(|id, known| credit_cached.contains(id) || versions.get(id).copied().unwrap_or(0) == known.version);
     let from_cache: HashSet<Uuid> = states.keys().copied().collect();
     states.extend(found.full);
     states.extend(found.opening);
