@@ -388,11 +388,18 @@ async fn try_group(
     let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
     let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
     // Sessions the API left to this transaction: checked in the same read.
-    let checked: Vec<usize> = (0..group.len()).filter(|&i| group[i].envelope.unchecked_session.is_some()).collect();
-    let sessions: Vec<(Uuid, Uuid)> = checked
-        .iter()
-        .filter_map(|&i| group[i].envelope.unchecked_session.map(|s| (group[i].envelope.actor, s)))
-        .collect();
+    // One row per distinct session: a group's transfers mostly share a few.
+    let mut sessions: Vec<(Uuid, Uuid)> = Vec::new();
+    let mut checked: Vec<(usize, usize)> = Vec::new();
+    let mut seen: HashMap<(Uuid, Uuid), usize> = HashMap::new();
+    for (i, p) in group.iter().enumerate() {
+        let Some(session) = p.envelope.unchecked_session else { continue };
+        let at = *seen.entry((p.envelope.actor, session)).or_insert_with(|| {
+            sessions.push((p.envelope.actor, session));
+            sessions.len() - 1
+        });
+        checked.push((i, at));
+    }
     let found = read_after_locks(
         conn,
         &ReadAfterLocks {
@@ -408,9 +415,9 @@ async fn try_group(
     .await?;
     let mut refused: HashMap<usize, CommandError> = checked
         .into_iter()
-        .zip(found.sessions)
-        .filter_map(|(i, check)| {
-            let refusal = check.refusal()?;
+        .filter_map(|(i, at)| {
+            // One answer per pair was read; a missing one counts as ended.
+            let refusal = found.sessions.get(at).copied().unwrap_or(CredentialCheck::Ended).refusal()?;
             let session = group[i].envelope.unchecked_session.unwrap_or_default();
             Some((i, ledger.refused_session(session, refusal)))
         })

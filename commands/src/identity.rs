@@ -66,7 +66,7 @@ pub struct Principal {
 }
 
 /// Why a credential was not accepted on a request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialCheck {
     Valid(Principal),
     /// The session was revoked or has expired, or the key was revoked.
