@@ -15,12 +15,18 @@
 //!   version conflict with another instance, a deadlock) is rolled back and
 //!   its commands run one by one on the single-command path.
 //!
-//! The write side also keeps the state of recently debited accounts. It is a
-//! lower bound, never an over-estimate: everything that lowers an account's
-//! available funds (debits, holds, freezes) is appended to the account's own
-//! stream under its lock, so a cached state at the stream's current version
-//! has missed at most credits. A debit allowed by a lower bound is allowed by
-//! the truth; a debit it refuses is decided again on a fresh fold.
+//! The write side also keeps the state of recently touched accounts. For a
+//! debit it is a lower bound, never an over-estimate: everything that lowers
+//! an account's available funds (debits, holds, freezes) is appended to the
+//! account's own stream under its lock, so a cached state at the stream's
+//! current version has missed at most credits. A debit allowed by a lower
+//! bound is allowed by the truth; a debit it refuses is decided again on a
+//! fresh fold. For a credit, what matters is whether the account is open and
+//! not frozen: freezes are appended to its own stream under its status lock,
+//! which the group holds shared, and the stream's later events bring the
+//! cached state forward. Cached versions never exceed the stream's head: the
+//! cache is written only after its group committed, and the log is
+//! append-only.
 
 use crate::idempotency::{self, CommandRecord};
 use crate::identity::{credential_check, CredentialCheck};
@@ -369,7 +375,8 @@ async fn try_group(
     .into_iter()
     .collect();
     // Everything the decisions need, in one statement after the locks: the
-    // recorded outcomes, the streams' versions, and the accounts' states
+    // recorded outcomes, the versions of the streams the group appends to or
+    // folds, and the accounts' states
     // (cached ones brought forward by their streams' later events, the
     // others folded from the log).
     let all: Vec<Uuid> = debited.iter().chain(credited.iter()).copied().collect();
@@ -379,8 +386,9 @@ async fn try_group(
     let cached: Vec<(Uuid, i64)> = states.iter().map(|(id, known)| (*id, known.version)).collect();
     // A cached credit-side state needs no version lookup (an index probe and
     // a heap fetch each): its stream's later events bring it to the head. A
-    // debited account's version is read all the same: the group appends at
-    // it, and a cache that were ever ahead of the log must not leave a gap.
+    // debited account's version is read all the same, as a guard: the group
+    // appends at it, and `UNIQUE (stream_id, stream_version)` would not see a
+    // gap left by a cache that was somehow ahead of the log.
     let credit_cached: HashSet<Uuid> = states.keys().filter(|id| !debited.contains(id)).copied().collect();
     let versioned: Vec<Uuid> = all.iter().filter(|a| !credit_cached.contains(a)).copied().collect();
     let missing_full: Vec<Uuid> = debited.iter().filter(|a| !states.contains_key(a)).copied().collect();
@@ -685,7 +693,7 @@ pub(crate) async fn lock_group(
     // it (for each row, every aggregate's argument and filter in turn; CASE,
     // not AND, so a class's lock function runs on that class's rows only).
     // For the rest of the transaction, statements run on generic plans: the
-    // read after the locks is five index lookups by id arrays whose best plan
+    // read after the locks is six index lookups by id arrays whose best plan
     // does not depend on the values, but its custom plan costs ~1.7 ms of
     // planning per run, more than running it, and PostgreSQL keeps choosing
     // custom plans for it because it misjudges the generic plan's row counts.
