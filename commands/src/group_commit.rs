@@ -770,6 +770,11 @@ pub(crate) async fn read_after_locks(
     conn: &mut PgConnection,
     read: &ReadAfterLocks<'_>,
 ) -> Result<FoundAfterLocks, StoreError> {
+    // A fold starts at its stream's version, read here: folded accounts must be among those versioned.
+    debug_assert!(
+        read.full.iter().chain(read.opening).all(|a| read.accounts.contains(a)),
+        "every folded account's version is read"
+    );
     let streams = |ids: &[Uuid]| -> Vec<String> { ids.iter().map(|a| account_stream(*a)).collect() };
     let cached_streams: Vec<String> = read.cached.iter().map(|(id, _)| account_stream(*id)).collect();
     let cached_after: Vec<i64> = read.cached.iter().map(|(_, v)| *v).collect();
