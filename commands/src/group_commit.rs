@@ -38,7 +38,7 @@ use ledger_domain::events::TransferKind;
 use ledger_domain::money::Amount;
 use ledger_domain::{DomainError, Event};
 use serde_json::{json, Value};
-use sqlx::{FromRow, PgConnection, Row};
+use sqlx::{Connection, FromRow, PgConnection, PgPool, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -165,9 +165,10 @@ impl GroupCommit {
             let (receiver, ledger, cache, writing) = (receiver.clone(), ledger.clone(), cache.clone(), writing.clone());
             tokio::spawn(async move {
                 let mut deferred: Vec<Pending> = Vec::new();
+                let mut held = HeldConnection::default();
                 while let Some(group) = next_group(&receiver, &mut deferred, Waiting::Yes).await {
                     writing.set(Some(Instant::now()));
-                    write_group(&ledger, &cache, group).await;
+                    write_group(&ledger, &cache, &mut held, group).await;
                     writing.set(None);
                 }
             });
@@ -176,6 +177,7 @@ impl GroupCommit {
             let (receiver, ledger, cache, writing) = (receiver.clone(), ledger.clone(), cache.clone(), writing.clone());
             tokio::spawn(async move {
                 let mut deferred: Vec<Pending> = Vec::new();
+                let mut held = HeldConnection::default();
                 loop {
                     tokio::time::sleep(STANDBY_POLL).await;
                     if !writing.stuck() && deferred.is_empty() {
@@ -187,7 +189,7 @@ impl GroupCommit {
                     }
                     let Some(group) = next_group(&receiver, &mut deferred, Waiting::No).await else { break };
                     if !group.is_empty() {
-                        write_group(&ledger, &cache, group).await;
+                        write_group(&ledger, &cache, &mut held, group).await;
                     }
                 }
             });
@@ -289,13 +291,87 @@ enum Waiting {
     No,
 }
 
+/// How long a writer's connection may sit unused before it is pinged.
+const HELD_IDLE: Duration = Duration::from_secs(1);
+
+/// A writer's own connection, opened with the pool's settings and kept from
+/// one group to the next. A connection from the pool is pinged when it is
+/// handed out and again when it comes back: two round trips per group, one
+/// of them on the path of every transfer in it. The ping guards against
+/// connections that died while idle; here that guard is kept by pinging a
+/// connection left unused for `HELD_IDLE` and by retrying, on a fresh one, a
+/// group whose `BEGIN` failed on a kept one. A connection on which anything
+/// failed is dropped: it belongs to no pool, so dropping it closes it, and
+/// PostgreSQL rolls back whatever it had open.
+#[derive(Default)]
+struct HeldConnection {
+    conn: Option<PgConnection>,
+    used: Option<Instant>,
+}
+
+impl HeldConnection {
+    /// The kept connection, or a fresh one; and whether it was kept.
+    async fn take(&mut self, pool: &PgPool) -> Result<(&mut PgConnection, bool), sqlx::Error> {
+        if let (Some(conn), Some(used)) = (self.conn.as_mut(), self.used) {
+            if used.elapsed() >= HELD_IDLE && conn.ping().await.is_err() {
+                self.conn = None;
+            }
+        }
+        self.used = Some(Instant::now());
+        let kept = self.conn.is_some();
+        if self.conn.is_none() {
+            self.conn = Some(PgConnection::connect_with(&pool.connect_options()).await?);
+        }
+        match self.conn.as_mut() {
+            Some(conn) => Ok((conn, kept)),
+            None => Err(sqlx::Error::PoolClosed),
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Where a group's transaction failed.
+enum GroupFailure {
+    /// At `BEGIN`, on a connection kept from an earlier group: it may have
+    /// died while idle; the group is tried once more on a fresh one.
+    BeginOnKept(StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for GroupFailure {
+    fn from(e: StoreError) -> Self {
+        GroupFailure::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for GroupFailure {
+    fn from(e: sqlx::Error) -> Self {
+        GroupFailure::Store(e.into())
+    }
+}
+
 /// Writes a group; on any failure of the transaction, runs each of its
 /// commands alone. A command whose key another transaction holds leaves the
 /// group and runs alone too, so no group waits on a key (a running
 /// non-atomic batch holds its request key for as long as its items take).
-async fn write_group(ledger: &Ledger, cache: &AccountCache, group: Vec<Pending>) {
+async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConnection, group: Vec<Pending>) {
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
-    match try_group(ledger, cache, &group).await {
+    let mut result = try_group(ledger, cache, held, &group).await;
+    if let Err(GroupFailure::BeginOnKept(e)) = &result {
+        tracing::debug!(error = %e, "a kept connection failed at BEGIN; the group goes on a fresh one");
+        held.drop_connection();
+        result = try_group(ledger, cache, held, &group).await;
+    }
+    let result = result.map_err(|failure| match failure {
+        GroupFailure::BeginOnKept(e) | GroupFailure::Store(e) => e,
+    });
+    if result.is_err() {
+        held.drop_connection();
+    }
+    match result {
         Ok(outcomes) => {
             tracing::trace!(size = outcomes.len(), "group committed");
             for (pending, outcome) in group.into_iter().zip(outcomes) {
@@ -348,9 +424,15 @@ enum Decided {
 async fn try_group(
     ledger: &Ledger,
     cache: &AccountCache,
+    held: &mut HeldConnection,
     group: &[Pending],
-) -> Result<Vec<Option<Result<Outcome, CommandError>>>, StoreError> {
-    let mut tx = ledger.pool.begin().await?;
+) -> Result<Vec<Option<Result<Outcome, CommandError>>>, GroupFailure> {
+    let (conn, kept) = held.take(&ledger.pool).await?;
+    let mut tx = match conn.begin().await {
+        Ok(tx) => tx,
+        Err(e) if kept => return Err(GroupFailure::BeginOnKept(e.into())),
+        Err(e) => return Err(e.into()),
+    };
     let conn: &mut PgConnection = &mut tx;
 
     // 1. Every lock in one statement, in the one order every path takes them:

@@ -101,13 +101,16 @@ impl Relay {
             let events = store::read_settled_after(&mut conn, checkpoint, self.batch_size).await?;
             let read = started.elapsed();
             let Some(last) = events.last().map(RecordedEvent::point) else {
-                if saved.0 != checkpoint {
+                // Caught up. The cursor is saved once nothing came for a
+                // whole poll (or when it is due anyway), not at every
+                // catch-up: under a light load that is every few events.
+                let woken = tokio::select! {
+                    _ = self.wake.notified() => true,
+                    _ = tokio::time::sleep(self.idle_poll) => false,
+                };
+                if saved.0 != checkpoint && (!woken || saved.1.elapsed() >= CHECKPOINT_EVERY) {
                     self.save_checkpoint(&mut conn, checkpoint).await?;
                     saved = (checkpoint, std::time::Instant::now());
-                }
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(self.idle_poll) => {}
                 }
                 continue;
             };

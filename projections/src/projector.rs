@@ -17,13 +17,15 @@ use futures::StreamExt;
 use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
 use ledger_domain::Event;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const MAX_BATCH: usize = 500;
+/// A kept connection unused for this long is pinged before its next batch.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Projector {
     pub pool: PgPool,
@@ -91,18 +93,37 @@ impl Projector {
             .await
             .map_err(|e| nats(&e))?;
         tracing::info!(consumer = %name, "projector consuming");
+        // A connection of its own for as long as this consumer runs: one
+        // from the pool is pinged when handed out and when given back, two
+        // round trips per batch. It is pinged only after a pause (it may
+        // have died while idle: a database restart) and replaced if that
+        // fails. A batch that fails on it is applied once more on a fresh
+        // one: its transaction rolled back, and anything of it that did
+        // commit is at or below the checkpoints, so skipped. Ending the run
+        // instead would leave the batch unacknowledged until JetStream
+        // redelivers it (`ack_wait`, 30 s) or a later batch shows the gap.
+        let mut conn = self.pool.acquire().await?.detach();
+        let mut used = Instant::now();
         let mut batches = messages.ready_chunks(MAX_BATCH);
         while let Some(batch) = batches.next().await {
             let mut received = Vec::with_capacity(batch.len());
             for message in batch {
                 received.push(message.map_err(|e| nats(&e))?);
             }
-            self.apply_batch(&received).await?;
+            if used.elapsed() >= PING_AFTER_IDLE && conn.ping().await.is_err() {
+                conn = self.pool.acquire().await?.detach();
+            }
+            if let Err(e) = self.apply_batch(&mut conn, &received).await {
+                tracing::warn!(error = %e, "a batch failed; applying it again on a fresh connection");
+                conn = self.pool.acquire().await?.detach();
+                self.apply_batch(&mut conn, &received).await?;
+            }
+            used = Instant::now();
         }
         Err(ProjectionError::Nats("message stream ended".into()))
     }
 
-    async fn apply_batch(&self, messages: &[Message]) -> Result<(), ProjectionError> {
+    async fn apply_batch(&self, conn: &mut PgConnection, messages: &[Message]) -> Result<(), ProjectionError> {
         let mut events: Vec<RecordedEvent> = messages
             .iter()
             .filter_map(|m| match serde_json::from_slice::<RecordedEvent>(&m.payload) {
@@ -117,7 +138,7 @@ impl Projector {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
         if let Some(through) = events.last().map(RecordedEvent::point) {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = conn.begin().await?;
             let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
             let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
             // Each projection applies what lies after its own checkpoint. If

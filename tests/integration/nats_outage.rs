@@ -142,3 +142,44 @@ async fn a_stream_deleted_under_the_relay_is_recreated_and_its_cursor_saved_when
     assert_eq!(saved, head, "an idle relay has saved its cursor at the head");
     t.cleanup().await;
 }
+
+/// The group-commit writer and the projector keep their own connections from
+/// one group or batch to the next, without a ping before each use. Killed
+/// under them (as a database restart would), the next transfer is still
+/// answered 201 and applied once, and the read side still shows it.
+#[tokio::test]
+async fn kept_connections_that_died_are_replaced_without_failing_a_transfer() {
+    let t = TestLedger::start().await;
+    let (_, token) = t.user().await;
+    let a = t.account(&token, "EUR").await;
+    let b = t.account(&token, "EUR").await;
+    t.deposit(&token, &a, "10.00").await;
+    let transfer = |amount: &str| serde_json::json!({"from_account": a, "to_account": b, "amount": amount});
+    // The first transfer opens the writer's connection; reading it back uses the projector's.
+    let (s, v) = t.post("/v1/transfers", &token, transfer("1.00")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(t.balance(&token, &b, v["position"].as_i64().unwrap()).await, "1.00");
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name IN ('ledger', 'ledger-read-side')
+           AND state = 'idle' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .expect("terminate");
+    assert!(killed >= 2, "the server had {killed} idle connections to kill");
+    // At once: within a second the writer uses its kept connection unpinged.
+    let (s, v, _) =
+        t.request(Method::POST, "/v1/transfers", Some(&token), Some("after-the-kill"), Some(transfer("2.00"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let position = v["position"].as_i64().unwrap();
+    assert_eq!(t.balance(&token, &b, position).await, "3.00");
+    assert_eq!(t.balance(&token, &a, position).await, "7.00");
+    let (s, again, _) =
+        t.request(Method::POST, "/v1/transfers", Some(&token), Some("after-the-kill"), Some(transfer("2.00"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{again}");
+    assert_eq!(again["transfer_id"], v["transfer_id"], "the same key is answered from its record");
+    assert_eq!(t.balance(&token, &b, t.head().await).await, "3.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
