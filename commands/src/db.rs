@@ -36,7 +36,9 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 /// would otherwise fail on it or hang until TCP gives up (tested by
 /// `connections_that_died_while_idle_are_replaced_before_use`). A ping only
 /// for long-idle connections would almost never run: the pool reuses its
-/// connections in rotation.
+/// connections in rotation. The two hottest loops, the group-commit writer
+/// and the projector, keep a connection of their own instead, pinged after
+/// a second unused and with time limits (`group_commit::HeldConnection`).
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10))
 }

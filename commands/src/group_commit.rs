@@ -43,6 +43,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
 use uuid::Uuid;
 
 /// Most commands decided in one transaction.
@@ -180,6 +181,7 @@ impl GroupCommit {
                 let mut held = HeldConnection::default();
                 loop {
                     tokio::time::sleep(STANDBY_POLL).await;
+                    held.close_if_unused_for(STANDBY_HELD_IDLE).await;
                     if !writing.stuck() && deferred.is_empty() {
                         // Gone with the queue (every sender dropped).
                         if receiver.try_lock().is_ok_and(|r| r.is_closed() && r.is_empty()) {
@@ -293,16 +295,26 @@ enum Waiting {
 
 /// How long a writer's connection may sit unused before it is pinged.
 const HELD_IDLE: Duration = Duration::from_secs(1);
+/// A standby's connection unused for this long is closed.
+const STANDBY_HELD_IDLE: Duration = Duration::from_secs(30);
+/// The longest a writer waits to open a connection (the pool's acquire
+/// timeout), and for a ping or a `BEGIN` on a kept one: a connection cut off
+/// by a failover or a partition would otherwise hang until TCP gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A writer's own connection, opened with the pool's settings and kept from
-/// one group to the next. A connection from the pool is pinged when it is
-/// handed out and again when it comes back: two round trips per group, one
-/// of them on the path of every transfer in it. The ping guards against
-/// connections that died while idle; here that guard is kept by pinging a
-/// connection left unused for `HELD_IDLE` and by retrying, on a fresh one, a
-/// group whose `BEGIN` failed on a kept one. A connection on which anything
-/// failed is dropped: it belongs to no pool, so dropping it closes it, and
-/// PostgreSQL rolls back whatever it had open.
+/// A writer's own connection (`application_name` `ledger-writer`), opened
+/// with the pool's settings and kept from one group to the next. A
+/// connection from the pool is pinged when it is handed out and again when
+/// it comes back: two round trips per group, one of them on the path of
+/// every transfer in it. The ping guards against connections that died
+/// while idle; here that guard is kept by pinging a connection left unused
+/// for `HELD_IDLE`, by retrying on a fresh one a group whose `BEGIN` failed
+/// on a kept one, and by time limits on opening, pinging and `BEGIN`. A
+/// connection that failed other than with an error from PostgreSQL (an
+/// I/O error, a time limit) is dropped: it belongs to no pool, so dropping
+/// it closes it, and PostgreSQL rolls back whatever it had open. Besides
+/// the pool, an instance holds up to one such connection per writer.
 #[derive(Default)]
 struct HeldConnection {
     conn: Option<PgConnection>,
@@ -313,14 +325,17 @@ impl HeldConnection {
     /// The kept connection, or a fresh one; and whether it was kept.
     async fn take(&mut self, pool: &PgPool) -> Result<(&mut PgConnection, bool), sqlx::Error> {
         if let (Some(conn), Some(used)) = (self.conn.as_mut(), self.used) {
-            if used.elapsed() >= HELD_IDLE && conn.ping().await.is_err() {
+            if used.elapsed() >= HELD_IDLE && !matches!(timeout(CHECK_TIMEOUT, conn.ping()).await, Ok(Ok(()))) {
                 self.conn = None;
             }
         }
-        self.used = Some(Instant::now());
         let kept = self.conn.is_some();
         if self.conn.is_none() {
-            self.conn = Some(PgConnection::connect_with(&pool.connect_options()).await?);
+            let options = pool.connect_options().as_ref().clone().application_name("ledger-writer");
+            let conn = timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+            self.conn = Some(conn);
         }
         match self.conn.as_mut() {
             Some(conn) => Ok((conn, kept)),
@@ -328,8 +343,31 @@ impl HeldConnection {
         }
     }
 
+    /// After a group: the connection goes on unless it failed other than
+    /// with an error PostgreSQL reported (after which the transaction's
+    /// rollback is already queued on it).
+    fn done(&mut self, failure: Option<&StoreError>) {
+        self.used = Some(Instant::now());
+        let keep = match failure {
+            None | Some(StoreError::Conflict) | Some(StoreError::Database(sqlx::Error::Database(_))) => true,
+            Some(_) => false,
+        };
+        if !keep {
+            self.conn = None;
+        }
+    }
+
     fn drop_connection(&mut self) {
         self.conn = None;
+    }
+
+    async fn close_if_unused_for(&mut self, idle: Duration) {
+        if self.used.is_some_and(|used| used.elapsed() >= idle) {
+            if let Some(conn) = self.conn.take() {
+                let _ = conn.close().await;
+            }
+            self.used = None;
+        }
     }
 }
 
@@ -368,9 +406,7 @@ async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConne
     let result = result.map_err(|failure| match failure {
         GroupFailure::BeginOnKept(e) | GroupFailure::Store(e) => e,
     });
-    if result.is_err() {
-        held.drop_connection();
-    }
+    held.done(result.as_ref().err());
     match result {
         Ok(outcomes) => {
             tracing::trace!(size = outcomes.len(), "group committed");
@@ -428,7 +464,8 @@ async fn try_group(
     group: &[Pending],
 ) -> Result<Vec<Option<Result<Outcome, CommandError>>>, GroupFailure> {
     let (conn, kept) = held.take(&ledger.pool).await?;
-    let mut tx = match conn.begin().await {
+    let began = timeout(CHECK_TIMEOUT, conn.begin()).await.unwrap_or(Err(sqlx::Error::PoolTimedOut));
+    let mut tx = match began {
         Ok(tx) => tx,
         Err(e) if kept => return Err(GroupFailure::BeginOnKept(e.into())),
         Err(e) => return Err(e.into()),

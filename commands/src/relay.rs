@@ -25,6 +25,13 @@ pub enum RelayError {
     Publish(String),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    Woken,
+    Quiet,
+    Stopping,
+}
+
 /// How often, at most, a busy relay saves its cursor.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -42,13 +49,13 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                result = self.lead() => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "relay interrupted; retrying");
-                    }
-                }
+            // `lead` watches `shutdown` itself, to save its cursor on the way out.
+            let result = self.lead(&shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "relay interrupted; retrying");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -68,8 +75,9 @@ impl Relay {
         h as i64
     }
 
-    /// Waits to become the leader, then publishes until an error.
-    async fn lead(&self) -> Result<(), RelayError> {
+    /// Waits to become the leader, then publishes until an error or until
+    /// `shutdown`, when it saves its cursor first.
+    async fn lead(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         // A dedicated connection: the session lock lives and dies with it.
         let mut conn = self.pool.acquire().await?.detach();
         // Its checkpoint is a cursor: lost on a crash, the last batch is
@@ -84,13 +92,17 @@ impl Relay {
             if leader {
                 break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
         tracing::info!(stream = %self.names.stream(), "relay is leading");
         let mut checkpoint = self.load_checkpoint(&mut conn).await?;
-        // The cursor is saved at most every CHECKPOINT_EVERY while busy, and
-        // before going idle: what a crash re-publishes is a fraction of a
-        // second's events, well inside JetStream's deduplication window.
+        // The cursor is saved at most every CHECKPOINT_EVERY while busy, once
+        // idle for a whole poll, and on shutdown: what a crash re-publishes
+        // is a fraction of a second's events, well inside JetStream's
+        // deduplication window.
         let mut saved = (checkpoint, std::time::Instant::now());
         // The stream is looked up (and created if missing) when leading
         // starts and after a failed publish, not before every batch.
@@ -104,27 +116,45 @@ impl Relay {
                 // Caught up. The cursor is saved once nothing came for a
                 // whole poll (or when it is due anyway), not at every
                 // catch-up: under a light load that is every few events.
-                let woken = tokio::select! {
-                    _ = self.wake.notified() => true,
-                    _ = tokio::time::sleep(self.idle_poll) => false,
+                let idle = tokio::select! {
+                    _ = shutdown.cancelled() => Idle::Stopping,
+                    _ = self.wake.notified() => Idle::Woken,
+                    _ = tokio::time::sleep(self.idle_poll) => Idle::Quiet,
                 };
-                if saved.0 != checkpoint && (!woken || saved.1.elapsed() >= CHECKPOINT_EVERY) {
+                if saved.0 != checkpoint && (idle != Idle::Woken || saved.1.elapsed() >= CHECKPOINT_EVERY) {
                     self.save_checkpoint(&mut conn, checkpoint).await?;
                     saved = (checkpoint, std::time::Instant::now());
                 }
+                if idle == Idle::Stopping {
+                    return Ok(());
+                }
                 continue;
             };
-            if let Err(e) = self.publish(&events, !stream_ready).await {
+            let published = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                result = self.publish(&events, !stream_ready) => Some(result),
+            };
+            let Some(published) = published else {
+                // Stopping mid-batch: the cursor stays before it.
+                if saved.0 != checkpoint {
+                    self.save_checkpoint(&mut conn, checkpoint).await?;
+                }
+                return Ok(());
+            };
+            if let Err(e) = published {
                 tracing::warn!(error = %e, "publishing to JetStream failed; will retry");
                 stream_ready = false;
-                tokio::time::sleep(publish_backoff).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(publish_backoff) => {}
+                }
                 publish_backoff = (publish_backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
             stream_ready = true;
             publish_backoff = Duration::from_millis(50);
             checkpoint = last;
-            if saved.1.elapsed() >= CHECKPOINT_EVERY {
+            if saved.1.elapsed() >= CHECKPOINT_EVERY || shutdown.is_cancelled() {
                 self.save_checkpoint(&mut conn, checkpoint).await?;
                 saved = (checkpoint, std::time::Instant::now());
             }

@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_BATCH: usize = 500;
 /// A kept connection unused for this long is pinged before its next batch.
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// A ping not answered in this long counts as failed (a connection cut off
+/// by a failover or a partition would otherwise hang until TCP gives up).
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Projector {
     pub pool: PgPool,
@@ -110,7 +113,9 @@ impl Projector {
             for message in batch {
                 received.push(message.map_err(|e| nats(&e))?);
             }
-            if used.elapsed() >= PING_AFTER_IDLE && conn.ping().await.is_err() {
+            if used.elapsed() >= PING_AFTER_IDLE
+                && !matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+            {
                 conn = self.pool.acquire().await?.detach();
             }
             if let Err(e) = self.apply_batch(&mut conn, &received).await {

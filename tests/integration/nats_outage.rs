@@ -159,15 +159,22 @@ async fn kept_connections_that_died_are_replaced_without_failing_a_transfer() {
     let (s, v) = t.post("/v1/transfers", &token, transfer("1.00")).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(t.balance(&token, &b, v["position"].as_i64().unwrap()).await, "1.00");
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name IN ('ledger', 'ledger-read-side')
-           AND state = 'idle' AND pid <> pg_backend_pid()",
-    )
-    .fetch_one(&t.pool)
-    .await
-    .expect("terminate");
-    assert!(killed >= 2, "the server had {killed} idle connections to kill");
+    let kill = |application: &'static str| {
+        let pool = t.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1 AND state = 'idle'",
+            )
+            .bind(application)
+            .fetch_one(&pool)
+            .await
+            .expect("terminate")
+        }
+    };
+    assert_eq!(kill("ledger-writer").await, 1, "the writer keeps one connection");
+    assert!(kill("ledger-read-side").await >= 1, "the projector keeps one connection");
+    kill("ledger").await;
     // At once: within a second the writer uses its kept connection unpinged.
     let (s, v, _) =
         t.request(Method::POST, "/v1/transfers", Some(&token), Some("after-the-kill"), Some(transfer("2.00"))).await;
@@ -175,6 +182,13 @@ async fn kept_connections_that_died_are_replaced_without_failing_a_transfer() {
     let position = v["position"].as_i64().unwrap();
     assert_eq!(t.balance(&token, &b, position).await, "3.00");
     assert_eq!(t.balance(&token, &a, position).await, "7.00");
+    let writers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'ledger-writer'",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    assert_eq!(writers, 1, "the group went on a fresh kept connection, not alone on the pool");
     let (s, again, _) =
         t.request(Method::POST, "/v1/transfers", Some(&token), Some("after-the-kill"), Some(transfer("2.00"))).await;
     assert_eq!(s, StatusCode::CREATED, "{again}");
