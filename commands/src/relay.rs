@@ -32,6 +32,9 @@ enum Idle {
     Stopping,
 }
 
+/// How long a stopping relay may take to save its cursor.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// How often, at most, a busy relay saves its cursor.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -49,8 +52,17 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            // `lead` watches `shutdown` itself, to save its cursor on the way out.
-            let result = self.lead(&shutdown).await;
+            // `lead` watches `shutdown` itself, to save its cursor on the way
+            // out; it gets `SHUTDOWN_GRACE` for that, so a statement hanging
+            // on an unreachable database cannot hold up the process's exit.
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let result = tokio::select! {
+                result = self.lead(&shutdown) => result,
+                _ = grace => return,
+            };
             if shutdown.is_cancelled() {
                 return;
             }
