@@ -10,6 +10,7 @@
 //! batch's end, per read model. If delivery skipped any (a lost stream, a redelivery out of
 //! order), it reads that range from the log instead. Nothing is lost.
 
+use crate::statements::{self, LastEntries};
 use crate::{checkpoint, Projection, ProjectionError};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
@@ -107,6 +108,7 @@ impl Projector {
         // redelivers it (`ack_wait`, 30 s) or a later batch shows the gap.
         let mut conn = self.pool.acquire().await?.detach();
         let mut used = Instant::now();
+        let mut last_entries = LastEntries::default();
         let mut batches = messages.ready_chunks(MAX_BATCH);
         while let Some(batch) = batches.next().await {
             let mut received = Vec::with_capacity(batch.len());
@@ -118,17 +120,23 @@ impl Projector {
             {
                 conn = self.pool.acquire().await?.detach();
             }
-            if let Err(e) = self.apply_batch(&mut conn, &received).await {
+            if let Err(e) = self.apply_batch(&mut conn, &received, &mut last_entries).await {
                 tracing::warn!(error = %e, "a batch failed; applying it again on a fresh connection");
+                last_entries.forget();
                 conn = self.pool.acquire().await?.detach();
-                self.apply_batch(&mut conn, &received).await?;
+                self.apply_batch(&mut conn, &received, &mut last_entries).await?;
             }
             used = Instant::now();
         }
         Err(ProjectionError::Nats("message stream ended".into()))
     }
 
-    async fn apply_batch(&self, conn: &mut PgConnection, messages: &[Message]) -> Result<(), ProjectionError> {
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[Message],
+        last_entries: &mut LastEntries,
+    ) -> Result<(), ProjectionError> {
         let mut events: Vec<RecordedEvent> = messages
             .iter()
             .filter_map(|m| match serde_json::from_slice::<RecordedEvent>(&m.payload) {
@@ -165,12 +173,12 @@ impl Projector {
                 None => None,
             };
             let source: &[RecordedEvent] = logged.as_deref().unwrap_or(&events);
-            let mut work: Vec<(Projection, Vec<&RecordedEvent>)> = Vec::new();
+            let mut work: Vec<(Projection, LogPoint, Vec<&RecordedEvent>)> = Vec::new();
             for (name, from, _) in &checkpoints {
                 let Some(projection) = self.projections.iter().copied().find(|p| p.name() == name) else { continue };
                 let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > *from).collect();
                 if !mine.is_empty() {
-                    work.push((projection, mine));
+                    work.push((projection, *from, mine));
                 }
             }
             if work.is_empty() {
@@ -178,7 +186,7 @@ impl Projector {
             } else {
                 // Decoded once for every projection.
                 let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
-                for (_, mine) in &work {
+                for (_, _, mine) in &work {
                     for recorded in mine {
                         if let std::collections::hash_map::Entry::Vacant(slot) = decoded.entry(recorded.point()) {
                             let event = recorded
@@ -189,14 +197,24 @@ impl Projector {
                     }
                 }
                 let mut moved: Vec<(&str, LogPoint)> = Vec::with_capacity(work.len());
-                for (projection, mine) in &work {
+                let mut statements_applied = None;
+                for (projection, from, mine) in &work {
                     let pairs: Vec<(&RecordedEvent, &Event)> =
                         mine.iter().filter_map(|r| decoded.get(&r.point()).map(|e| (*r, e))).collect();
-                    projection.apply_decoded(&mut tx, &pairs).await?;
+                    match projection {
+                        Projection::Statements => {
+                            statements_applied =
+                                Some(statements::apply_remembering(&mut tx, &pairs, last_entries, *from).await?);
+                        }
+                        _ => projection.apply_decoded(&mut tx, &pairs).await?,
+                    }
                     moved.push((projection.name(), through));
                 }
                 checkpoint::save_all(&mut tx, &moved).await?;
                 tx.commit().await?;
+                if let Some(applied) = statements_applied {
+                    last_entries.committed(through, applied);
+                }
                 // Never backwards: a later batch's end is past every earlier one's.
                 self.applied.send_if_modified(|at| {
                     let moved = through > *at;

@@ -329,3 +329,107 @@ async fn a_wait_for_the_read_side_ends_on_the_local_projectors_report() {
     hold.rollback().await.unwrap();
     t.cleanup().await;
 }
+
+/// The projector remembers the last statement entry of the accounts it wrote
+/// (no lookup per batch) only while the statements checkpoint is where its
+/// own commit left it. Another instance's batch in between moves the
+/// checkpoint: the memory is not used, and the numbering continues from the
+/// table. Made-up accounts, so the test's own running projector never meets them.
+#[tokio::test]
+async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_projectors_own() {
+    use ledger_commands::store::{EventMetadata, LogPoint, RecordedEvent};
+    use ledger_domain::events::{Channel, TransferKind, TransferRecorded};
+    use ledger_domain::Event;
+    use ledger_projections::statements::{self, LastEntries};
+    use rust_decimal::Decimal;
+    use uuid::Uuid;
+
+    let t = TestLedger::start().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let movement = |position: i64, amount: i64| {
+        let t = TransferRecorded {
+            transfer_id: Uuid::new_v4(),
+            from_account: a,
+            to_account: b,
+            amount: Decimal::new(amount, 2),
+            currency: "EUR".into(),
+            kind: TransferKind::Transfer,
+            reference: None,
+            channel: Channel::Api,
+        };
+        let recorded = RecordedEvent {
+            position,
+            transaction_id: position as u64,
+            event_id: Uuid::new_v4(),
+            stream_id: format!("account-{a}"),
+            stream_version: position,
+            event_type: "TransferRecorded".into(),
+            schema_version: 1,
+            payload: serde_json::to_value(&t).unwrap(),
+            metadata: EventMetadata { recorded_at: chrono::Utc::now(), ..Default::default() },
+        };
+        (recorded, Event::TransferRecorded(t))
+    };
+    let point = |p: i64| LogPoint { transaction_id: p as u64, position: p };
+    let a_entries = || async {
+        sqlx::query_as::<_, (i64, Decimal)>(
+            "SELECT entry_no, balance_after FROM statement_entries WHERE account_id = $1 ORDER BY entry_no",
+        )
+        .bind(a)
+        .fetch_all(&t.pool)
+        .await
+        .unwrap()
+    };
+    let mut memory = LastEntries::default();
+
+    // This projector's batch, from the start: it remembers a and b.
+    let (r1, e1) = movement(1, 500);
+    let mut tx = t.pool.begin().await.unwrap();
+    let applied = statements::apply_remembering(&mut tx, &[(&r1, &e1)], &memory, LogPoint::START).await.unwrap();
+    tx.commit().await.unwrap();
+    memory.committed(point(1), applied);
+    assert_eq!(memory.len(), 2);
+
+    // Another instance applies the next batch; the checkpoint moves to 2.
+    let (r2, e2) = movement(2, 300);
+    let mut tx = t.pool.begin().await.unwrap();
+    statements::apply_all(&mut tx, &[(&r2, &e2)]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // This projector again, from checkpoint 2: its memory (entry 1, -5.00) is stale and must not be used.
+    let (r3, e3) = movement(3, 200);
+    let mut tx = t.pool.begin().await.unwrap();
+    let applied = statements::apply_remembering(&mut tx, &[(&r3, &e3)], &memory, point(2)).await.unwrap();
+    tx.commit().await.unwrap();
+    memory.committed(point(3), applied);
+    let d = |v: i64| Decimal::new(v, 2);
+    assert_eq!(a_entries().await, vec![(1, d(-500)), (2, d(-800)), (3, d(-1000))]);
+
+    // From its own checkpoint it trusts the memory: an entry written behind
+    // its back (no checkpoint moved) is not looked up, and the primary key
+    // refuses the repeated number instead of a wrong balance being written.
+    sqlx::query(
+        "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
+                                        balance_after, counterparty_account, kind, reference, recorded_at)
+         VALUES ($1, 4, 4, $2, 'debit', 1, -10.01, $3, 'transfer', NULL, now())",
+    )
+    .bind(a)
+    .bind(Uuid::new_v4())
+    .bind(b)
+    .execute(&t.pool)
+    .await
+    .unwrap();
+    let (r5, e5) = movement(5, 100);
+    let mut tx = t.pool.begin().await.unwrap();
+    let refused = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3)).await;
+    assert!(refused.is_err(), "entry 4 is taken: the remembered numbering must collide, not skip");
+    tx.rollback().await.unwrap();
+    // Forgotten (as after any failed batch), the numbering comes from the table.
+    memory.forget();
+    let mut tx = t.pool.begin().await.unwrap();
+    let applied = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3)).await.unwrap();
+    tx.commit().await.unwrap();
+    memory.committed(point(5), applied);
+    assert_eq!(a_entries().await.last(), Some(&(5, d(-1101))));
+    t.cleanup().await;
+}
