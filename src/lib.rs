@@ -8,7 +8,7 @@ use config::{Config, Roles};
 use ledger_api::auth::JwtKeys;
 use ledger_api::live::LiveHub;
 use ledger_api::rate_limit::RateLimiter;
-use ledger_api::AppState;
+use ledger_api::{AppState, StateParts};
 use ledger_commands::identity::IdentityPolicy;
 use ledger_commands::nats::NatsNames;
 use ledger_commands::relay::Relay;
@@ -143,7 +143,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     }
     let mut addr = None;
     if roles.http() {
-        let state = AppState {
+        let state = AppState::new(StateParts {
             ledger,
             pool: pool.clone(),
             jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
@@ -155,7 +155,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             rate_limit: Arc::new(RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
             request_timeout: config.request_timeout,
             live: Arc::new(LiveHub::new(pool.clone())),
-        };
+        });
         if let Some(client) = &nats {
             let feed = ledger_api::live::run_feed(
                 state.live.clone(),

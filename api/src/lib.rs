@@ -12,7 +12,7 @@ mod routes;
 pub mod state;
 
 pub use openapi::ApiDoc;
-pub use state::AppState;
+pub use state::{AppState, StateParts};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;

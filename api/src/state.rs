@@ -6,9 +6,29 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Everything a handler needs, built once at start-up.
+/// Everything a handler needs, built once at start-up. Cloned for every
+/// request (axum's `State`, the middleware): one reference count to bump,
+/// not one per part (the parts' clones were ~1.3% of the server's CPU at the
+/// bench's peak).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<StateParts>);
+
+impl AppState {
+    pub fn new(parts: StateParts) -> AppState {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = StateParts;
+
+    fn deref(&self) -> &StateParts {
+        &self.0
+    }
+}
+
+/// What an `AppState` shares.
+pub struct StateParts {
     pub ledger: Ledger,
     pub pool: PgPool,
     pub jwt: Arc<JwtKeys>,

@@ -48,6 +48,18 @@ pub fn link(previous: &str, record: &Value) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// `link(previous, &record(e))` without building the record: the chain's
+/// sealer links every event.
+pub fn link_event(previous: &str, e: &RecordedEvent) -> String {
+    let mut content = Vec::with_capacity(512);
+    ledger_commands::store::write_canonical(e, true, &mut content);
+    let mut hasher = Sha256::new();
+    hasher.update(previous.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(&content);
+    hex::encode(hasher.finalize())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("database: {0}")]
@@ -73,5 +85,32 @@ mod tests {
         let c = json!({"position": 1, "payload": {"amount": "1.01"}});
         assert_ne!(link(GENESIS, &a), link(GENESIS, &c));
         assert_eq!(link(GENESIS, &a).len(), 64);
+    }
+
+    #[test]
+    fn linking_an_event_directly_equals_linking_its_record() {
+        use ledger_commands::store::EventMetadata;
+        let mut e = RecordedEvent {
+            position: 42,
+            transaction_id: 9,
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: "account-x".into(),
+            stream_version: 3,
+            event_type: "TransferRecorded".into(),
+            schema_version: 3,
+            payload: json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"]}, "é": "日本"}),
+            metadata: EventMetadata {
+                command_id: Some(uuid::Uuid::now_v7()),
+                correlation_id: None,
+                causation_id: None,
+                actor_id: Some(uuid::Uuid::now_v7()),
+                recorded_at: chrono::Utc::now(),
+                client_ip: Some("203.0.113.9".into()),
+                user_agent: Some("agent \"quoted\" \\ \u{1}".into()),
+            },
+        };
+        assert_eq!(link_event(GENESIS, &e), link(GENESIS, &record(&e)));
+        e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
+        assert_eq!(link_event(&link_event(GENESIS, &e), &e), link(&link(GENESIS, &record(&e)), &record(&e)));
     }
 }

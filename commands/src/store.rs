@@ -115,28 +115,64 @@ impl EventMac {
         EventMac { key: h.finalize().into() }
     }
 
-    /// The MAC of an event as stored (metadata times at microseconds).
+    /// The MAC of an event as stored (metadata times at microseconds), over
+    /// the canonical JSON of its columns but `position`.
     pub fn of(&self, e: &RecordedEvent) -> String {
         use hmac::{Hmac, Mac};
-        let content = serde_json::json!({
-            "event_id": e.event_id,
-            "stream_id": e.stream_id,
-            "stream_version": e.stream_version,
-            "event_type": e.event_type,
-            "schema_version": e.schema_version,
-            "payload": e.payload,
-            "command_id": e.metadata.command_id,
-            "correlation_id": e.metadata.correlation_id,
-            "causation_id": e.metadata.causation_id,
-            "actor_id": e.metadata.actor_id,
-            "recorded_at": e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "client_ip": e.metadata.client_ip,
-            "user_agent": e.metadata.user_agent,
-        });
+        let mut out: Vec<u8> = Vec::with_capacity(512);
+        write_canonical(e, false, &mut out);
         let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.key) else { return String::new() };
-        mac.update(ledger_domain::canonical::to_string(&content).as_bytes());
+        mac.update(&out);
         hex::encode(mac.finalize().into_bytes())
     }
+}
+
+/// Appends the canonical JSON of an event's columns (with `position` for the
+/// audit chain's record, without it for the MAC), written straight into the
+/// buffer in sorted key order rather than built as a JSON tree, which cloned
+/// the payload: the MAC runs in the writer's group, per event.
+pub fn write_canonical(e: &RecordedEvent, with_position: bool, out: &mut Vec<u8>) {
+    use ledger_domain::canonical::{write, write_scalar};
+    let recorded_at = e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    // Keys in canonical (sorted) order; none needs escaping.
+    let mut first = true;
+    let mut field = |out: &mut Vec<u8>, name: &str| {
+        out.extend_from_slice(if std::mem::take(&mut first) { b"\"" } else { b",\"" });
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+    };
+    out.push(b'{');
+    field(out, "actor_id");
+    write_scalar(&e.metadata.actor_id, out);
+    field(out, "causation_id");
+    write_scalar(&e.metadata.causation_id, out);
+    field(out, "client_ip");
+    write_scalar(&e.metadata.client_ip, out);
+    field(out, "command_id");
+    write_scalar(&e.metadata.command_id, out);
+    field(out, "correlation_id");
+    write_scalar(&e.metadata.correlation_id, out);
+    field(out, "event_id");
+    write_scalar(&e.event_id, out);
+    field(out, "event_type");
+    write_scalar(&e.event_type, out);
+    field(out, "payload");
+    write(&e.payload, out);
+    if with_position {
+        field(out, "position");
+        write_scalar(&e.position, out);
+    }
+    field(out, "recorded_at");
+    write_scalar(&recorded_at, out);
+    field(out, "schema_version");
+    write_scalar(&e.schema_version, out);
+    field(out, "stream_id");
+    write_scalar(&e.stream_id, out);
+    field(out, "stream_version");
+    write_scalar(&e.stream_version, out);
+    field(out, "user_agent");
+    write_scalar(&e.metadata.user_agent, out);
+    out.push(b'}');
 }
 
 /// Appends the events in one statement, inside the caller's transaction.
@@ -513,4 +549,62 @@ pub async fn count_after(conn: &mut PgConnection, after: LogPoint, cap: i64) -> 
     .bind(cap)
     .fetch_one(&mut *conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The MAC as first written: the canonical JSON of a tree built from the
+    /// event. Stored MACs were computed this way; they must still verify.
+    fn reference_mac(mac: &EventMac, e: &RecordedEvent) -> String {
+        use hmac::{Hmac, Mac};
+        let content = serde_json::json!({
+            "event_id": e.event_id,
+            "stream_id": e.stream_id,
+            "stream_version": e.stream_version,
+            "event_type": e.event_type,
+            "schema_version": e.schema_version,
+            "payload": e.payload,
+            "command_id": e.metadata.command_id,
+            "correlation_id": e.metadata.correlation_id,
+            "causation_id": e.metadata.causation_id,
+            "actor_id": e.metadata.actor_id,
+            "recorded_at": e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "client_ip": e.metadata.client_ip,
+            "user_agent": e.metadata.user_agent,
+        });
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(&mac.key).expect("any key length");
+        m.update(ledger_domain::canonical::to_string(&content).as_bytes());
+        hex::encode(m.finalize().into_bytes())
+    }
+
+    #[test]
+    fn the_mac_written_field_by_field_equals_the_mac_of_the_canonical_tree() {
+        let mac = EventMac::new(b"a key");
+        let mut e = RecordedEvent {
+            position: 7,
+            transaction_id: 9,
+            event_id: Uuid::now_v7(),
+            stream_id: "account-x".into(),
+            stream_version: 3,
+            event_type: "TransferRecorded".into(),
+            schema_version: 3,
+            payload: serde_json::json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"], "b": true}, "é": "日本"}),
+            metadata: EventMetadata {
+                command_id: Some(Uuid::now_v7()),
+                correlation_id: None,
+                causation_id: Some(Uuid::now_v7()),
+                actor_id: Some(Uuid::now_v7()),
+                recorded_at: Utc::now(),
+                client_ip: Some("203.0.113.9".into()),
+                user_agent: Some("agent \"quoted\" \\ \u{1}".into()),
+            },
+        };
+        assert_eq!(mac.of(&e), reference_mac(&mac, &e));
+        e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
+        e.payload = serde_json::json!({});
+        assert_eq!(mac.of(&e), reference_mac(&mac, &e));
+        assert_ne!(mac.of(&e), EventMac::new(b"another key").of(&e));
+    }
 }
