@@ -22,6 +22,11 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use std::time::Duration;
 
+/// The server's allocator: the load generator shares the machine, and
+/// glibc's malloc was ~15% of its CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Drives a running `ledger serve` over HTTP and reports throughput, latency and lag")]
 pub struct Args {
