@@ -8,7 +8,8 @@
 //! JetStream is the fan-out, not the source of truth: before applying a batch
 //! the projector counts the log's events between its checkpoint and the
 //! batch's end, per read model. If delivery skipped any (a lost stream, a redelivery out of
-//! order), it reads that range from the log instead. Nothing is lost.
+//! order), it reads that range from the log instead; and a run starts by
+//! applying from the log whatever lies past the checkpoints. Nothing is lost.
 
 use crate::statements::{self, LastEntries};
 use crate::{checkpoint, Projection, ProjectionError};
@@ -89,6 +90,24 @@ impl Projector {
             )
             .await
             .map_err(|e| nats(&e))?;
+        // A connection of its own for as long as this consumer runs: one
+        // from the pool is pinged when handed out and when given back, two
+        // round trips per batch. It is pinged only after a pause (it may
+        // have died while idle: a database restart) and replaced if that
+        // fails. A batch that fails on it is applied once more on a fresh
+        // one: its transaction rolled back, and anything of it that did
+        // commit is at or below the checkpoints, so skipped. A run that ends
+        // leaves its batch unacknowledged until JetStream redelivers it
+        // (`ack_wait`, 30 s); the next run's catch-up applies it from the log first.
+        let mut conn = self.pool.acquire().await?.detach();
+        let mut used = Instant::now();
+        let mut last_entries = LastEntries::default();
+        if let Err(e) = self.catch_up(&mut conn, &mut last_entries).await {
+            tracing::warn!(error = %e, "catching up from the log failed; trying again on a fresh connection");
+            last_entries.forget();
+            conn = self.pool.acquire().await?.detach();
+            self.catch_up(&mut conn, &mut last_entries).await?;
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(MAX_BATCH)
@@ -97,18 +116,6 @@ impl Projector {
             .await
             .map_err(|e| nats(&e))?;
         tracing::info!(consumer = %name, "projector consuming");
-        // A connection of its own for as long as this consumer runs: one
-        // from the pool is pinged when handed out and when given back, two
-        // round trips per batch. It is pinged only after a pause (it may
-        // have died while idle: a database restart) and replaced if that
-        // fails. A batch that fails on it is applied once more on a fresh
-        // one: its transaction rolled back, and anything of it that did
-        // commit is at or below the checkpoints, so skipped. Ending the run
-        // instead would leave the batch unacknowledged until JetStream
-        // redelivers it (`ack_wait`, 30 s) or a later batch shows the gap.
-        let mut conn = self.pool.acquire().await?.detach();
-        let mut used = Instant::now();
-        let mut last_entries = LastEntries::default();
         let mut batches = messages.ready_chunks(MAX_BATCH);
         while let Some(batch) = batches.next().await {
             let mut received = Vec::with_capacity(batch.len());
@@ -131,13 +138,41 @@ impl Projector {
         Err(ProjectionError::Nats("message stream ended".into()))
     }
 
+    /// Applies what the log holds past the read models' checkpoints, in
+    /// batches, before the run takes deliveries. JetStream may not bring it
+    /// soon: a batch a failed run left unacknowledged waits out `ack_wait`
+    /// (30 s) unless a later delivery shows the gap, and events whose
+    /// messages were lost (a stream deleted and recreated) come only with
+    /// such a later delivery. Deliveries of what this applied are skipped.
+    async fn catch_up(&self, conn: &mut PgConnection, last_entries: &mut LastEntries) -> Result<(), ProjectionError> {
+        let mut applied = 0usize;
+        loop {
+            let saved = checkpoint::all(conn).await?;
+            let from = self
+                .projections
+                .iter()
+                .map(|p| saved.iter().find(|(name, _)| name == p.name()).map_or(LogPoint::START, |(_, at)| *at))
+                .min()
+                .unwrap_or(LogPoint::START);
+            let events = store::read_settled_after(conn, from, MAX_BATCH as i64).await?;
+            if events.is_empty() {
+                if applied > 0 {
+                    tracing::info!(consumer = %self.consumer_name(), events = applied, "caught up from the log");
+                }
+                return Ok(());
+            }
+            applied += events.len();
+            self.apply_events(conn, events, last_entries).await?;
+        }
+    }
+
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         messages: &[Message],
         last_entries: &mut LastEntries,
     ) -> Result<(), ProjectionError> {
-        let mut events: Vec<RecordedEvent> = messages
+        let events: Vec<RecordedEvent> = messages
             .iter()
             .filter_map(|m| match serde_json::from_slice::<RecordedEvent>(&m.payload) {
                 Ok(e) => Some(e),
@@ -148,6 +183,22 @@ impl Projector {
                 }
             })
             .collect();
+        self.apply_events(conn, events, last_entries).await?;
+        // AckPolicy::All: acknowledging the last message acknowledges the batch.
+        if let Some(last) = messages.last() {
+            last.ack().await.map_err(|e| ProjectionError::Nats(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Applies events (delivered, or read from the log) in one transaction
+    /// per batch: each read model what lies past its own checkpoint.
+    async fn apply_events(
+        &self,
+        conn: &mut PgConnection,
+        mut events: Vec<RecordedEvent>,
+        last_entries: &mut LastEntries,
+    ) -> Result<(), ProjectionError> {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
         if let Some(through) = events.last().map(RecordedEvent::point) {
@@ -224,10 +275,6 @@ impl Projector {
                     moved
                 });
             }
-        }
-        // AckPolicy::All: acknowledging the last message acknowledges the batch.
-        if let Some(last) = messages.last() {
-            last.ack().await.map_err(|e| ProjectionError::Nats(e.to_string()))?;
         }
         Ok(())
     }

@@ -70,11 +70,16 @@ impl TestLedger {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestLedger {
+        Self::start_with_roles(adjust, Roles::ALL).await
+    }
+
+    /// A service running only some roles (one must serve HTTP).
+    pub async fn start_with_roles(adjust: impl FnOnce(&mut Config), roles: Roles) -> TestLedger {
         let id = Uuid::new_v4().simple().to_string();
         let db = format!("ledger_test_{}", &id[..16]);
         let mut config = test_config(&db, &format!("t{}", &id[..16]), "nats://127.0.0.1:4222");
         adjust(&mut config);
-        let running = ledger::start(config.clone(), Roles::ALL).await.expect("ledger starts");
+        let running = ledger::start(config.clone(), roles).await.expect("ledger starts");
         let addr = running.addr.expect("http role listens");
         let pool = PgPool::connect(&config.database_url).await.expect("test pool");
         TestLedger { base: format!("http://{addr}"), http: Client::new(), pool, config, db, running: Some(running) }

@@ -1,5 +1,6 @@
 use crate::harness::TestLedger;
 use reqwest::{Method, StatusCode};
+use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -195,5 +196,37 @@ async fn kept_connections_that_died_are_replaced_without_failing_a_transfer() {
     assert_eq!(again["transfer_id"], v["transfer_id"], "the same key is answered from its record");
     assert_eq!(t.balance(&token, &b, t.head().await).await, "3.00");
     t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+/// Events in the log that JetStream does not bring are applied when a
+/// projector's run starts, from the log. Here no relay publishes at all; in
+/// production it is a batch a failed run left unacknowledged (redelivered
+/// only after `ack_wait`, 30 s) or events whose messages a lost stream took.
+#[tokio::test]
+async fn a_projector_starting_behind_the_log_catches_up_from_it_without_deliveries() {
+    use ledger::config::Roles;
+    let write_side = Roles { command_api: true, query_api: true, relay: false, projectors: false, processes: false };
+    let t = TestLedger::start_with_roles(|_| {}, write_side).await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "4.00"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let head = t.head().await;
+    let behind: i64 = sqlx::query_scalar("SELECT count(*) FROM balances").fetch_one(&t.pool).await.unwrap();
+    assert_eq!(behind, 0, "nothing has applied the log yet");
+
+    let read_side = Roles { command_api: false, query_api: false, relay: false, projectors: true, processes: false };
+    let projector = ledger::start(t.config.clone(), read_side).await.expect("projector starts");
+    ledger_projections::read_side::wait_for(&t.pool, head, Duration::from_secs(10))
+        .await
+        .expect("the read side reaches the head of the log with nothing delivered");
+    assert_eq!(t.balance(&ann, &a, head).await, "6.00");
+    assert_eq!(t.balance(&bob, &b, head).await, "4.00");
+    t.assert_invariants().await;
+    projector.stop().await;
     t.cleanup().await;
 }
