@@ -85,6 +85,13 @@ impl TestLedger {
         TestLedger { base: format!("http://{addr}"), http: Client::new(), pool, config, db, running: Some(running) }
     }
 
+    /// Stops the service; its database stays for the test to read.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
     /// Stops the service and removes its database and JetStream stream.
     pub async fn cleanup(mut self) {
         if let Some(r) = self.running.take() {

@@ -230,3 +230,28 @@ async fn a_projector_starting_behind_the_log_catches_up_from_it_without_deliveri
     projector.stop().await;
     t.cleanup().await;
 }
+
+/// While busy the relay saves its cursor at most every 100 ms, and when idle
+/// only after a whole quiet poll (here a minute): a relay told to stop saves
+/// it first, so a restart does not publish the last batch again.
+#[tokio::test]
+async fn a_stopping_relay_saves_its_cursor_first() {
+    let mut t = TestLedger::start_with(|c| c.relay_poll = Duration::from_secs(60)).await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    // Back to back: the second batch comes within 100 ms of the first's save.
+    for amount in ["1.00", "2.00"] {
+        let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": amount})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // Published: the projector (fed by JetStream only) has applied the head.
+    t.settle().await;
+    let head = t.head().await;
+    t.stop().await;
+    let cursor: i64 = sqlx::query_scalar("SELECT position FROM relay_checkpoints").fetch_one(&t.pool).await.unwrap();
+    assert_eq!(cursor, head, "the cursor is saved at the last published event");
+    t.cleanup().await;
+}
