@@ -38,7 +38,8 @@ rm -f /tmp/replay-rss.$$
 LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="replaybench$$" LEDGER_LOG=warn \
     "$TARGET/ledger" serve >/dev/null 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
+# Stopped, then its JetStream stream deleted (file storage: it would stay on disk).
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; "$TARGET/ledger-bench" --delete-stream "replaybench$$" || true' EXIT
 start=$(date +%s.%N)
 ready=0
 for _ in $(seq 1 600); do

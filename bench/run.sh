@@ -77,6 +77,8 @@ for run in $(seq 1 "$RUNS"); do
         --json "$OUT/results-$run.jsonl"
     echo "server RSS after run $run: $(ps -o rss= -p "$SERVER_PID" | awk '{printf "%.0f MB", $1/1024}')"
     stop_server
+    # The run's JetStream stream goes with it (file storage: it would stay on disk).
+    "$TARGET/ledger-bench" --delete-stream "$prefix" || echo "note: stream of $prefix not deleted" >&2
 done
 
 # 3. Medians over the runs, and ours/baseline.

@@ -77,11 +77,27 @@ pub struct Args {
     /// Skip the checks against the database.
     #[arg(long)]
     pub no_check: bool,
+    /// Instead of a load: delete the JetStream stream of a server run with
+    /// this `LEDGER_NATS_PREFIX` (the bench scripts' clean-up), then exit.
+    #[arg(long, value_name = "PREFIX")]
+    pub delete_stream: Option<String>,
+    /// The NATS server, for `--delete-stream`.
+    #[arg(long, env = "LEDGER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(prefix) = &args.delete_stream {
+        let names = ledger_commands::nats::NatsNames::new(prefix);
+        let js = async_nats::jetstream::new(async_nats::connect(&args.nats_url).await?);
+        return match js.delete_stream(names.stream()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting stream {}", names.stream())),
+        };
+    }
     if let Some(events) = args.seed_log {
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&args.database_url).await?;
         return seed::seed(&pool, events).await;
