@@ -47,15 +47,33 @@ pub struct PaymentProcess {
     pub auto_accept: bool,
 }
 
+/// What the payment process follows: one durable consumer per event type,
+/// each filtered by one subject. Several subjects in one consumer
+/// (`filter_subjects`) need NATS 2.10; a 2.9 server ignores the field and
+/// delivers the whole stream, every event parsed and acknowledged one by one.
+const TRIGGERS: [(&str, &str); 2] = [("OrderPlaced", "payments-placed"), ("OrderPaymentHeld", "payments-held")];
+
+/// The single consumer of earlier versions, filtered by both subjects.
+const FORMER_CONSUMER: &str = "payments";
+
 impl PaymentProcess {
     pub async fn run(self, shutdown: CancellationToken) {
+        let this = &self;
+        futures::future::join_all(TRIGGERS.map(|(event_type, consumer)| {
+            let shutdown = shutdown.clone();
+            async move { this.follow(event_type, consumer, shutdown).await }
+        }))
+        .await;
+    }
+
+    async fn follow(&self, event_type: &str, consumer: &str, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                result = self.consume() => {
+                result = self.consume(event_type, consumer) => {
                     if let Err(e) = result {
-                        tracing::warn!(error = %e, "payment process interrupted; retrying");
+                        tracing::warn!(error = %e, consumer, "payment process interrupted; retrying");
                     }
                 }
             }
@@ -67,18 +85,27 @@ impl PaymentProcess {
         }
     }
 
-    async fn consume(&self) -> Result<(), ProjectionError> {
+    async fn consume(&self, event_type: &str, consumer: &str) -> Result<(), ProjectionError> {
         let nats = |e: &dyn std::fmt::Display| ProjectionError::Nats(e.to_string());
         let stream = ensure_stream(&self.js, &self.names).await.map_err(|e| nats(&e))?;
-        let name = self.names.consumer("payments");
+        let name = self.names.consumer(consumer);
+        // Taking over from the former consumer: start after what it had
+        // acknowledged (not from the stream's start, which would replay
+        // every order's steps: harmless by their derived keys, but a burst).
+        // It is removed once both successors exist.
+        let former = self.names.consumer(FORMER_CONSUMER);
+        let deliver_policy = match stream.consumer_info(&former).await {
+            Ok(info) => DeliverPolicy::ByStartSequence { start_sequence: info.ack_floor.stream_sequence + 1 },
+            Err(_) => DeliverPolicy::All,
+        };
         let consumer = stream
             .get_or_create_consumer(
                 &name,
                 pull::Config {
                     durable_name: Some(name.clone()),
                     ack_policy: AckPolicy::Explicit,
-                    deliver_policy: DeliverPolicy::All,
-                    filter_subjects: vec![self.names.subject("OrderPlaced"), self.names.subject("OrderPaymentHeld")],
+                    deliver_policy,
+                    filter_subject: self.names.subject(event_type),
                     ack_wait: Duration::from_secs(30),
                     max_deliver: -1,
                     ..Default::default()
@@ -86,6 +113,14 @@ impl PaymentProcess {
             )
             .await
             .map_err(|e| nats(&e))?;
+        let successors = TRIGGERS.map(|(_, c)| self.names.consumer(c));
+        let mut all_there = true;
+        for successor in &successors {
+            all_there &= stream.consumer_info(successor).await.is_ok();
+        }
+        if all_there && stream.delete_consumer(&former).await.is_ok() {
+            tracing::info!(consumer = %former, "the former payment consumer was removed");
+        }
         let mut messages = consumer.messages().await.map_err(|e| nats(&e))?;
         tracing::info!(consumer = %name, auto_accept = self.auto_accept, "payment process consuming");
         while let Some(message) = messages.next().await {

@@ -207,21 +207,25 @@ async fn redelivered_payment_messages_charge_once() {
     let js = async_nats::jetstream::new(client);
     let names = ledger_commands::nats::NatsNames::new(&t.config.nats_prefix);
     let stream = js.get_stream(names.stream()).await.unwrap();
+    // The whole stream, filtered here: several filter subjects need NATS 2.10.
     let consumer = stream
         .create_consumer(pull::Config {
             ack_policy: AckPolicy::None,
             deliver_policy: DeliverPolicy::All,
-            filter_subjects: vec![names.subject("OrderPlaced"), names.subject("OrderPaymentHeld")],
             ..Default::default()
         })
         .await
         .unwrap();
-    let mut messages = consumer.fetch().max_messages(2).expires(Duration::from_secs(2)).messages().await.unwrap();
+    let mut messages = consumer.fetch().max_messages(1000).expires(Duration::from_secs(2)).messages().await.unwrap();
+    let triggers = [names.subject("OrderPlaced"), names.subject("OrderPaymentHeld")];
     let mut payloads = vec![];
     while let Some(m) = messages.next().await {
-        payloads.push(m.unwrap().payload.clone());
+        let m = m.unwrap();
+        if triggers.iter().any(|t| m.subject.as_str() == t) {
+            payloads.push(m.payload.clone());
+        }
     }
-    assert_eq!(payloads.len(), 2);
+    assert_eq!(payloads.len(), 2, "one OrderPlaced and one OrderPaymentHeld");
     let process =
         PaymentProcess { ledger: ledger::ledger_for(&t.config, t.pool.clone()), js, names, auto_accept: true };
     for _ in 0..3 {
@@ -246,5 +250,71 @@ async fn redelivered_payment_messages_charge_once() {
     let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={}", t.head().await), &ann).await;
     assert_eq!(view["balance"], "60.00", "charged once");
     t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+/// The payment process follows one consumer per triggering event type, each
+/// filtered by one subject: nothing else reaches it (several `filter_subjects`
+/// in one consumer need NATS 2.10; a 2.9 server delivered it every event).
+/// It takes over from the former single `payments` consumer after what that
+/// one had acknowledged, and removes it.
+#[tokio::test]
+async fn the_payment_process_gets_only_order_events_and_takes_over_from_the_former_consumer() {
+    use ledger::config::Roles;
+    let no_process = Roles { command_api: true, query_api: true, relay: true, projectors: true, processes: false };
+    let t = TestLedger::start_with_roles(|_| {}, no_process).await;
+    let (_, ann) = t.user().await;
+    let (_, merchant) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let shop = t.account(&merchant, "EUR").await;
+    t.deposit(&ann, &a, "100.00").await;
+    let place = |amount: &str| {
+        t.post(
+            "/v1/orders",
+            &ann,
+            json!({"account_id": a, "merchant_account": shop, "amount": amount, "description": "x"}),
+        )
+    };
+    let (s, first) = place("10.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    t.settle().await;
+
+    // The former consumer, which had handled (acknowledged) all of that.
+    let client = async_nats::connect(&t.config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let names = ledger_commands::nats::NatsNames::new(&t.config.nats_prefix);
+    let stream = js.get_stream(names.stream()).await.unwrap();
+    let former_name = names.consumer("payments");
+    let former = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(former_name.clone()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = former.fetch().max_messages(1000).expires(Duration::from_secs(1)).messages().await.unwrap();
+    while let Some(m) = messages.next().await {
+        m.unwrap().double_ack().await.unwrap();
+    }
+
+    // A later order, then an instance running the payment process.
+    let (s, second) = place("20.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{second}");
+    let process_only = Roles { command_api: false, query_api: false, relay: false, projectors: false, processes: true };
+    let process = ledger::start(t.config.clone(), process_only).await.expect("process starts");
+    settled_order(&t, &ann, second["order_id"].as_str().unwrap(), "FINISHED").await;
+    t.settle().await;
+
+    // The first order was the former consumer's: left as it was.
+    let (_, v) = t.get(&format!("/v1/orders/{}", first["order_id"].as_str().unwrap()), &ann).await;
+    assert_eq!(v["status"], "NEW", "{v}");
+    for (consumer, delivered) in [("payments-placed", 1), ("payments-held", 1)] {
+        let info = stream.consumer_info(names.consumer(consumer)).await.expect("the successor exists");
+        assert_eq!(info.delivered.consumer_sequence, delivered, "{consumer}: only its own event type");
+    }
+    assert!(stream.consumer_info(&former_name).await.is_err(), "the former consumer is removed");
+    process.stop().await;
     t.cleanup().await;
 }
