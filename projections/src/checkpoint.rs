@@ -1,5 +1,6 @@
 //! Projection checkpoints: how far each read model has applied the log.
 
+use chrono::{DateTime, Utc};
 use ledger_commands::store::LogPoint;
 use sqlx::{PgConnection, Row};
 
@@ -48,7 +49,7 @@ pub async fn lock_counting(
     conn: &mut PgConnection,
     projections: &[&str],
     through: LogPoint,
-) -> Result<Vec<(String, LogPoint, i64)>, sqlx::Error> {
+) -> Result<Vec<Locked>, sqlx::Error> {
     let mut names: Vec<&str> = projections.to_vec();
     names.sort_unstable();
     names.dedup();
@@ -57,8 +58,8 @@ pub async fn lock_counting(
              INSERT INTO projection_checkpoints (projection, transaction_id, position)
              SELECT name, '0'::xid8, 0 FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i) ORDER BY i
              ON CONFLICT (projection) DO UPDATE SET projection = excluded.projection
-             RETURNING projection, transaction_id, position)
-         SELECT l.projection, l.transaction_id::text AS t, l.position,
+             RETURNING projection, transaction_id, position, updated_at)
+         SELECT l.projection, l.transaction_id::text AS t, l.position, l.updated_at,
                 (SELECT count(*) FROM events e
                  WHERE (e.transaction_id, e.position) > (l.transaction_id, l.position)
                    AND (e.transaction_id, e.position) <= ($2::text::xid8, $3)) AS in_log
@@ -69,26 +70,49 @@ pub async fn lock_counting(
     .bind(through.position)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(|r| Ok((r.try_get("projection")?, point_from(r)?, r.try_get("in_log")?))).collect()
+    rows.iter()
+        .map(|r| {
+            Ok(Locked {
+                projection: r.try_get("projection")?,
+                at: point_from(r)?,
+                in_log: r.try_get("in_log")?,
+                written: r.try_get("updated_at")?,
+            })
+        })
+        .collect()
 }
 
-/// Moves several projections' checkpoints, in one statement.
-pub async fn save_all(conn: &mut PgConnection, points: &[(&str, LogPoint)]) -> Result<(), sqlx::Error> {
+/// A checkpoint as `lock_counting` found it under its lock.
+pub struct Locked {
+    pub projection: String,
+    pub at: LogPoint,
+    /// The log's events after `at`, up to the batch's end.
+    pub in_log: i64,
+    /// When it was last saved (by anyone: a projector, a rebuild's swap).
+    pub written: DateTime<Utc>,
+}
+
+/// Moves several projections' checkpoints, in one statement; returns when
+/// each was saved (this transaction's start).
+pub async fn save_all(
+    conn: &mut PgConnection,
+    points: &[(&str, LogPoint)],
+) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
     if points.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    sqlx::query(
+    sqlx::query_as(
         "UPDATE projection_checkpoints c
          SET transaction_id = p.t::xid8, position = p.position, updated_at = now()
          FROM unnest($1::text[], $2::text[], $3::bigint[]) AS p(projection, t, position)
-         WHERE c.projection = p.projection",
+         WHERE c.projection = p.projection
+         RETURNING c.projection, c.updated_at",
     )
     .bind(points.iter().map(|(name, _)| *name).collect::<Vec<_>>())
     .bind(points.iter().map(|(_, p)| p.transaction_id.to_string()).collect::<Vec<_>>())
     .bind(points.iter().map(|(_, p)| p.position).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .fetch_all(&mut *conn)
+    .await
 }
 
 /// Every projection's checkpoint, without locking.

@@ -7,6 +7,7 @@
 use crate::balances;
 use crate::ProjectionError;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use ledger_commands::nats::{ensure_stream, NatsNames};
@@ -96,7 +97,10 @@ impl PaymentProcess {
         let former = self.names.consumer(FORMER_CONSUMER);
         let deliver_policy = match stream.consumer_info(&former).await {
             Ok(info) => DeliverPolicy::ByStartSequence { start_sequence: info.ack_floor.stream_sequence + 1 },
-            Err(_) => DeliverPolicy::All,
+            // Only a former consumer known to be absent means "from the start":
+            // a timeout must not make the successor replay every order.
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
+            Err(e) => return Err(nats(&e)),
         };
         let consumer = stream
             .get_or_create_consumer(

@@ -207,29 +207,30 @@ impl Projector {
             let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
             // Each projection applies what lies after its own checkpoint. If
             // delivery skipped any of that, the batch comes from the log.
-            let skipped = checkpoints
-                .iter()
-                .find(|(_, from, in_log)| events.iter().filter(|e| e.point() > *from).count() as i64 != *in_log);
+            let skipped =
+                checkpoints.iter().find(|c| events.iter().filter(|e| e.point() > c.at).count() as i64 != c.in_log);
             let logged = match skipped {
-                Some((name, from, in_log)) => {
+                Some(c) => {
                     tracing::warn!(
-                        projection = name.as_str(),
-                        delivered = events.iter().filter(|e| e.point() > *from).count(),
-                        in_log,
+                        projection = c.projection.as_str(),
+                        delivered = events.iter().filter(|e| e.point() > c.at).count(),
+                        in_log = c.in_log,
                         "delivery skipped events; reading the range from the log"
                     );
-                    let earliest = checkpoints.iter().map(|(_, p, _)| *p).min().unwrap_or(*from);
+                    let earliest = checkpoints.iter().map(|c| c.at).min().unwrap_or(c.at);
                     Some(store::read_range(&mut tx, earliest, through).await?)
                 }
                 None => None,
             };
             let source: &[RecordedEvent] = logged.as_deref().unwrap_or(&events);
-            let mut work: Vec<(Projection, LogPoint, Vec<&RecordedEvent>)> = Vec::new();
-            for (name, from, _) in &checkpoints {
-                let Some(projection) = self.projections.iter().copied().find(|p| p.name() == name) else { continue };
-                let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > *from).collect();
+            let mut work: Vec<(Projection, &checkpoint::Locked, Vec<&RecordedEvent>)> = Vec::new();
+            for c in &checkpoints {
+                let Some(projection) = self.projections.iter().copied().find(|p| p.name() == c.projection) else {
+                    continue;
+                };
+                let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > c.at).collect();
                 if !mine.is_empty() {
-                    work.push((projection, *from, mine));
+                    work.push((projection, c, mine));
                 }
             }
             if work.is_empty() {
@@ -254,17 +255,20 @@ impl Projector {
                         mine.iter().filter_map(|r| decoded.get(&r.point()).map(|e| (*r, e))).collect();
                     match projection {
                         Projection::Statements => {
-                            statements_applied =
-                                Some(statements::apply_remembering(&mut tx, &pairs, last_entries, *from).await?);
+                            statements_applied = Some(
+                                statements::apply_remembering(&mut tx, &pairs, last_entries, from.at, from.written)
+                                    .await?,
+                            );
                         }
                         _ => projection.apply_decoded(&mut tx, &pairs).await?,
                     }
                     moved.push((projection.name(), through));
                 }
-                checkpoint::save_all(&mut tx, &moved).await?;
+                let saved = checkpoint::save_all(&mut tx, &moved).await?;
                 tx.commit().await?;
-                if let Some(applied) = statements_applied {
-                    last_entries.committed(through, applied);
+                let statements_saved = saved.iter().find(|(name, _)| name == Projection::Statements.name());
+                if let (Some(applied), Some((_, written))) = (statements_applied, statements_saved) {
+                    last_entries.committed(through, *written, applied);
                 }
                 // Never backwards: a later batch's end is past every earlier one's.
                 self.applied.send_if_modified(|at| {

@@ -21,15 +21,15 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Even
 }
 
 /// The accounts' last (entry number, balance after) as one projector wrote
-/// them, with the statements checkpoint its last commit left (`at`). While
-/// the checkpoint is still there, nobody else has written entries since, so
-/// a batch need not look up the accounts it knows (the lookup was ~9% of
-/// PostgreSQL's time at the bench's peak). Kept for one projector run; a
-/// stale entry could only repeat an entry number, which the primary key
-/// `(account_id, entry_no)` refuses.
+/// them, with the statements checkpoint its last commit left: its point and
+/// when it was saved (`updated_at`, which any other writer of the checkpoint
+/// changes, a rebuild's swap that saves the same point included). While the
+/// checkpoint is still that, nobody else has written entries since, so a
+/// batch need not look up the accounts it knows (the lookup was ~9% of
+/// PostgreSQL's time at the bench's peak). Kept for one projector run.
 #[derive(Default)]
 pub struct LastEntries {
-    at: Option<LogPoint>,
+    at: Option<(LogPoint, DateTime<Utc>)>,
     known: HashMap<Uuid, (i64, Decimal)>,
 }
 
@@ -42,13 +42,14 @@ pub struct Applied {
 }
 
 impl LastEntries {
-    /// After the batch's transaction committed with the checkpoint at `at`.
-    pub fn committed(&mut self, at: LogPoint, applied: Applied) {
+    /// After the batch's transaction committed the checkpoint at `at`,
+    /// saved at `written`.
+    pub fn committed(&mut self, at: LogPoint, written: DateTime<Utc>, applied: Applied) {
         if self.known.len() + applied.last.len() > REMEMBERED_ACCOUNTS {
             self.known.clear();
         }
         self.known.extend(applied.last);
-        self.at = Some(at);
+        self.at = Some((at, written));
     }
 
     /// After a failure: the next batch looks every account up.
@@ -67,16 +68,18 @@ impl LastEntries {
 }
 
 /// `apply_all` for a projector that remembers: `from` is the statements
-/// checkpoint this batch starts after, read under its lock. The memory is
-/// used only if that is where its own last commit left it.
+/// checkpoint this batch starts after and `written` when it was saved, both
+/// read under its lock. The memory is used only if that is the checkpoint
+/// its own last commit left.
 pub async fn apply_remembering(
     conn: &mut PgConnection,
     events: &[(&RecordedEvent, &Event)],
     memory: &LastEntries,
     from: LogPoint,
+    written: DateTime<Utc>,
 ) -> Result<Applied, sqlx::Error> {
     let nothing = HashMap::new();
-    let known = if memory.at == Some(from) { &memory.known } else { &nothing };
+    let known = if memory.at == Some((from, written)) { &memory.known } else { &nothing };
     let last = apply_knowing(conn, events, known).await?;
     Ok(Applied { last })
 }

@@ -331,10 +331,12 @@ async fn a_wait_for_the_read_side_ends_on_the_local_projectors_report() {
 }
 
 /// The projector remembers the last statement entry of the accounts it wrote
-/// (no lookup per batch) only while the statements checkpoint is where its
-/// own commit left it. Another instance's batch in between moves the
-/// checkpoint: the memory is not used, and the numbering continues from the
-/// table. Made-up accounts, so the test's own running projector never meets them.
+/// (no lookup per batch) only while the statements checkpoint is the one its
+/// own commit left: the same point, saved at the same time. Another
+/// instance's batch moves the point; a rebuild's swap of the tables saves the
+/// checkpoint anew even at the same point. Either way the memory is not used
+/// and the numbering continues from the table. Made-up accounts, so the
+/// test's own running projector never meets them.
 #[tokio::test]
 async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_projectors_own() {
     use ledger_commands::store::{EventMetadata, LogPoint, RecordedEvent};
@@ -380,14 +382,17 @@ async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_proje
         .await
         .unwrap()
     };
+    // When each checkpoint was saved (`updated_at`, as `lock_counting` reads it).
+    let saved = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
     let mut memory = LastEntries::default();
 
     // This projector's batch, from the start: it remembers a and b.
     let (r1, e1) = movement(1, 500);
     let mut tx = t.pool.begin().await.unwrap();
-    let applied = statements::apply_remembering(&mut tx, &[(&r1, &e1)], &memory, LogPoint::START).await.unwrap();
+    let applied =
+        statements::apply_remembering(&mut tx, &[(&r1, &e1)], &memory, LogPoint::START, saved(0)).await.unwrap();
     tx.commit().await.unwrap();
-    memory.committed(point(1), applied);
+    memory.committed(point(1), saved(1), applied);
     assert_eq!(memory.len(), 2);
 
     // Another instance applies the next batch; the checkpoint moves to 2.
@@ -399,9 +404,9 @@ async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_proje
     // This projector again, from checkpoint 2: its memory (entry 1, -5.00) is stale and must not be used.
     let (r3, e3) = movement(3, 200);
     let mut tx = t.pool.begin().await.unwrap();
-    let applied = statements::apply_remembering(&mut tx, &[(&r3, &e3)], &memory, point(2)).await.unwrap();
+    let applied = statements::apply_remembering(&mut tx, &[(&r3, &e3)], &memory, point(2), saved(2)).await.unwrap();
     tx.commit().await.unwrap();
-    memory.committed(point(3), applied);
+    memory.committed(point(3), saved(3), applied);
     let d = |v: i64| Decimal::new(v, 2);
     assert_eq!(a_entries().await, vec![(1, d(-500)), (2, d(-800)), (3, d(-1000))]);
 
@@ -421,15 +426,15 @@ async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_proje
     .unwrap();
     let (r5, e5) = movement(5, 100);
     let mut tx = t.pool.begin().await.unwrap();
-    let refused = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3)).await;
+    let refused = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3), saved(3)).await;
     assert!(refused.is_err(), "entry 4 is taken: the remembered numbering must collide, not skip");
     tx.rollback().await.unwrap();
-    // Forgotten (as after any failed batch), the numbering comes from the table.
-    memory.forget();
+    // A rebuild's swap brings tables that differ (here: entry 4) and saves
+    // the checkpoint at the same point, anew: the numbering comes from the table.
     let mut tx = t.pool.begin().await.unwrap();
-    let applied = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3)).await.unwrap();
+    let applied = statements::apply_remembering(&mut tx, &[(&r5, &e5)], &memory, point(3), saved(4)).await.unwrap();
     tx.commit().await.unwrap();
-    memory.committed(point(5), applied);
+    memory.committed(point(5), saved(5), applied);
     assert_eq!(a_entries().await.last(), Some(&(5, d(-1101))));
     t.cleanup().await;
 }
