@@ -12,8 +12,13 @@ use std::cmp::Ordering;
 pub fn to_string(value: &Value) -> String {
     let mut out = Vec::with_capacity(256);
     write(value, &mut out);
-    // Only UTF-8 is written: serde_json's JSON text and ASCII punctuation.
-    String::from_utf8(out).unwrap_or_default()
+    // Only UTF-8 is written (serde_json's JSON text and ASCII punctuation),
+    // so this is always `Ok`; were it not, the text is kept, never emptied
+    // (an empty fingerprint would make different requests look alike).
+    match String::from_utf8(out) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
 }
 
 /// Appends `value`'s canonical form. Writes straight into the buffer: no
