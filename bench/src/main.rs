@@ -17,6 +17,7 @@ mod report;
 mod scenario;
 mod seed;
 mod setup;
+mod wire;
 
 use anyhow::{bail, Context};
 use clap::Parser;

@@ -2,6 +2,7 @@
 
 use crate::client::{Answer, Http};
 use crate::setup::World;
+use crate::wire::Wire;
 use crate::Args;
 use anyhow::bail;
 use hdrhistogram::Histogram;
@@ -121,7 +122,6 @@ impl Tally {
 type LagSamples = Arc<Mutex<Vec<(Duration, u64)>>>;
 
 struct Shared<'a> {
-    http: &'a Http,
     world: &'a World,
     args: &'a Args,
     scenario: Scenario,
@@ -137,7 +137,6 @@ pub async fn run(http: &Http, world: &World, args: &Args, scenario: Scenario) ->
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
     let shared = Shared {
-        http,
         world,
         args,
         scenario,
@@ -235,6 +234,13 @@ async fn connection(
     let mut due = start + interval.map(|i| i.mul_f64(conn as f64 / shared.args.connections as f64)).unwrap_or_default();
     let mut seq: u64 = 0;
     let mut writes: u64 = 0;
+    let mut wire = match Wire::new(&shared.args.url) {
+        Ok(wire) => wire,
+        Err(e) => {
+            tally.error(true, &format!("{e:#}"));
+            return tally;
+        }
+    };
     loop {
         let started = match interval {
             Some(i) => {
@@ -251,7 +257,9 @@ async fn connection(
         let measuring = started >= shared.measure_from;
         seq += 1;
         let key = format!("{}-{}-{}-{conn}-{seq}", shared.world.run_id, shared.scenario.name(), shared.nonce);
-        if let Some((account, token, position)) = operation(shared, &key, started, measuring, &mut tally).await {
+        if let Some((account, token, position)) =
+            operation(shared, &mut wire, &key, started, measuring, &mut tally).await
+        {
             writes += 1;
             let every = shared.args.lag_every;
             if measuring && every > 0 && writes.is_multiple_of(every) {
@@ -266,6 +274,11 @@ async fn connection(
         }
     }
     tally
+}
+
+/// A request body (a `Value` always serializes).
+fn body(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 fn pick(rng: &mut impl Rng, n: usize) -> usize {
@@ -284,13 +297,13 @@ fn pair(rng: &mut impl Rng, n: usize) -> (usize, usize) {
 /// (for the lag probe).
 async fn operation<'w>(
     shared: &Shared<'w>,
+    wire: &mut Wire,
     key: &str,
     started: Instant,
     measuring: bool,
     tally: &mut Tally,
 ) -> Option<(uuid::Uuid, &'w str, i64)> {
     let world = shared.world;
-    let http = shared.http;
     let n = world.accounts.len();
     let (from, to, mixed_read) = {
         let mut rng = rand::thread_rng();
@@ -306,7 +319,7 @@ async fn operation<'w>(
     let transfer = json!({ "from_account": from.id, "to_account": to.id, "amount": "0.01" });
     match shared.scenario {
         Scenario::Uniform | Scenario::Hot | Scenario::HotDebit | Scenario::Mixed if !mixed_read => {
-            let answer = http.post("/v1/transfers", Some(token), Some(key), &transfer).await;
+            let answer = wire.post("/v1/transfers", token, key, &body(&transfer)).await;
             tally.record(measuring, started, &answer);
             if answer.status == 201 {
                 tally.transfers += u64::from(measuring);
@@ -315,15 +328,15 @@ async fn operation<'w>(
             None
         }
         Scenario::Mixed => {
-            let answer = http.get(&format!("/v1/accounts/{}", from.id), token).await;
+            let answer = wire.get(&format!("/v1/accounts/{}", from.id), token).await;
             tally.record(measuring, started, &answer);
             None
         }
         Scenario::Retry => {
-            let first = http.post("/v1/transfers", Some(token), Some(key), &transfer).await;
+            let first = wire.post("/v1/transfers", token, key, &body(&transfer)).await;
             tally.record(measuring, started, &first);
             let again_started = Instant::now();
-            let again = http.post("/v1/transfers", Some(token), Some(key), &transfer).await;
+            let again = wire.post("/v1/transfers", token, key, &body(&transfer)).await;
             tally.record(measuring, again_started, &again);
             if first.ok() && (!again.replayed || again.status != first.status || again.body != first.body) {
                 tally.error(measuring, "retry answered differently from the first request");
@@ -337,17 +350,12 @@ async fn operation<'w>(
         Scenario::Holds => {
             let mut hold = transfer;
             hold["expires_in_seconds"] = json!(600);
-            let placed = http.post("/v1/holds", Some(token), Some(key), &hold).await;
+            let placed = wire.post("/v1/holds", token, key, &body(&hold)).await;
             tally.record(measuring, started, &placed);
             let hold_id = placed.body.get("hold_id").and_then(Value::as_str)?.to_owned();
             let capture_started = Instant::now();
-            let captured = http
-                .post(
-                    &format!("/v1/holds/{hold_id}/capture"),
-                    Some(world.token(to)),
-                    Some(&format!("{key}-capture")),
-                    &json!({}),
-                )
+            let captured = wire
+                .post(&format!("/v1/holds/{hold_id}/capture"), world.token(to), &format!("{key}-capture"), b"{}")
                 .await;
             tally.record(measuring, capture_started, &captured);
             if captured.ok() {
@@ -372,8 +380,8 @@ async fn operation<'w>(
                     })
                     .collect()
             };
-            let answer = http
-                .post("/v1/transfers/batch", Some(token), Some(key), &json!({ "transfers": items, "atomic": true }))
+            let answer = wire
+                .post("/v1/transfers/batch", token, key, &body(&json!({ "transfers": items, "atomic": true })))
                 .await;
             tally.record(measuring, started, &answer);
             if answer.ok() {
