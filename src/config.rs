@@ -22,6 +22,10 @@ pub struct Config {
     pub group_commit_writers: usize,
     pub read_wait: Duration,
     pub relay_poll: Duration,
+    /// The projector's shortest time between batch starts (0: none).
+    pub projector_pace: Duration,
+    /// The relay's shortest time between reads of the log (0: none).
+    pub relay_pace: Duration,
     /// Seals TOTP secrets at rest (`LEDGER_SECRET_KEY`).
     pub secret_key: Vec<u8>,
     pub secret_key_is_default: bool,
@@ -85,6 +89,8 @@ impl Config {
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
+            projector_pace: Duration::from_millis(parsed("LEDGER_PROJECTOR_PACE_MS", 15)?),
+            relay_pace: Duration::from_millis(parsed("LEDGER_RELAY_PACE_MS", 5)?),
             secret_key_is_default: secret_key.is_none(),
             secret_key: secret_key.unwrap_or_else(|| DEV_SECRET_KEY.into()).into_bytes(),
             insecure_cookies: var("LEDGER_INSECURE_COOKIES").is_some_and(|v| v == "1" || v == "true"),

@@ -93,6 +93,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             wake: ledger.appended(),
             batch_size: 1_000,
             idle_poll: config.relay_poll,
+            pace: config.relay_pace,
         };
         tasks.spawn(relay.run(shutdown.clone()));
         let sealer = ledger_audit::chain::Sealer {
@@ -118,6 +119,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
                 applied = Some(receiver);
                 sender
             },
+            pace: config.projector_pace,
         };
         tasks.spawn(projector.run(shutdown.clone()));
         // Outdated projections are rebuilt together, in one pass over the log.

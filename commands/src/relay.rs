@@ -38,6 +38,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often, at most, a busy relay saves its cursor.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
+/// Only a read that found fewer events than this is followed by the pace's
+/// wait: at the peak reads are larger and a wait would be lag for nothing.
+const PACED_BELOW: usize = 64;
+
 pub struct Relay {
     pub pool: PgPool,
     pub js: jetstream::Context,
@@ -46,6 +50,12 @@ pub struct Relay {
     pub wake: Arc<Notify>,
     pub batch_size: i64,
     pub idle_poll: Duration,
+    /// After a read that found few events (under `PACED_BELOW`), the
+    /// shortest time to the next read: each read costs a round trip and a
+    /// statement whether it finds one group's events or many, and under a
+    /// light load every group commit woke the relay for a read of a few
+    /// events and an empty one after it. Zero: read again at once.
+    pub pace: Duration,
 }
 
 impl Relay {
@@ -120,9 +130,18 @@ impl Relay {
         // starts and after a failed publish, not before every batch.
         let mut stream_ready = false;
         let mut publish_backoff = Duration::from_millis(50);
+        // When the last read started, if it found few events.
+        let mut last_small: Option<std::time::Instant> = None;
         loop {
+            if let Some(last) = last_small.filter(|_| !self.pace.is_zero()) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until((last + self.pace).into()) => {}
+                }
+            }
             let started = std::time::Instant::now();
             let events = store::read_settled_after(&mut conn, checkpoint, self.batch_size).await?;
+            last_small = (events.len() < PACED_BELOW).then_some(started);
             let read = started.elapsed();
             let Some(last) = events.last().map(RecordedEvent::point) else {
                 // Caught up. The cursor is saved once nothing came for a

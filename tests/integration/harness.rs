@@ -40,6 +40,8 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
         group_commit_writers: 2,
         read_wait: Duration::from_secs(5),
         relay_poll: Duration::from_millis(20),
+        projector_pace: Duration::ZERO,
+        relay_pace: Duration::ZERO,
         secret_key: b"integration-test-sealing-key-integration-test".to_vec(),
         secret_key_is_default: false,
         insecure_cookies: false,

@@ -268,3 +268,39 @@ async fn a_stopping_relay_saves_its_cursor_first() {
     assert_eq!(cursor, head, "the cursor is saved at the last published event");
     t.cleanup().await;
 }
+
+/// With the relay and the projector paced (reads of the log and batches at
+/// most every so often, what arrives in the wait joining the next batch),
+/// waves of concurrent transfers all reach the read side, once each.
+#[tokio::test]
+async fn a_paced_relay_and_projector_apply_every_event_once() {
+    let t = TestLedger::start_with(|c| {
+        c.relay_pace = Duration::from_millis(40);
+        c.projector_pace = Duration::from_millis(150);
+    })
+    .await;
+    let (_, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "100.00").await;
+    for _wave in 0..3 {
+        let sends = (0..10)
+            .map(|_| t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "1.00"})));
+        for (s, v) in futures::future::join_all(sends).await {
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "70.00");
+    assert_eq!(t.balance(&bob, &b, head).await, "30.00");
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM statement_entries WHERE account_id = $1::uuid")
+        .bind(&b)
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(entries, 30, "one statement entry per transfer");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
