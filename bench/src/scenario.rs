@@ -133,6 +133,7 @@ struct Shared<'a> {
 }
 
 pub async fn run(http: &Http, world: &World, args: &Args, scenario: Scenario) -> anyhow::Result<RunResult> {
+    Wire::new(&args.url)?;
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
@@ -234,13 +235,8 @@ async fn connection(
     let mut due = start + interval.map(|i| i.mul_f64(conn as f64 / shared.args.connections as f64)).unwrap_or_default();
     let mut seq: u64 = 0;
     let mut writes: u64 = 0;
-    let mut wire = match Wire::new(&shared.args.url) {
-        Ok(wire) => wire,
-        Err(e) => {
-            tally.error(true, &format!("{e:#}"));
-            return tally;
-        }
-    };
+    // The address was checked before the load started.
+    let Ok(mut wire) = Wire::new(&shared.args.url) else { return tally };
     loop {
         let started = match interval {
             Some(i) => {

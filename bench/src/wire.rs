@@ -47,6 +47,8 @@ enum Failure {
     /// connection the server closed while it was idle. Sending again is safe
     /// (every load request carries its Idempotency-Key or is a read).
     BeforeAnswer(anyhow::Error),
+    /// The server could not be reached.
+    Connect,
     Other(anyhow::Error),
 }
 
@@ -104,6 +106,10 @@ impl Wire {
         };
         match result {
             Ok(Ok(answer)) => answer,
+            Ok(Err(Failure::Connect)) => {
+                self.stream = None;
+                transport("connect")
+            }
             Ok(Err(Failure::BeforeAnswer(e) | Failure::Other(e))) => {
                 self.stream = None;
                 transport(if e.chain().any(|c| c.is::<std::io::Error>()) { "transport" } else { "protocol" })
@@ -117,26 +123,37 @@ impl Wire {
 
     async fn send_and_read(&mut self) -> Result<Answer, Failure> {
         if self.stream.is_none() {
-            let stream = TcpStream::connect(&self.authority)
-                .await
-                .with_context(|| format!("connecting to {}", self.authority))
-                .map_err(Failure::Other)?;
+            let stream = TcpStream::connect(&self.authority).await.map_err(|_| Failure::Connect)?;
             stream.set_nodelay(true).context("TCP_NODELAY").map_err(Failure::Other)?;
             self.stream = Some(stream);
             self.read.clear();
         }
         let Some(stream) = self.stream.as_mut() else { return Err(Failure::Other(anyhow::anyhow!("no connection"))) };
         stream.write_all(&self.request).await.context("sending").map_err(Failure::BeforeAnswer)?;
+        // Nothing of an answer yet: a failure now is one of a connection
+        // the server closed while it was idle.
+        let mut answered = !self.read.is_empty();
         let head = loop {
-            if let Some(head) = parse_head(&self.read).map_err(Failure::Other)? {
-                break head;
+            match parse_head(&self.read).map_err(Failure::Other)? {
+                // An interim answer (100 Continue, 103 Early Hints): the
+                // final one follows.
+                Some(head) if (100..200).contains(&head.status) && head.status != 101 => {
+                    self.read.drain(..head.size);
+                    continue;
+                }
+                Some(head) => break head,
+                None => {}
             }
-            let before = self.read.len();
-            let n = read_more(stream, &mut self.read).await.map_err(Failure::Other)?;
-            if n == 0 {
-                let e = anyhow::anyhow!("the server closed the connection");
-                return Err(if before == 0 { Failure::BeforeAnswer(e) } else { Failure::Other(e) });
+            let n = read_more(stream, &mut self.read).await;
+            let failed = match n {
+                Ok(0) => Some(anyhow::anyhow!("the server closed the connection")),
+                Ok(_) => None,
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                return Err(if answered { Failure::Other(e) } else { Failure::BeforeAnswer(e) });
             }
+            answered = true;
         };
         self.read.drain(..head.size);
         let body = match head.length {
@@ -186,7 +203,10 @@ fn parse_head(bytes: &[u8]) -> anyhow::Result<Option<Head>> {
     for h in response.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("").trim();
         if h.name.eq_ignore_ascii_case("content-length") {
-            head.length = BodyLength::Exactly(value.parse().context("Content-Length")?);
+            // Transfer-Encoding overrides Content-Length (RFC 9112, 6.3).
+            if !matches!(head.length, BodyLength::Chunked) {
+                head.length = BodyLength::Exactly(value.parse().context("Content-Length")?);
+            }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
             head.length = BodyLength::Chunked;
         } else if h.name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
@@ -206,28 +226,38 @@ fn parse_head(bytes: &[u8]) -> anyhow::Result<Option<Head>> {
 async fn read_chunked(stream: &mut TcpStream, read: &mut Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
-        let line_end = loop {
-            if let Some(i) = read.windows(2).position(|w| w == b"\r\n") {
-                break i;
-            }
-            if read_more(stream, read).await? == 0 {
-                bail!("the chunked body ended early");
-            }
-        };
-        let line = std::str::from_utf8(&read[..line_end]).context("chunk size")?;
+        let line = read_line(stream, read).await?;
+        let line = std::str::from_utf8(&line).context("chunk size")?;
         let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).context("chunk size")?;
-        read.drain(..line_end + 2);
-        // The chunk and its CRLF (for the last, empty chunk: the CRLF that
-        // ends the trailers, none being sent here).
-        while read.len() < size + 2 {
+        if size == 0 {
+            // Trailers, if any, up to the empty line that ends the body.
+            while !read_line(stream, read).await?.is_empty() {}
+            return Ok(body);
+        }
+        let framed = size.checked_add(2).context("chunk size")?;
+        while read.len() < framed {
             if read_more(stream, read).await? == 0 {
                 bail!("the chunked body ended early");
             }
         }
+        if &read[size..framed] != b"\r\n" {
+            bail!("a chunk not followed by CRLF");
+        }
         body.extend_from_slice(&read[..size]);
-        read.drain(..size + 2);
-        if size == 0 {
-            return Ok(body);
+        read.drain(..framed);
+    }
+}
+
+/// The next CRLF-terminated line of `read` (without its CRLF), taken from it.
+async fn read_line(stream: &mut TcpStream, read: &mut Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    loop {
+        if let Some(i) = read.windows(2).position(|w| w == b"\r\n") {
+            let line = read[..i].to_vec();
+            read.drain(..i + 2);
+            return Ok(line);
+        }
+        if read_more(stream, read).await? == 0 {
+            bail!("the chunked body ended early");
         }
     }
 }
@@ -261,7 +291,8 @@ mod tests {
         assert_eq!(Wire::new("http://127.0.0.1:8080/").unwrap().authority, "127.0.0.1:8080");
     }
 
-    /// Against a one-shot server: a chunked answer, then a kept connection
+    /// Against a one-shot server: an interim answer, then a chunked one with
+    /// a trailer (and a Content-Length it overrides); then a kept connection
     /// the server closed while idle is replaced and the request sent again.
     #[tokio::test]
     async fn chunked_answers_and_closed_idle_connections_are_handled() {
@@ -272,7 +303,7 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n")
+            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\nx-trailer: 1\r\n\r\n")
                 .await
                 .unwrap();
             drop(s);

@@ -131,7 +131,10 @@ impl Projector {
         // When the last batch started, if it was a small one.
         let mut last_small: Option<Instant> = None;
         while let Some(mut batch) = batches.next().await {
-            if let Some(started) = last_small.filter(|_| !self.pace.is_zero()) {
+            // Only small after small: a burst arriving after a quiet spell
+            // (the onset of the peak, a backlog) is applied at once.
+            let small = batch.len() < PACED_BELOW;
+            if let Some(started) = last_small.filter(|_| small && !self.pace.is_zero()) {
                 let due = started + self.pace;
                 if Instant::now() < due {
                     tokio::time::sleep_until(due.into()).await;
