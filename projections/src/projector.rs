@@ -26,6 +26,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const MAX_BATCH: usize = 500;
+/// How long a starting run waits for committed events to settle, and how
+/// often it looks.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// Only a batch smaller than this is followed by the pace's wait: at the
 /// peak batches are larger and come no faster than they are applied, and a
 /// wait there would be lag for nothing.
@@ -85,6 +89,26 @@ impl Projector {
 
     async fn consume(&self) -> Result<(), ProjectionError> {
         let nats = |e: &dyn std::fmt::Display| ProjectionError::Nats(e.to_string());
+        // A connection of its own for as long as this consumer runs: one
+        // from the pool is pinged when handed out and when given back, two
+        // round trips per batch. It is pinged only after a pause (it may
+        // have died while idle: a database restart) and replaced if that
+        // fails. A batch that fails on it is applied once more on a fresh
+        // one: its transaction rolled back, and anything of it that did
+        // commit is at or below the checkpoints, so skipped. A run that ends
+        // leaves its batch unacknowledged until JetStream redelivers it
+        // (`ack_wait`, 30 s); the next run's catch-up applies it from the log first.
+        // The catch-up comes before anything is asked of NATS: the read side
+        // reaches the log's head even while JetStream is slow or away.
+        let mut conn = self.pool.acquire().await?.detach();
+        let mut used = Instant::now();
+        let mut last_entries = LastEntries::default();
+        if let Err(e) = self.catch_up(&mut conn, &mut last_entries).await {
+            tracing::warn!(error = %e, "catching up from the log failed; trying again on a fresh connection");
+            last_entries.forget();
+            conn = self.pool.acquire().await?.detach();
+            self.catch_up(&mut conn, &mut last_entries).await?;
+        }
         let stream = ensure_stream(&self.js, &self.names).await.map_err(|e| nats(&e))?;
         let name = self.consumer_name();
         let consumer = stream
@@ -101,24 +125,6 @@ impl Projector {
             )
             .await
             .map_err(|e| nats(&e))?;
-        // A connection of its own for as long as this consumer runs: one
-        // from the pool is pinged when handed out and when given back, two
-        // round trips per batch. It is pinged only after a pause (it may
-        // have died while idle: a database restart) and replaced if that
-        // fails. A batch that fails on it is applied once more on a fresh
-        // one: its transaction rolled back, and anything of it that did
-        // commit is at or below the checkpoints, so skipped. A run that ends
-        // leaves its batch unacknowledged until JetStream redelivers it
-        // (`ack_wait`, 30 s); the next run's catch-up applies it from the log first.
-        let mut conn = self.pool.acquire().await?.detach();
-        let mut used = Instant::now();
-        let mut last_entries = LastEntries::default();
-        if let Err(e) = self.catch_up(&mut conn, &mut last_entries).await {
-            tracing::warn!(error = %e, "catching up from the log failed; trying again on a fresh connection");
-            last_entries.forget();
-            conn = self.pool.acquire().await?.detach();
-            self.catch_up(&mut conn, &mut last_entries).await?;
-        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(MAX_BATCH)
@@ -176,6 +182,7 @@ impl Projector {
     /// such a later delivery. Deliveries of what this applied are skipped.
     async fn catch_up(&self, conn: &mut PgConnection, last_entries: &mut LastEntries) -> Result<(), ProjectionError> {
         let mut applied = 0usize;
+        let settle_by = Instant::now() + SETTLE_WAIT;
         loop {
             let saved = checkpoint::all(conn).await?;
             let from = self
@@ -185,6 +192,15 @@ impl Projector {
                 .min()
                 .unwrap_or(LogPoint::START);
             let events = store::read_settled_after(conn, from, MAX_BATCH as i64).await?;
+            if events.is_empty() && store::count_after(conn, from, 1).await? > 0 && Instant::now() < settle_by {
+                // Committed but not settled: a transaction that began before
+                // them is still open (in any database of the cluster:
+                // transaction ids are the cluster's). Deliveries would wait
+                // for the same, and a run with none coming (the relay
+                // stopped) would never apply them.
+                tokio::time::sleep(SETTLE_POLL).await;
+                continue;
+            }
             if events.is_empty() {
                 if applied > 0 {
                     tracing::info!(consumer = %self.consumer_name(), events = applied, "caught up from the log");

@@ -242,6 +242,35 @@ async fn a_projector_starting_behind_the_log_catches_up_from_it_without_deliveri
     t.cleanup().await;
 }
 
+/// Events committed while an older transaction is still open are not
+/// settled yet (the tailing order could still change below them): a starting
+/// projector waits for them instead of leaving them to deliveries that, with
+/// the relay stopped, never come.
+#[tokio::test]
+async fn a_projector_starting_behind_the_log_waits_for_its_events_to_settle() {
+    use ledger::config::Roles;
+    let write_side = Roles { command_api: true, query_api: true, relay: false, projectors: false, processes: false };
+    let t = TestLedger::start_with_roles(|_| {}, write_side).await;
+    // An older transaction, open across the writes below.
+    let mut older = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *older).await.unwrap();
+    let (_, ann) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let head = t.head().await;
+
+    let read_side = Roles { command_api: false, query_api: false, relay: false, projectors: true, processes: false };
+    let projector = ledger::start(t.config.clone(), read_side).await.expect("projector starts");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    older.commit().await.unwrap();
+    ledger_projections::read_side::wait_for(&t.pool, head, Duration::from_secs(10))
+        .await
+        .expect("the read side reaches the head once the older transaction ended");
+    assert_eq!(t.balance(&ann, &a, head).await, "10.00");
+    projector.stop().await;
+    t.cleanup().await;
+}
+
 /// While busy the relay saves its cursor at most every 100 ms, and when idle
 /// only after a whole quiet poll (here 3 s): a relay told to stop saves it
 /// first, so a restart does not publish the last batch again. (The poll also
