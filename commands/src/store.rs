@@ -478,6 +478,22 @@ pub async fn read_range(
     Ok(rows.iter().map(recorded_from_row).collect::<Result<_, _>>()?)
 }
 
+/// The last event's point in tailing order, of what is committed now.
+pub async fn head(conn: &mut PgConnection) -> Result<Option<LogPoint>, StoreError> {
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text, position FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some((t, position)) => Some(LogPoint {
+            transaction_id: t.parse().map_err(|_| sqlx::Error::Protocol(format!("xid8 {t:?}")))?,
+            position,
+        }),
+        None => None,
+    })
+}
+
 /// Counts the events in the half-open range (after, through].
 pub async fn count_range(conn: &mut PgConnection, after: LogPoint, through: LogPoint) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar(

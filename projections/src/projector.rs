@@ -182,6 +182,9 @@ impl Projector {
     /// such a later delivery. Deliveries of what this applied are skipped.
     async fn catch_up(&self, conn: &mut PgConnection, last_entries: &mut LastEntries) -> Result<(), ProjectionError> {
         let mut applied = 0usize;
+        // Waited for: what is committed now. Under a steady load there is
+        // always a newer unsettled tail, which deliveries will bring.
+        let head = store::head(conn).await?;
         let settle_by = Instant::now() + SETTLE_WAIT;
         loop {
             let saved = checkpoint::all(conn).await?;
@@ -192,7 +195,11 @@ impl Projector {
                 .min()
                 .unwrap_or(LogPoint::START);
             let events = store::read_settled_after(conn, from, MAX_BATCH as i64).await?;
-            if events.is_empty() && store::count_after(conn, from, 1).await? > 0 && Instant::now() < settle_by {
+            let unsettled_before_head = match head.filter(|h| events.is_empty() && *h > from) {
+                Some(head) if Instant::now() < settle_by => store::count_range(conn, from, head).await? > 0,
+                _ => false,
+            };
+            if unsettled_before_head {
                 // Committed but not settled: a transaction that began before
                 // them is still open (in any database of the cluster:
                 // transaction ids are the cluster's). Deliveries would wait
