@@ -13,6 +13,7 @@
 
 mod checks;
 mod client;
+mod machine;
 mod report;
 mod scenario;
 mod seed;

@@ -1,7 +1,7 @@
 //! Printing and recording a scenario's figures.
 
 use crate::checks::CheckResult;
-use crate::scenario::RunResult;
+use crate::scenario::{RunResult, Second, SLOW_MICROS};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::io::Write;
@@ -46,6 +46,13 @@ pub fn print(r: &RunResult, check: Option<&CheckResult>) {
         r.lag_p99_halves.1 as f64 / 1000.0,
         r.lag_failures
     );
+    println!("slow (> {} ms) by second: {}", SLOW_MICROS / 1000, timeline(&r.by_second));
+    if let Some(m) = r.machine {
+        println!(
+            "machine: {:.2} of {} cores busy, {:.1}% stolen by the hypervisor",
+            m.busy_cores, m.cores, m.steal_percent
+        );
+    }
     if r.errors.is_empty() {
         println!("errors: none");
     } else {
@@ -68,6 +75,16 @@ pub fn print(r: &RunResult, check: Option<&CheckResult>) {
     }
 }
 
+/// Each second's slow requests, with its slowest in brackets where it had
+/// any: "0 0 3[41] 0 ...".
+fn timeline(seconds: &[Second]) -> String {
+    seconds
+        .iter()
+        .map(|s| if s.slow == 0 { "0".to_owned() } else { format!("{}[{}]", s.slow, s.max_micros / 1000) })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn append_json(path: &std::path::Path, r: &RunResult, check: Option<&CheckResult>) -> anyhow::Result<()> {
     let line = json!({
         "scenario": r.scenario.name(),
@@ -86,6 +103,8 @@ pub fn append_json(path: &std::path::Path, r: &RunResult, check: Option<&CheckRe
                     "failed": r.lag_failures },
         "errors": r.errors,
         "checks_passed": check.map(CheckResult::passed),
+        "machine": r.machine.map(|m| json!({ "busy_cores": m.busy_cores, "cores": m.cores, "steal_percent": m.steal_percent })),
+        "by_second": r.by_second.iter().map(|s| json!([s.requests, s.slow, s.max_micros / 1000])).collect::<Vec<_>>(),
     });
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     writeln!(file, "{line}")?;

@@ -1,6 +1,7 @@
 //! The scenarios and the load loop that drives them.
 
 use crate::client::{Answer, Http};
+use crate::machine::{CpuTicks, MachineUse};
 use crate::setup::World;
 use crate::wire::Wire;
 use crate::Args;
@@ -89,6 +90,34 @@ pub struct RunResult {
     /// means the read side does not keep up.
     pub lag_p99_halves: (u64, u64),
     pub lag_failures: u64,
+    /// Per second of the measured run: requests, those over
+    /// [`SLOW_MICROS`], and the slowest (µs). A tail from a few stalled
+    /// seconds looks different here from one spread over the run.
+    pub by_second: Vec<Second>,
+    /// The machine over the measured window (Linux only).
+    pub machine: Option<MachineUse>,
+}
+
+/// A request slower than this counts as slow in the per-second timeline
+/// (the half-load latency target).
+pub const SLOW_MICROS: u64 = 25_000;
+
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Second {
+    pub requests: u64,
+    pub slow: u64,
+    pub max_micros: u64,
+}
+
+fn merge_seconds(into: &mut Vec<Second>, from: &[Second]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), Second::default());
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        a.requests += b.requests;
+        a.slow += b.slow;
+        a.max_micros = a.max_micros.max(b.max_micros);
+    }
 }
 
 /// One connection's tallies, merged at the end.
@@ -97,9 +126,22 @@ struct Tally {
     transfers: u64,
     latency: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+    measure_from: Instant,
+    by_second: Vec<Second>,
 }
 
 impl Tally {
+    fn new(measure_from: Instant) -> Tally {
+        Tally {
+            requests: 0,
+            transfers: 0,
+            latency: histogram(),
+            errors: BTreeMap::new(),
+            measure_from,
+            by_second: Vec::new(),
+        }
+    }
+
     fn record(&mut self, measuring: bool, started: Instant, answer: &Answer) {
         if !measuring {
             return;
@@ -107,6 +149,14 @@ impl Tally {
         self.requests += 1;
         let micros = started.elapsed().as_micros().clamp(1, 60_000_000) as u64;
         let _ = self.latency.record(micros);
+        let second = started.saturating_duration_since(self.measure_from).as_secs() as usize;
+        if self.by_second.len() <= second {
+            self.by_second.resize(second + 1, Second::default());
+        }
+        let s = &mut self.by_second[second];
+        s.requests += 1;
+        s.slow += u64::from(micros > SLOW_MICROS);
+        s.max_micros = s.max_micros.max(micros);
         if !answer.ok() {
             *self.errors.entry(answer.error_kind()).or_default() += 1;
         }
@@ -176,10 +226,20 @@ pub async fn run(http: &Http, world: &World, args: &Args, scenario: Scenario) ->
         }
         while set.join_next().await.is_some() {}
     });
+    // The machine's counters at the measured window's ends.
+    let machine = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = CpuTicks::now();
+        tokio::time::sleep_until(end.into()).await;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        MachineUse::between(before?, CpuTicks::now()?, cores)
+    });
     let tallies = futures::future::join_all(workers).await;
     let _ = prober.await;
-    let mut total = Tally { requests: 0, transfers: 0, latency: histogram(), errors: BTreeMap::new() };
+    let machine = machine.await.ok().flatten();
+    let mut total = Tally::new(measure_from);
     for t in tallies {
+        merge_seconds(&mut total.by_second, &t.by_second);
         total.requests += t.requests;
         total.transfers += t.transfers;
         let _ = total.latency.add(&t.latency);
@@ -210,6 +270,8 @@ pub async fn run(http: &Http, world: &World, args: &Args, scenario: Scenario) ->
         lag,
         lag_p99_halves: (first.value_at_quantile(0.99), second.value_at_quantile(0.99)),
         lag_failures,
+        by_second: total.by_second,
+        machine,
     })
 }
 
@@ -228,7 +290,7 @@ async fn connection(
     end: Instant,
     probes: tokio::sync::mpsc::UnboundedSender<LagProbe>,
 ) -> Tally {
-    let mut tally = Tally { requests: 0, transfers: 0, latency: histogram(), errors: BTreeMap::new() };
+    let mut tally = Tally::new(shared.measure_from);
     // Fixed rate: this connection's share of the schedule, offset so the
     // connections do not all fire at once.
     let interval = shared.args.rate.map(|r| Duration::from_secs_f64(shared.args.connections as f64 / r));
