@@ -32,7 +32,7 @@ use crate::idempotency::{self, CommandRecord};
 use crate::identity::{credential_check, CredentialCheck};
 use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
 use crate::store::{self, account_stream, EventMetadata, EventRows, StoreError, StreamAppend};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::events::TransferKind;
 use ledger_domain::money::Amount;
@@ -491,6 +491,7 @@ async fn try_group(
         KeyLocks::Try,
     )
     .await?
+    .busy
     .into_iter()
     .collect();
     // Everything the decisions need, in one statement after the locks: the
@@ -791,14 +792,15 @@ pub(crate) enum KeyLocks {
 /// ones (shared), each class sorted: the order the single-command path keeps
 /// too (key, then accounts), so no two paths wait on each other in a cycle
 /// (a key only tried never waits). Returns the key lock ids another
-/// transaction holds (never any with `KeyLocks::Wait`).
+/// transaction holds (never any with `KeyLocks::Wait`), and the database's
+/// clock (the transaction's start: every instance decides expiries by it).
 pub(crate) async fn lock_group(
     conn: &mut PgConnection,
     pairs: impl Iterator<Item = (Uuid, &str)>,
     debited: &BTreeSet<Uuid>,
     credited: &BTreeSet<Uuid>,
     keys: KeyLocks,
-) -> Result<Vec<i64>, sqlx::Error> {
+) -> Result<Locked, sqlx::Error> {
     let mut key_locks: Vec<i64> = pairs.map(|(user, key)| idempotency::key_lock_id(user, key)).collect();
     key_locks.sort_unstable();
     key_locks.dedup();
@@ -823,7 +825,7 @@ pub(crate) async fn lock_group(
                               WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
                               WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
                               ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END),
-                    NULL::bigint[]
+                    NULL::bigint[], now()
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
@@ -835,14 +837,15 @@ pub(crate) async fn lock_group(
                               WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
                               WHEN 2 THEN pg_advisory_xact_lock_shared($5, sorted.k::int) END),
                     array_agg(sorted.k) FILTER (WHERE CASE WHEN sorted.class = 0
-                                                       THEN NOT pg_try_advisory_xact_lock(sorted.k) END)
+                                                       THEN NOT pg_try_advisory_xact_lock(sorted.k) END),
+                    now()
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
                    ORDER BY class, k) sorted"
         }
     };
-    let (_, _, busy): (String, i64, Option<Vec<i64>>) = sqlx::query_as(sql)
+    let (_, _, busy, now): (String, i64, Option<Vec<i64>>, DateTime<Utc>) = sqlx::query_as(sql)
         .bind(&key_locks)
         .bind(account_keys(debited))
         .bind(account_keys(credited))
@@ -850,7 +853,15 @@ pub(crate) async fn lock_group(
         .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
         .fetch_one(&mut *conn)
         .await?;
-    Ok(busy.unwrap_or_default())
+    Ok(Locked { busy: busy.unwrap_or_default(), now })
+}
+
+/// What [`lock_group`] answers once its locks are held.
+pub(crate) struct Locked {
+    /// Key lock ids another transaction holds (only tried keys).
+    pub busy: Vec<i64>,
+    /// `now()`: the transaction's start on the database's clock.
+    pub now: DateTime<Utc>,
 }
 
 /// What a group reads once its locks are held.

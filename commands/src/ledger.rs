@@ -3,6 +3,7 @@
 
 use crate::idempotency::{self, CommandRecord};
 use crate::identity::IdentityPolicy;
+use crate::payments::AfterLocks;
 use crate::secrets::SecretBox;
 use crate::store::{self, account_stream, transfer_stream, user_stream, EventMetadata, StoreError, StreamAppend};
 use chrono::Utc;
@@ -363,7 +364,10 @@ impl Ledger {
         command: LedgerCommand,
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
-        self.check_unchecked_session(envelope).await?;
+        // A hold command checks the session in the read after its locks.
+        if !crate::payments::decides_after_one_read(&command) {
+            self.check_unchecked_session(envelope).await?;
+        }
         for attempt in 0..=MAX_CONFLICT_RETRIES {
             match self.try_execute(envelope, &command, render).await {
                 Err(CommandError::Store(StoreError::Conflict)) => {
@@ -383,12 +387,25 @@ impl Ledger {
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
         let mut tx = self.pool.begin().await?;
-        idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
-        if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
-            return replay(previous, envelope);
-        }
+        let decided = if crate::payments::decides_after_one_read(command) {
+            // The key's lock and lookup come with the accounts'.
+            match crate::payments::decide_hold(&mut tx, envelope, command.clone()).await? {
+                AfterLocks::Refused(check) => {
+                    let refusal = check.refusal().unwrap_or(CommandError::SessionEnded);
+                    return Err(self.refused_session(envelope.unchecked_session.unwrap_or_default(), refusal));
+                }
+                AfterLocks::Recorded(previous) => return replay(previous, envelope),
+                AfterLocks::Decided(decided) => decided,
+            }
+        } else {
+            idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
+            if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
+                return replay(previous, envelope);
+            }
+            decide(&mut tx, envelope.actor, command.clone(), &self.fees).await?
+        };
         let command_id = command_id_for(envelope);
-        let (status, body, position) = match decide(&mut tx, envelope.actor, command.clone(), &self.fees).await? {
+        let (status, body, position) = match decided {
             Ok(Decision { appends, mut body, status, effect, items }) => {
                 let metadata = EventMetadata {
                     command_id: Some(command_id),

@@ -6,7 +6,10 @@
 //! The nil actor is the system (the payment process and the expiry
 //! scheduler); it may capture, release and expire any hold.
 
-use crate::ledger::{account_state, lock_account, lock_status_shared, Decision, LedgerCommand};
+use crate::group_commit::{lock_group, read_after_locks, KeyLocks, Known, ReadAfterLocks};
+use crate::idempotency::CommandRecord;
+use crate::identity::CredentialCheck;
+use crate::ledger::{account_state, lock_account, lock_status_shared, CommandEnvelope, Decision, LedgerCommand};
 use crate::store::{self, account_stream, StoreError, StreamAppend};
 use chrono::Utc;
 use ledger_domain::account::{self, AccountState, MoveMoney};
@@ -18,6 +21,7 @@ use ledger_domain::order::{self, OrderState, PlaceOrder};
 use ledger_domain::DomainError;
 use serde_json::json;
 use sqlx::PgConnection;
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 type Decided = Result<Result<Decision, DomainError>, StoreError>;
@@ -63,21 +67,137 @@ fn is_system(actor: Uuid) -> bool {
     actor.is_nil()
 }
 
-pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: LedgerCommand) -> Decided {
-    let now = db_now(conn).await?;
+/// Whether `Ledger::try_execute` decides this command with [`decide_hold`].
+pub(crate) fn decides_after_one_read(command: &LedgerCommand) -> bool {
+    matches!(
+        command,
+        LedgerCommand::PlaceHold { .. } | LedgerCommand::CaptureHold { .. } | LedgerCommand::ReleaseHold { .. }
+    )
+}
+
+/// What [`decide_hold`] came to.
+pub(crate) enum AfterLocks {
+    /// The session the API left to the write has ended, or its user is
+    /// blocked: refused before the key is looked at, nothing recorded.
+    Refused(CredentialCheck),
+    /// The key was used before: its answer is replayed (or refused as reuse).
+    Recorded(CommandRecord),
+    Decided(Result<Decision, DomainError>),
+}
+
+/// Places, captures or releases a hold in three statements: where the hold
+/// is (a capture or release names only the hold; its placement never
+/// changes), then every lock in the order every path takes them (the key,
+/// the payer's account for debits, the payee's shared, as
+/// `group_commit::lock_group` takes a group's), then one read of the key's
+/// record, the caller's session and both accounts. Locked and read one by
+/// one, the same took ten round trips and a session check on a connection
+/// of its own.
+pub(crate) async fn decide_hold(
+    conn: &mut PgConnection,
+    envelope: &CommandEnvelope,
+    command: LedgerCommand,
+) -> Result<AfterLocks, StoreError> {
+    let read = read_hold(conn, &command, Some(envelope)).await?;
+    if let Some(refusal) = read.session.filter(|check| check.refusal().is_some()) {
+        return Ok(AfterLocks::Refused(refusal));
+    }
+    if let Some(record) = read.record {
+        return Ok(AfterLocks::Recorded(record));
+    }
+    Ok(AfterLocks::Decided(decide_on_read(read, envelope.actor, command)))
+}
+
+/// A hold command's accounts, locked and read.
+struct HoldRead {
+    now: chrono::DateTime<Utc>,
+    /// The payer's and the payee's accounts; none for a hold that was never placed.
+    parties: Option<(Uuid, Uuid)>,
+    /// The payer's account in full, the payee's credit side, at their streams' versions.
+    states: HashMap<Uuid, Known>,
+    /// With the key: its recorded outcome, and the unchecked session's state.
+    record: Option<CommandRecord>,
+    session: Option<CredentialCheck>,
+}
+
+/// Locks (with `key`, its idempotency key first) and reads what a hold
+/// command decides on.
+async fn read_hold(
+    conn: &mut PgConnection,
+    command: &LedgerCommand,
+    key: Option<&CommandEnvelope>,
+) -> Result<HoldRead, StoreError> {
+    let parties = match command {
+        LedgerCommand::PlaceHold { from_account, to_account, .. } => Some((*from_account, *to_account)),
+        LedgerCommand::CaptureHold { hold_id, .. } | LedgerCommand::ReleaseHold { hold_id } => {
+            hold_parties(conn, *hold_id).await?
+        }
+        _ => None,
+    };
+    let debited: BTreeSet<Uuid> = parties.iter().map(|(payer, _)| *payer).collect();
+    let credited: BTreeSet<Uuid> = parties.iter().map(|(_, payee)| *payee).filter(|p| !debited.contains(p)).collect();
+    let locked = lock_group(
+        conn,
+        key.map(|e| (e.actor, e.idempotency_key.as_str())).into_iter(),
+        &debited,
+        &credited,
+        KeyLocks::Wait,
+    )
+    .await?;
+    let users: Vec<Uuid> = key.map(|e| e.actor).into_iter().collect();
+    let keys: Vec<&str> = key.map(|e| e.idempotency_key.as_str()).into_iter().collect();
+    let sessions: Vec<(Uuid, Uuid)> =
+        key.and_then(|e| e.unchecked_session.map(|session| (e.actor, session))).into_iter().collect();
+    let debited: Vec<Uuid> = debited.into_iter().collect();
+    let credited: Vec<Uuid> = credited.into_iter().collect();
+    let accounts: Vec<Uuid> = debited.iter().chain(&credited).copied().collect();
+    let mut found = read_after_locks(
+        conn,
+        &ReadAfterLocks {
+            users: &users,
+            keys: &keys,
+            accounts: &accounts,
+            cached: &[],
+            full: &debited,
+            opening: &credited,
+            sessions: &sessions,
+        },
+    )
+    .await?;
+    let record = key.and_then(|e| found.records.remove(&(e.actor, e.idempotency_key.clone())));
+    // One answer per pair asked for; a missing one counts as ended.
+    let session = (!sessions.is_empty()).then(|| found.sessions.first().copied().unwrap_or(CredentialCheck::Ended));
+    let mut states = found.full;
+    states.extend(found.opening);
+    Ok(HoldRead { now: locked.now, parties, states, record, session })
+}
+
+/// The payer's and the payee's accounts of a placed hold.
+async fn hold_parties(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+    let found: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT payload->>'from_account', payload->>'to_account' FROM events
+         WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = $1",
+    )
+    .bind(hold_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let parse = |s: Option<String>| s.and_then(|s| Uuid::parse_str(&s).ok());
+    Ok(found.and_then(|(from, to)| Some((parse(from)?, parse(to)?))))
+}
+
+/// Decides a hold command on what [`read_hold`] found.
+fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result<Decision, DomainError> {
+    let HoldRead { now, states, parties, .. } = read;
+    // A copy each time: a hold to its own account reads one state twice.
+    let take = |id: Uuid| states.get(&id).map(|k| (k.state.clone(), k.version)).unwrap_or_default();
     match command {
         LedgerCommand::PlaceHold { from_account, to_account, amount, expires_in_seconds, reference } => {
-            let amount = match parse(&amount) {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
-            lock_account(conn, from_account).await?;
-            let (from, version) = account_state(conn, from_account, true).await?;
-            lock_status_shared(conn, to_account).await?;
-            let (to, _) = account_state(conn, to_account, false).await?;
+            let amount = parse(&amount)?;
+            let (from, version) = take(from_account);
+            let (to, _) = take(to_account);
             // Holds pay people: a hold to a system account would be a withdrawal without its rules.
             if to.opened.is_some() && to.kind() != Some(AccountKind::User) {
-                return Ok(Err(DomainError::AccountNotFound(to_account)));
+                return Err(DomainError::AccountNotFound(to_account));
             }
             let hold_id = Uuid::now_v7();
             let cmd = PlaceHold {
@@ -91,7 +211,7 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
                 order_id: None,
                 now,
             };
-            Ok(hold::decide_place(&from, &to, cmd).map(|events| {
+            hold::decide_place(&from, &to, cmd).map(|events| {
                 let expires_at = match events.first() {
                     Some(Event::HoldPlaced(h)) => Some(h.expires_at),
                     _ => None,
@@ -100,34 +220,25 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
                     vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
                     json!({ "hold_id": hold_id, "expires_at": expires_at }),
                 )
-            }))
+            })
         }
         LedgerCommand::CaptureHold { hold_id, amount } => {
-            let amount = match amount.as_deref().map(parse).transpose() {
-                Ok(a) => a,
-                Err(e) => return Ok(Err(e)),
-            };
-            let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
-            };
-            let Some(to_account) = from.holds.get(&hold_id).map(|h| h.to_account) else {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
-            };
-            lock_status_shared(conn, to_account).await?;
-            let (to, _) = account_state(conn, to_account, false).await?;
+            let amount = amount.as_deref().map(parse).transpose()?;
+            let (from_account, from, version, to_account) = held(parties, &take, hold_id)?;
+            let (to, _) = take(to_account);
             if !is_system(actor) && !hold::is_party(&from, &to, actor) {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+                return Err(DomainError::HoldNotFound(hold_id));
             }
             if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
                 // An order's hold is captured by the order's acceptance, which also finishes the order.
-                return Ok(Err(DomainError::validation(
+                return Err(DomainError::validation(
                     "hold_id",
                     "belongs to an order: accept or cancel the order instead",
-                )));
+                ));
             }
             let transfer_id = Uuid::now_v7();
             let cmd = CaptureHold { hold_id, amount, transfer_id, now };
-            Ok(hold::decide_capture(&from, &to, cmd).map(|events| {
+            hold::decide_capture(&from, &to, cmd).map(|events| {
                 let (captured, released) = match events.first() {
                     Some(Event::HoldCaptured(c)) => (Some(c.amount), Some(c.released)),
                     _ => (None, None),
@@ -136,36 +247,60 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
                     vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
                     json!({ "hold_id": hold_id, "transfer_id": transfer_id, "amount": captured, "released": released }),
                 )
-            }))
+            })
         }
         LedgerCommand::ReleaseHold { hold_id } => {
-            let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
-            };
-            let Some(hold) = from.holds.get(&hold_id).cloned() else {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
-            };
-            let (to, _) = account_state(conn, hold.to_account, false).await?;
+            let (from_account, from, version, to_account) = held(parties, &take, hold_id)?;
+            let (to, _) = take(to_account);
             if !is_system(actor) && !hold::is_party(&from, &to, actor) {
-                return Ok(Err(DomainError::HoldNotFound(hold_id)));
+                return Err(DomainError::HoldNotFound(hold_id));
             }
             // The payer cannot take back what a hold guarantees the payee: only
             // the payee releases early; otherwise the hold expires.
             if !is_system(actor) && !to.is_owned_by(actor) {
-                return Ok(Err(DomainError::validation(
+                return Err(DomainError::validation(
                     "hold_id",
                     "only the payee releases a hold; the payer waits for its expiry",
-                )));
+                ));
             }
-            if hold.order_id.is_some() && !is_system(actor) {
-                return Ok(Err(DomainError::validation("hold_id", "belongs to an order: cancel the order instead")));
+            if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
+                return Err(DomainError::validation("hold_id", "belongs to an order: cancel the order instead"));
             }
-            Ok(hold::decide_release(&from, hold_id, now).map(|events| {
+            hold::decide_release(&from, hold_id, now).map(|events| {
                 Decision::created(
                     vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
                     json!({ "hold_id": hold_id, "status": "released" }),
                 )
-            }))
+            })
+        }
+        other => Err(DomainError::validation("command", format!("{other:?} is not a hold command"))),
+    }
+}
+
+/// The payer's account of a hold (id, state, stream version) and the
+/// payee's account id; a hold the payer's account does not know is not found.
+fn held(
+    parties: Option<(Uuid, Uuid)>,
+    take: &impl Fn(Uuid) -> (AccountState, i64),
+    hold_id: Uuid,
+) -> Result<(Uuid, AccountState, i64, Uuid), DomainError> {
+    let Some((payer, _)) = parties else { return Err(DomainError::HoldNotFound(hold_id)) };
+    let (from, version) = take(payer);
+    let Some(to_account) = from.holds.get(&hold_id).map(|h| h.to_account) else {
+        return Err(DomainError::HoldNotFound(hold_id));
+    };
+    Ok((payer, from, version, to_account))
+}
+
+pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: LedgerCommand) -> Decided {
+    let now = db_now(conn).await?;
+    match command {
+        LedgerCommand::PlaceHold { .. } | LedgerCommand::CaptureHold { .. } | LedgerCommand::ReleaseHold { .. } => {
+            // With the key already locked and looked up by the caller: the
+            // accounts' locks and read only. (`Ledger::try_execute` sends
+            // these to `decide_hold` before it locks the key.)
+            let read = read_hold(conn, &command, None).await?;
+            Ok(decide_on_read(read, actor, command))
         }
         LedgerCommand::ExpireHold { hold_id } => {
             let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {

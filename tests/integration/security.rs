@@ -930,3 +930,79 @@ async fn a_revoked_token_does_not_spend_its_users_rate_limit() {
     assert_eq!(s, StatusCode::CREATED, "the live session still has its rate: {v}");
     t.cleanup().await;
 }
+
+/// A hold's placement, capture and release check their session in the read
+/// after their locks, as a grouped transfer does: an ended session or a
+/// blocked user changes nothing, gets the answer a check at the door gives,
+/// is not answered from a key recorded while it was live, and leaves its key
+/// unused.
+#[tokio::test]
+async fn a_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing() {
+    let t = TestLedger::start().await;
+    let ann = t.person().await;
+    let shop = t.person().await;
+    let admin = t.person_with_role(Role::Admin).await;
+    let from = t.account(&ann.token, "EUR").await;
+    let to = t.account(&shop.token, "EUR").await;
+    t.deposit(&ann.token, &from, "100.00").await;
+    let session = |email: String| {
+        let t = &t;
+        async move {
+            let (s, v) = t.login(&email, PASSWORD, json!({})).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["access_token"].as_str().expect("token").to_owned()
+        }
+    };
+    let post = |path: String, token: String, key: &'static str, body: Value| {
+        let t = &t;
+        async move { t.request(Method::POST, &path, Some(&token), Some(key), Some(body)).await }
+    };
+    let place = json!({"from_account": from, "to_account": to, "amount": "30.00"});
+
+    let phone = session(ann.email.clone()).await;
+    let (s, held, _) = post("/v1/holds".into(), phone.clone(), "held-on-the-phone", place.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{held}");
+    let hold_id = held["hold_id"].as_str().expect("hold id").to_owned();
+    let (s, v) = t.post_plain("/v1/auth/logout", &phone, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v, _) = post("/v1/holds".into(), phone.clone(), "ended-place", place.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+    assert_eq!(v["detail"], "the session has ended; log in again");
+    let (s, v, _) = post("/v1/holds".into(), phone.clone(), "held-on-the-phone", place.clone()).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "not the recorded answer: {v}");
+
+    let tablet = session(shop.email.clone()).await;
+    let (s, v) = t.post_plain("/v1/auth/logout", &tablet, json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let capture = format!("/v1/holds/{hold_id}/capture");
+    let release = format!("/v1/holds/{hold_id}/release");
+    let (s, v, _) = post(capture.clone(), tablet.clone(), "ended-capture", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+    let (s, v, _) = post(release.clone(), tablet.clone(), "ended-release", json!({})).await;
+    assert_eq!((s, code(&v)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{v}");
+
+    block(&t, &admin.token, &ann.id).await;
+    let (s, v, _) = post("/v1/holds".into(), ann.token.clone(), "blocked-place", place).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "user-blocked"), "{v}");
+
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands
+         WHERE idempotency_key IN ('ended-place', 'ended-capture', 'ended-release', 'blocked-place')",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .expect("commands counted");
+    assert_eq!(recorded, 0, "nothing recorded under a refused request's key");
+    let placed: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'HoldPlaced'")
+        .fetch_one(&t.pool)
+        .await
+        .expect("holds counted");
+    assert_eq!(placed, 1, "only the hold placed while the session was live");
+    // The refused capture and release left the hold pending: the payee's
+    // live session captures all of it.
+    let (s, v, _) = post(capture, shop.token.clone(), "live-capture", json!({})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["amount"], "30.00", "{v}");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}

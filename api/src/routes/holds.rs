@@ -1,10 +1,10 @@
 //! Holds (two-phase transfers).
 
-use super::accounts::{command_envelope, run};
+use super::accounts::run;
 use super::{account_not_found, money, path_id};
 use crate::access::{authorize, Action};
 use crate::auth::AuthUser;
-use crate::extract::{CommandRequest, PathParam, QueryParams, ReadAfter};
+use crate::extract::{PathParam, QueryParams, ReadAfter, WriteChecksSession};
 use crate::problem::Problem;
 use crate::state::AppState;
 use axum::extract::State;
@@ -49,10 +49,10 @@ pub struct EmptyRequest {}
     responses((status = 201, description = "{hold_id, position, expires_at}"), (status = 422, description = "insufficient-funds, currency-mismatch, same-account, account-frozen or validation"), (status = 404, description = "account-not-found")))]
 pub async fn place(
     State(state): State<AppState>,
-    request: CommandRequest<PlaceHoldRequest>,
+    request: WriteChecksSession<PlaceHoldRequest>,
 ) -> Result<Response, Problem> {
-    let envelope = command_envelope(&request);
-    let PlaceHoldRequest { from_account, to_account, amount, expires_in_seconds, reference } = request.body;
+    let WriteChecksSession { envelope, body } = request;
+    let PlaceHoldRequest { from_account, to_account, amount, expires_in_seconds, reference } = body;
     run(&state, envelope, LedgerCommand::PlaceHold { from_account, to_account, amount, expires_in_seconds, reference })
         .await
 }
@@ -63,11 +63,10 @@ pub async fn place(
 pub async fn capture(
     State(state): State<AppState>,
     PathParam(id): PathParam,
-    request: CommandRequest<CaptureRequest>,
+    request: WriteChecksSession<CaptureRequest>,
 ) -> Result<Response, Problem> {
     let hold_id = path_id(&id, hold_not_found)?;
-    let envelope = command_envelope(&request);
-    run(&state, envelope, LedgerCommand::CaptureHold { hold_id, amount: request.body.amount }).await
+    run(&state, request.envelope, LedgerCommand::CaptureHold { hold_id, amount: request.body.amount }).await
 }
 
 #[utoipa::path(post, path = "/v1/holds/{id}/release", tag = "holds",
@@ -76,10 +75,10 @@ pub async fn capture(
 pub async fn release(
     State(state): State<AppState>,
     PathParam(id): PathParam,
-    request: CommandRequest<EmptyRequest>,
+    request: WriteChecksSession<EmptyRequest>,
 ) -> Result<Response, Problem> {
     let hold_id = path_id(&id, hold_not_found)?;
-    run(&state, command_envelope(&request), LedgerCommand::ReleaseHold { hold_id }).await
+    run(&state, request.envelope, LedgerCommand::ReleaseHold { hold_id }).await
 }
 
 #[derive(Serialize, ToSchema)]
