@@ -40,7 +40,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Only a read that found fewer events than this is followed by the pace's
 /// wait: at the peak reads are larger and a wait would be lag for nothing.
-const PACED_BELOW: usize = 64;
+/// The projector paces its batches by the same line (one light load for
+/// the whole read side).
+pub const PACED_BELOW: usize = 64;
 
 pub struct Relay {
     pub pool: PgPool,
