@@ -45,6 +45,11 @@ for name, rs in rows.items():
     lat = lambda q: median(rs, lambda r: r["latency_ms"][q])
     lag = lambda q: median(rs, lambda r: r["lag_ms"][q])
     halves = f"{lag('p99_first_half'):.0f} / {lag('p99_second_half'):.0f}"
+    # No probe answered in time (a read side far behind): no lag figure, not 0.
+    answered = sum(r["lag_ms"]["probes"] for r in rs)
+    lag50, lag99 = (f"{lag('p50'):.0f}", f"{lag('p99'):.0f}") if answered else ("—", "—")
+    if not answered:
+        halves = "—"
     failed = sum(r["lag_ms"]["failed"] for r in rs)
     if failed:
         halves += f" ({failed} probes past 5 s)"
@@ -52,4 +57,4 @@ for name, rs in rows.items():
     steal = " / ".join(f"{r['machine']['steal_percent']:.0f}" if r.get("machine") else "-" for r in rs)
     print(f"| {name} | {median(rs, lambda r: r['requests_per_sec']):.0f} | {tps:.0f} | {ratio} "
           f"| {lat('p50'):.1f} | {lat('p90'):.1f} | {lat('p99'):.1f} | {lat('p999'):.1f} "
-          f"| {lag('p50'):.0f} | {lag('p99'):.0f} | {halves} | {sum(errors.values()) or 'none'} | {checks} | {steal} |")
+          f"| {lag50} | {lag99} | {halves} | {sum(errors.values()) or 'none'} | {checks} | {steal} |")
