@@ -191,9 +191,10 @@ impl FromRequestParts<AppState> for AuthUser {
 /// When an access token's session is checked against the database.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum SessionCheck {
-    /// Before the handler runs (every route but one).
+    /// Before the handler runs (every route but four).
     Now,
-    /// By the command's own write transaction (`POST /v1/transfers`): the
+    /// By the command's own write transaction (`POST /v1/transfers` and a
+    /// hold's placement, capture and release): the
     /// caller comes back with the least role (`user`) and the session to
     /// check, which the command refuses exactly as `Now` would.
     ByTheWrite,

@@ -4,6 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ledger_commands::store::StoreError;
 use ledger_commands::CommandError;
 use ledger_domain::DomainError;
 use serde_json::{json, Value};
@@ -193,6 +194,10 @@ impl From<CommandError> for Problem {
                 Problem::new(StatusCode::UNAUTHORIZED, "invalid-credentials", e.to_string())
             }
             CommandError::Rejected(d) => from_domain(&d),
+            CommandError::Store(s @ StoreError::Invariant(_)) => {
+                tracing::error!(error = %s, "command refused");
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request could not be completed")
+            }
             CommandError::Store(s) => {
                 tracing::error!(error = %s, "event store failure");
                 Problem::new(

@@ -787,7 +787,7 @@ pub(crate) enum KeyLocks {
     Try,
 }
 
-/// Takes a group's (or an atomic batch's) locks in one statement: the
+/// Takes a group's (or an atomic batch's, or a hold command's) locks in one statement: the
 /// idempotency keys, then the debited accounts (exclusive), then the credited
 /// ones (shared), each class sorted: the order the single-command path keeps
 /// too (key, then accounts), so no two paths wait on each other in a cycle

@@ -193,9 +193,10 @@ pub struct CommandEnvelope {
     pub causation_id: Option<Uuid>,
     /// The caller's session when the API left its check to the write: the
     /// command is refused (`SessionEnded`, `UserBlocked`, nothing recorded)
-    /// unless the session is live and its user not blocked. A group checks
-    /// it in the statement that reads its records (the snapshot it decides
-    /// on), which saves each transfer a round trip of its own.
+    /// unless the session is live and its user not blocked. A group (and a
+    /// hold command, `payments::decide_hold`) checks it in the statement
+    /// that reads its records (the snapshot it decides on), which saves each
+    /// command a round trip of its own.
     pub unchecked_session: Option<Uuid>,
 }
 

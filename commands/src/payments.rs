@@ -98,14 +98,14 @@ pub(crate) async fn decide_hold(
     envelope: &CommandEnvelope,
     command: LedgerCommand,
 ) -> Result<AfterLocks, StoreError> {
-    let read = read_hold(conn, &command, Some(envelope)).await?;
+    let read = read_hold(conn, &command, envelope).await?;
     if let Some(refusal) = read.session.filter(|check| check.refusal().is_some()) {
         return Ok(AfterLocks::Refused(refusal));
     }
     if let Some(record) = read.record {
         return Ok(AfterLocks::Recorded(record));
     }
-    Ok(AfterLocks::Decided(decide_on_read(read, envelope.actor, command)))
+    Ok(AfterLocks::Decided(decide_on_read(&read, envelope.actor, command)))
 }
 
 /// A hold command's accounts, locked and read.
@@ -115,17 +115,16 @@ struct HoldRead {
     parties: Option<(Uuid, Uuid)>,
     /// The payer's account in full, the payee's credit side, at their streams' versions.
     states: HashMap<Uuid, Known>,
-    /// With the key: its recorded outcome, and the unchecked session's state.
+    /// The key's recorded outcome, and the state of the session the API left unchecked.
     record: Option<CommandRecord>,
     session: Option<CredentialCheck>,
 }
 
-/// Locks (with `key`, its idempotency key first) and reads what a hold
-/// command decides on.
+/// Locks (its idempotency key first) and reads what a hold command decides on.
 async fn read_hold(
     conn: &mut PgConnection,
     command: &LedgerCommand,
-    key: Option<&CommandEnvelope>,
+    envelope: &CommandEnvelope,
 ) -> Result<HoldRead, StoreError> {
     let parties = match command {
         LedgerCommand::PlaceHold { from_account, to_account, .. } => Some((*from_account, *to_account)),
@@ -136,26 +135,18 @@ async fn read_hold(
     };
     let debited: BTreeSet<Uuid> = parties.iter().map(|(payer, _)| *payer).collect();
     let credited: BTreeSet<Uuid> = parties.iter().map(|(_, payee)| *payee).filter(|p| !debited.contains(p)).collect();
-    let locked = lock_group(
-        conn,
-        key.map(|e| (e.actor, e.idempotency_key.as_str())).into_iter(),
-        &debited,
-        &credited,
-        KeyLocks::Wait,
-    )
-    .await?;
-    let users: Vec<Uuid> = key.map(|e| e.actor).into_iter().collect();
-    let keys: Vec<&str> = key.map(|e| e.idempotency_key.as_str()).into_iter().collect();
+    let key = (envelope.actor, envelope.idempotency_key.as_str());
+    let locked = lock_group(conn, std::iter::once(key), &debited, &credited, KeyLocks::Wait).await?;
     let sessions: Vec<(Uuid, Uuid)> =
-        key.and_then(|e| e.unchecked_session.map(|session| (e.actor, session))).into_iter().collect();
+        envelope.unchecked_session.map(|session| (envelope.actor, session)).into_iter().collect();
     let debited: Vec<Uuid> = debited.into_iter().collect();
     let credited: Vec<Uuid> = credited.into_iter().collect();
     let accounts: Vec<Uuid> = debited.iter().chain(&credited).copied().collect();
     let mut found = read_after_locks(
         conn,
         &ReadAfterLocks {
-            users: &users,
-            keys: &keys,
+            users: &[key.0],
+            keys: &[key.1],
             accounts: &accounts,
             cached: &[],
             full: &debited,
@@ -164,7 +155,7 @@ async fn read_hold(
         },
     )
     .await?;
-    let record = key.and_then(|e| found.records.remove(&(e.actor, e.idempotency_key.clone())));
+    let record = found.records.remove(&(key.0, key.1.to_owned()));
     // One answer per pair asked for; a missing one counts as ended.
     let session = (!sessions.is_empty()).then(|| found.sessions.first().copied().unwrap_or(CredentialCheck::Ended));
     let mut states = found.full;
@@ -186,10 +177,11 @@ async fn hold_parties(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(
 }
 
 /// Decides a hold command on what [`read_hold`] found.
-fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result<Decision, DomainError> {
+fn decide_on_read(read: &HoldRead, actor: Uuid, command: LedgerCommand) -> Result<Decision, DomainError> {
     let HoldRead { now, states, parties, .. } = read;
-    // A copy each time: a hold to its own account reads one state twice.
-    let take = |id: Uuid| states.get(&id).map(|k| (k.state.clone(), k.version)).unwrap_or_default();
+    let (now, parties) = (*now, *parties);
+    let unknown = AccountState::default();
+    let take = |id: Uuid| states.get(&id).map_or((&unknown, 0), |k| (&k.state, k.version));
     match command {
         LedgerCommand::PlaceHold { from_account, to_account, amount, expires_in_seconds, reference } => {
             let amount = parse(&amount)?;
@@ -211,7 +203,7 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
                 order_id: None,
                 now,
             };
-            hold::decide_place(&from, &to, cmd).map(|events| {
+            hold::decide_place(from, to, cmd).map(|events| {
                 let expires_at = match events.first() {
                     Some(Event::HoldPlaced(h)) => Some(h.expires_at),
                     _ => None,
@@ -226,7 +218,7 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
             let amount = amount.as_deref().map(parse).transpose()?;
             let (from_account, from, version, to_account) = held(parties, &take, hold_id)?;
             let (to, _) = take(to_account);
-            if !is_system(actor) && !hold::is_party(&from, &to, actor) {
+            if !is_system(actor) && !hold::is_party(from, to, actor) {
                 return Err(DomainError::HoldNotFound(hold_id));
             }
             if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
@@ -238,7 +230,7 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
             }
             let transfer_id = Uuid::now_v7();
             let cmd = CaptureHold { hold_id, amount, transfer_id, now };
-            hold::decide_capture(&from, &to, cmd).map(|events| {
+            hold::decide_capture(from, to, cmd).map(|events| {
                 let (captured, released) = match events.first() {
                     Some(Event::HoldCaptured(c)) => (Some(c.amount), Some(c.released)),
                     _ => (None, None),
@@ -252,7 +244,7 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
         LedgerCommand::ReleaseHold { hold_id } => {
             let (from_account, from, version, to_account) = held(parties, &take, hold_id)?;
             let (to, _) = take(to_account);
-            if !is_system(actor) && !hold::is_party(&from, &to, actor) {
+            if !is_system(actor) && !hold::is_party(from, to, actor) {
                 return Err(DomainError::HoldNotFound(hold_id));
             }
             // The payer cannot take back what a hold guarantees the payee: only
@@ -266,7 +258,7 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
             if from.holds.get(&hold_id).and_then(|h| h.order_id).is_some() && !is_system(actor) {
                 return Err(DomainError::validation("hold_id", "belongs to an order: cancel the order instead"));
             }
-            hold::decide_release(&from, hold_id, now).map(|events| {
+            hold::decide_release(from, hold_id, now).map(|events| {
                 Decision::created(
                     vec![StreamAppend { stream_id: account_stream(from_account), expected_version: version, events }],
                     json!({ "hold_id": hold_id, "status": "released" }),
@@ -279,11 +271,11 @@ fn decide_on_read(read: HoldRead, actor: Uuid, command: LedgerCommand) -> Result
 
 /// The payer's account of a hold (id, state, stream version) and the
 /// payee's account id; a hold the payer's account does not know is not found.
-fn held(
+fn held<'a>(
     parties: Option<(Uuid, Uuid)>,
-    take: &impl Fn(Uuid) -> (AccountState, i64),
+    take: &impl Fn(Uuid) -> (&'a AccountState, i64),
     hold_id: Uuid,
-) -> Result<(Uuid, AccountState, i64, Uuid), DomainError> {
+) -> Result<(Uuid, &'a AccountState, i64, Uuid), DomainError> {
     let Some((payer, _)) = parties else { return Err(DomainError::HoldNotFound(hold_id)) };
     let (from, version) = take(payer);
     let Some(to_account) = from.holds.get(&hold_id).map(|h| h.to_account) else {
@@ -296,11 +288,9 @@ pub(crate) async fn decide(conn: &mut PgConnection, actor: Uuid, command: Ledger
     let now = db_now(conn).await?;
     match command {
         LedgerCommand::PlaceHold { .. } | LedgerCommand::CaptureHold { .. } | LedgerCommand::ReleaseHold { .. } => {
-            // With the key already locked and looked up by the caller: the
-            // accounts' locks and read only. (`Ledger::try_execute` sends
-            // these to `decide_hold` before it locks the key.)
-            let read = read_hold(conn, &command, None).await?;
-            Ok(decide_on_read(read, actor, command))
+            // `Ledger::try_execute` sends these to `decide_hold`, which checks
+            // their session in its read: here none would be checked.
+            Err(StoreError::Invariant("a hold command is decided by payments::decide_hold"))
         }
         LedgerCommand::ExpireHold { hold_id } => {
             let Some((from_account, from, version)) = held_account(conn, hold_id).await? else {

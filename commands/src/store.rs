@@ -91,6 +91,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Decode(#[from] EventDecodeError),
+    /// A command reached a path that is not its own: a bug, refused before
+    /// anything is written or recorded.
+    #[error("broken invariant: {0}")]
+    Invariant(&'static str),
 }
 
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -17,6 +17,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use ledger_commands::nats::{ensure_stream, NatsNames};
+use ledger_commands::relay::PACED_BELOW;
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
 use ledger_domain::Event;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -30,10 +31,6 @@ const MAX_BATCH: usize = 500;
 /// often it looks.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 const SETTLE_POLL: Duration = Duration::from_millis(20);
-// Only a batch smaller than this is followed by the pace's wait (the
-// relay's line): at the peak batches are larger and come no faster than
-// they are applied, and a wait there would be lag for nothing.
-use ledger_commands::relay::PACED_BELOW;
 /// A kept connection unused for this long is pinged before its next batch.
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// A ping not answered in this long counts as failed (a connection cut off
