@@ -30,17 +30,6 @@ pub fn order_stream(order_id: Uuid) -> String {
     format!("order-{order_id}")
 }
 
-/// The account a hold was placed on.
-pub async fn hold_account(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<Uuid>, StoreError> {
-    let found: Option<String> = sqlx::query_scalar(
-        "SELECT payload->>'from_account' FROM events WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = $1",
-    )
-    .bind(hold_id.to_string())
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(found.and_then(|s| Uuid::parse_str(&s).ok()))
-}
-
 async fn order_state(conn: &mut PgConnection, order_id: Uuid) -> Result<(OrderState, i64), StoreError> {
     let (events, version) = store::load_stream(conn, &order_stream(order_id)).await?;
     Ok((events.iter().fold(OrderState::default(), order::evolve), version))
@@ -52,7 +41,7 @@ fn parse(amount: &str) -> Result<Amount, DomainError> {
 
 /// A hold's account, locked for debits, with its state and version.
 async fn held_account(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(Uuid, AccountState, i64)>, StoreError> {
-    let Some(account_id) = hold_account(conn, hold_id).await? else { return Ok(None) };
+    let Some((account_id, _)) = hold_parties(conn, hold_id).await? else { return Ok(None) };
     lock_account(conn, account_id).await?;
     let (state, version) = account_state(conn, account_id, true).await?;
     Ok(Some((account_id, state, version)))
@@ -98,6 +87,10 @@ pub(crate) async fn decide_hold(
     envelope: &CommandEnvelope,
     command: LedgerCommand,
 ) -> Result<AfterLocks, StoreError> {
+    if !decides_after_one_read(&command) {
+        // Its key would be locked without its accounts; nothing is written.
+        return Err(StoreError::Invariant("payments::decide_hold decides hold commands only"));
+    }
     let read = read_hold(conn, &command, envelope).await?;
     if let Some(refusal) = read.session.filter(|check| check.refusal().is_some()) {
         return Ok(AfterLocks::Refused(refusal));
