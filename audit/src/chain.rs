@@ -53,7 +53,7 @@ pub async fn seal_batch(pool: &PgPool) -> Result<usize, AuditError> {
     }
     let (mut positions, mut txids, mut hashes) = (vec![], vec![], vec![]);
     for e in &events {
-        hash = link_event(&hash, e);
+        hash = link_event(&hash, e)?;
         positions.push(e.position);
         txids.push(e.transaction_id.to_string());
         hashes.push(hash.clone());
@@ -198,7 +198,7 @@ pub async fn verify_db(
                 next_link = links.try_next().await?;
             }
             (Some(e), Some(p)) if e.point() == p => {
-                hash = link_event(&hash, &e);
+                hash = link_event(&hash, &e)?;
                 let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();
                 if sealed != hash && result.first_break.is_none() {
                     result.first_break = Some(ChainBreak::Altered { position: e.position });

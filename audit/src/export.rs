@@ -178,7 +178,7 @@ pub async fn export(
         summary.last_position = Some(event.position);
         let opened = match personal {
             Some(ledger) => ledger
-                .reveal_personal(&event.event_type, &event.payload)
+                .reveal_personal(&event.event_type, &record["payload"])
                 .await
                 .map_err(|e| AuditError::Invalid(format!("opening personal data: {e}")))?,
             None => None,

@@ -50,14 +50,15 @@ pub fn link(previous: &str, record: &Value) -> String {
 
 /// `link(previous, &record(e))` without building the record: the chain's
 /// sealer links every event.
-pub fn link_event(previous: &str, e: &RecordedEvent) -> String {
+pub fn link_event(previous: &str, e: &RecordedEvent) -> Result<String, AuditError> {
     let mut content = Vec::with_capacity(512);
-    ledger_commands::store::write_canonical(e, true, &mut content);
+    ledger_commands::store::write_canonical(e, true, &mut content)
+        .map_err(|source| AuditError::Invalid(format!("the payload of event {}: {source}", e.position)))?;
     let mut hasher = Sha256::new();
     hasher.update(previous.as_bytes());
     hasher.update(b"\n");
     hasher.update(&content);
-    hex::encode(hasher.finalize())
+    Ok(hex::encode(hasher.finalize()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +90,7 @@ mod tests {
 
     #[test]
     fn linking_an_event_directly_equals_linking_its_record() {
-        use ledger_commands::store::EventMetadata;
+        use ledger_commands::store::{EventMetadata, Payload};
         let mut e = RecordedEvent {
             position: 42,
             transaction_id: 9,
@@ -98,7 +99,7 @@ mod tests {
             stream_version: 3,
             event_type: "TransferRecorded".into(),
             schema_version: 3,
-            payload: json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"]}, "é": "日本"}),
+            payload: Payload::of(&json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"]}, "é": "日本"})),
             metadata: EventMetadata {
                 command_id: Some(uuid::Uuid::now_v7()),
                 correlation_id: None,
@@ -109,8 +110,11 @@ mod tests {
                 user_agent: Some("agent \"quoted\" \\ \u{1}".into()),
             },
         };
-        assert_eq!(link_event(GENESIS, &e), link(GENESIS, &record(&e)));
+        assert_eq!(link_event(GENESIS, &e).unwrap(), link(GENESIS, &record(&e)));
         e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
-        assert_eq!(link_event(&link_event(GENESIS, &e), &e), link(&link(GENESIS, &record(&e)), &record(&e)));
+        assert_eq!(
+            link_event(&link_event(GENESIS, &e).unwrap(), &e).unwrap(),
+            link(&link(GENESIS, &record(&e)), &record(&e))
+        );
     }
 }

@@ -31,7 +31,7 @@
 use crate::idempotency::{self, CommandRecord};
 use crate::identity::{credential_check, CredentialCheck};
 use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
-use crate::store::{self, account_stream, EventMetadata, EventRows, StoreError, StreamAppend};
+use crate::store::{self, account_stream, stored_event, EventMetadata, EventRows, StoreError, StreamAppend};
 use chrono::{DateTime, Utc};
 use ledger_domain::account::{self, AccountState, MoveMoney};
 use ledger_domain::events::TransferKind;
@@ -1002,14 +1002,6 @@ pub(crate) async fn read_after_locks(
     Ok(FoundAfterLocks { records, versions, later, full, opening, sessions })
 }
 
-/// The event in a row that has `event_type`, `schema_version` and `payload`.
-fn stored_event(row: &sqlx::postgres::PgRow) -> Result<Event, StoreError> {
-    Ok(Event::from_stored(
-        row.try_get::<&str, _>("event_type")?,
-        row.try_get("schema_version")?,
-        row.try_get("payload")?,
-    )?)
-}
 
 /// Folds accounts from the log again (full states for `full`, credit-side
 /// ones for `opening`), at their streams' current versions: the same read as

@@ -48,7 +48,7 @@ pub struct RecordedEvent {
     pub stream_version: i64,
     pub event_type: String,
     pub schema_version: i32,
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     pub metadata: EventMetadata,
 }
 
@@ -58,7 +58,49 @@ impl RecordedEvent {
     }
 
     pub fn decode(&self) -> Result<Event, EventDecodeError> {
-        Event::from_stored_ref(&self.event_type, self.schema_version, &self.payload)
+        Event::from_stored_str(&self.event_type, self.schema_version, self.payload.get())
+    }
+}
+
+/// An event's payload as the log stores it: JSON text, carried from the
+/// database to JetStream and to the projectors without being parsed into a
+/// tree (the typed event is decoded straight from it; the few readers that
+/// want a tree ask for one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// The payload of a tree (serialized once; cannot fail for a tree).
+    pub fn of(value: &serde_json::Value) -> Payload {
+        match serde_json::value::to_raw_value(value) {
+            Ok(raw) => Payload(raw),
+            // A `Value` always serializes; keep the type total anyway.
+            Err(_) => Payload(serde_json::value::RawValue::NULL.to_owned()),
+        }
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The text, to bind as a `jsonb` parameter.
+    pub fn as_json(&self) -> sqlx::types::Json<&serde_json::value::RawValue> {
+        sqlx::types::Json(&self.0)
+    }
+
+    /// The payload as a tree, for readers that edit or canonicalize it.
+    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+/// Two payloads are equal when they hold the same JSON, whatever the spacing
+/// or key order of the text.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.get() == other.get() || matches!((self.to_value(), other.to_value()), (Ok(a), Ok(b)) if a == b)
     }
 }
 
@@ -120,11 +162,22 @@ impl EventMac {
     }
 
     /// The MAC of an event as stored (metadata times at microseconds), over
-    /// the canonical JSON of its columns but `position`.
+    /// the canonical JSON of its columns but `position`. A payload that does
+    /// not parse into a tree has no MAC (an empty string, which no stored MAC
+    /// equals).
     pub fn of(&self, e: &RecordedEvent) -> String {
+        match e.payload.to_value() {
+            Ok(payload) => self.of_parsed(e, &payload),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// `of`, with the payload already a tree (`e.payload` is not read): the
+    /// append has the tree it serialized.
+    fn of_parsed(&self, e: &RecordedEvent, payload: &serde_json::Value) -> String {
         use hmac::{Hmac, Mac};
         let mut out: Vec<u8> = Vec::with_capacity(512);
-        write_canonical(e, false, &mut out);
+        write_canonical_parsed(e, payload, false, &mut out);
         let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.key) else { return String::new() };
         mac.update(&out);
         hex::encode(mac.finalize().into_bytes())
@@ -134,8 +187,15 @@ impl EventMac {
 /// Appends the canonical JSON of an event's columns (with `position` for the
 /// audit chain's record, without it for the MAC), written straight into the
 /// buffer in sorted key order rather than built as a JSON tree, which cloned
-/// the payload: the MAC runs in the writer's group, per event.
-pub fn write_canonical(e: &RecordedEvent, with_position: bool, out: &mut Vec<u8>) {
+/// the payload: the MAC runs in the writer's group, per event. Canonical
+/// order needs the payload as a tree: it is parsed here.
+pub fn write_canonical(e: &RecordedEvent, with_position: bool, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    write_canonical_parsed(e, &e.payload.to_value()?, with_position, out);
+    Ok(())
+}
+
+/// `write_canonical` with the payload given as a tree (`e.payload` is not read).
+fn write_canonical_parsed(e: &RecordedEvent, payload: &serde_json::Value, with_position: bool, out: &mut Vec<u8>) {
     use ledger_domain::canonical::{write, write_scalar};
     let recorded_at = e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     // Keys in canonical (sorted) order; none needs escaping.
@@ -161,7 +221,7 @@ pub fn write_canonical(e: &RecordedEvent, with_position: bool, out: &mut Vec<u8>
     field(out, "event_type");
     write_scalar(&e.event_type, out);
     field(out, "payload");
-    write(&e.payload, out);
+    write(payload, out);
     if with_position {
         field(out, "position");
         write_scalar(&e.position, out);
@@ -232,7 +292,8 @@ pub struct EventRows {
     versions: Vec<i64>,
     types: Vec<String>,
     schema_versions: Vec<i32>,
-    payloads: Vec<serde_json::Value>,
+    /// Bound as the JSON text already serialized (no second serialization).
+    payloads: Vec<sqlx::types::Json<Box<serde_json::value::RawValue>>>,
     macs: Vec<String>,
     command_ids: Vec<Option<Uuid>>,
     correlation_ids: Vec<Option<Uuid>>,
@@ -275,6 +336,7 @@ impl EventRows {
                 ..metadata.borrow().clone()
             };
             for (i, event) in append.events.iter().enumerate() {
+                let payload = event.payload();
                 let recorded = RecordedEvent {
                     position: 0,
                     transaction_id: 0,
@@ -283,16 +345,16 @@ impl EventRows {
                     stream_version: append.expected_version + 1 + i as i64,
                     event_type: event.event_type().to_owned(),
                     schema_version: event.schema_version(),
-                    payload: event.payload(),
+                    payload: Payload::of(&payload),
                     metadata: metadata.clone(),
                 };
-                rows.macs.push(authenticator.of(&recorded));
+                rows.macs.push(authenticator.of_parsed(&recorded, &payload));
                 rows.ids.push(recorded.event_id);
                 rows.streams.push(recorded.stream_id);
                 rows.versions.push(recorded.stream_version);
                 rows.types.push(recorded.event_type);
                 rows.schema_versions.push(recorded.schema_version);
-                rows.payloads.push(recorded.payload);
+                rows.payloads.push(sqlx::types::Json(recorded.payload.0));
                 rows.command_ids.push(metadata.command_id);
                 rows.correlation_ids.push(metadata.correlation_id);
                 rows.causation_ids.push(metadata.causation_id);
@@ -354,7 +416,7 @@ pub fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, s
         stream_version: row.try_get("stream_version")?,
         event_type: row.try_get("event_type")?,
         schema_version: row.try_get("schema_version")?,
-        payload: row.try_get("payload")?,
+        payload: Payload(row.try_get::<sqlx::types::Json<&serde_json::value::RawValue>, _>("payload")?.0.to_owned()),
         metadata: EventMetadata {
             command_id: row.try_get("command_id")?,
             correlation_id: row.try_get("correlation_id")?,
@@ -365,6 +427,13 @@ pub fn recorded_from_row(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, s
             user_agent: row.try_get("user_agent")?,
         },
     })
+}
+
+/// The event in a row that has `event_type`, `schema_version` and `payload`,
+/// decoded from the payload's text (no JSON tree).
+pub fn stored_event(row: &sqlx::postgres::PgRow) -> Result<Event, StoreError> {
+    let payload = row.try_get::<sqlx::types::Json<&serde_json::value::RawValue>, _>("payload")?.0;
+    Ok(Event::from_stored_str(row.try_get::<&str, _>("event_type")?, row.try_get("schema_version")?, payload.get())?)
 }
 
 /// Events of one stream, in version order, and the stream's current version.
@@ -380,11 +449,7 @@ pub async fn load_stream(conn: &mut PgConnection, stream_id: &str) -> Result<(Ve
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         version = row.try_get("stream_version")?;
-        events.push(Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?);
+        events.push(stored_event(&row)?);
     }
     Ok((events, version))
 }
@@ -412,11 +477,7 @@ pub async fn load_account(conn: &mut PgConnection, account_id: Uuid) -> Result<(
         if row.try_get::<&str, _>("stream_id")? == stream_id {
             version = version.max(row.try_get("stream_version")?);
         }
-        events.push(Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?);
+        events.push(stored_event(&row)?);
     }
     Ok((events, version))
 }
@@ -548,11 +609,7 @@ pub async fn load_account_opening(conn: &mut PgConnection, account_id: Uuid) -> 
     .await?;
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        events.push(Event::from_stored(
-            row.try_get::<&str, _>("event_type")?,
-            row.try_get("schema_version")?,
-            row.try_get("payload")?,
-        )?);
+        events.push(stored_event(&row)?);
     }
     Ok(events)
 }
@@ -610,7 +667,7 @@ mod tests {
             stream_version: 3,
             event_type: "TransferRecorded".into(),
             schema_version: 3,
-            payload: serde_json::json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"], "b": true}, "é": "日本"}),
+            payload: Payload::of(&serde_json::json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"], "b": true}, "é": "日本"})),
             metadata: EventMetadata {
                 command_id: Some(Uuid::now_v7()),
                 correlation_id: None,
@@ -623,7 +680,7 @@ mod tests {
         };
         assert_eq!(mac.of(&e), reference_mac(&mac, &e));
         e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
-        e.payload = serde_json::json!({});
+        e.payload = Payload::of(&serde_json::json!({}));
         assert_eq!(mac.of(&e), reference_mac(&mac, &e));
         assert_ne!(mac.of(&e), EventMac::new(b"another key").of(&e));
     }

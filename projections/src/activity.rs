@@ -38,18 +38,15 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
     // Failed logins are anonymous (whoever tried is unknown) but the user may
     // see where they came from; an admin's actions show the admin, not their address.
     let own = recorded.metadata.actor_id == Some(user_id) || matches!(event, Event::LoginFailed(_));
-    let mut detail = recorded.payload.clone();
-    if let Value::Object(map) = &mut detail {
-        map.remove("user_id");
-    }
+    // The detail is the payload without the user's id (the row has it).
     sqlx::query(
         "INSERT INTO security_activity (user_id, position, event_type, detail, actor_id, client_ip, user_agent, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+         VALUES ($1, $2, $3, $4::jsonb - 'user_id', $5, $6, $7, $8) ON CONFLICT DO NOTHING",
     )
     .bind(user_id)
     .bind(recorded.position)
     .bind(&recorded.event_type)
-    .bind(detail)
+    .bind(recorded.payload.as_json())
     .bind(recorded.metadata.actor_id)
     // Where an admin acted from is the admin's business, not the user's.
     .bind(own.then_some(&recorded.metadata.client_ip))

@@ -82,18 +82,15 @@ pub async fn apply(conn: &mut PgConnection, recorded: &RecordedEvent, event: &Ev
         }
         _ => return Ok(()),
     };
-    let mut detail = recorded.payload.clone();
-    if let Value::Object(map) = &mut detail {
-        map.remove("order_id");
-    }
+    // The detail is the payload without the order's id (the row has it).
     sqlx::query(
         "INSERT INTO order_history (order_id, position, event_type, status, detail, recorded_at)
-         SELECT $1, $2, $3, status, $4, $5 FROM orders WHERE order_id = $1 ON CONFLICT DO NOTHING",
+         SELECT $1, $2, $3, status, $4::jsonb - 'order_id', $5 FROM orders WHERE order_id = $1 ON CONFLICT DO NOTHING",
     )
     .bind(order_id)
     .bind(recorded.position)
     .bind(&recorded.event_type)
-    .bind(detail)
+    .bind(recorded.payload.as_json())
     .bind(recorded.metadata.recorded_at)
     .execute(&mut *conn)
     .await?;

@@ -367,7 +367,7 @@ async fn remembered_last_entries_are_used_only_while_the_checkpoint_is_the_proje
             stream_version: position,
             event_type: "TransferRecorded".into(),
             schema_version: 1,
-            payload: serde_json::to_value(&t).unwrap(),
+            payload: ledger_commands::store::Payload::of(&serde_json::to_value(&t).unwrap()),
             metadata: EventMetadata { recorded_at: chrono::Utc::now(), ..Default::default() },
         };
         (recorded, Event::TransferRecorded(t))
