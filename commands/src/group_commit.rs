@@ -397,6 +397,7 @@ impl From<sqlx::Error> for GroupFailure {
 /// non-atomic batch holds its request key for as long as its items take).
 async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConnection, group: Vec<Pending>) {
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
+    let started = Instant::now();
     let mut result = try_group(ledger, cache, held, &group).await;
     if let Err(GroupFailure::BeginOnKept(e)) = &result {
         tracing::debug!(error = %e, "a kept connection failed at BEGIN; the group goes on a fresh one");
@@ -409,7 +410,7 @@ async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConne
     held.done(result.as_ref().err());
     match result {
         Ok(outcomes) => {
-            tracing::trace!(size = outcomes.len(), "group committed");
+            tracing::trace!(size = outcomes.len(), micros = started.elapsed().as_micros() as u64, "group committed");
             for (pending, outcome) in group.into_iter().zip(outcomes) {
                 match outcome {
                     Some(outcome) => {
@@ -471,6 +472,8 @@ async fn try_group(
         Err(e) => return Err(e.into()),
     };
     let conn: &mut PgConnection = &mut tx;
+    // Phase times, for the trace line a profile reads (begin, locks, read, append, commit).
+    let mut phases = Phases::start();
 
     // 1. Every lock in one statement, in the one order every path takes them:
     // the keys, then debited accounts exclusively, then credited ones shared
@@ -494,6 +497,7 @@ async fn try_group(
     .busy
     .into_iter()
     .collect();
+    phases.mark();
     // Everything the decisions need, in one statement after the locks: the
     // recorded outcomes, the versions of the streams the group appends to or
     // folds, and the accounts' states
@@ -541,6 +545,7 @@ async fn try_group(
         },
     )
     .await?;
+    phases.mark();
     let mut refused: HashMap<usize, CommandError> = checked
         .into_iter()
         .filter_map(|(i, at)| {
@@ -719,8 +724,10 @@ async fn try_group(
         };
         records.push((row, last_event));
     }
+    phases.mark();
     let positions = rows.positions(append_and_record(conn, &rows, &records).await?);
     drop(records);
+    phases.mark();
     let mut outcomes = Vec::with_capacity(group.len());
     for d in decided {
         let outcome = match d {
@@ -743,11 +750,31 @@ async fn try_group(
         outcomes.push(Some(outcome));
     }
     tx.commit().await?;
+    phases.mark();
+    tracing::trace!(size = group.len(), micros = ?phases.micros, "group phases: locks, read, decide, append, commit");
     if !batch.is_empty() {
         ledger.appended.notify_one();
     }
     cache.put(states.into_iter().filter(|(id, _)| debited.contains(id) || credited.contains(id)).collect());
     Ok(outcomes)
+}
+
+/// Microseconds each phase of a group took, for a trace line.
+struct Phases {
+    at: Instant,
+    micros: Vec<u64>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        Phases { at: Instant::now(), micros: Vec::with_capacity(5) }
+    }
+
+    fn mark(&mut self) {
+        let now = Instant::now();
+        self.micros.push(now.duration_since(self.at).as_micros() as u64);
+        self.at = now;
+    }
 }
 
 fn decide(states: &HashMap<Uuid, Known>, movement: MoveMoney) -> Result<Vec<Event>, DomainError> {
