@@ -1029,7 +1029,6 @@ pub(crate) async fn read_after_locks(
     Ok(FoundAfterLocks { records, versions, later, full, opening, sessions })
 }
 
-
 /// Folds accounts from the log again (full states for `full`, credit-side
 /// ones for `opening`), at their streams' current versions: the same read as
 /// after the locks, without the rest.

@@ -667,7 +667,9 @@ mod tests {
             stream_version: 3,
             event_type: "TransferRecorded".into(),
             schema_version: 3,
-            payload: Payload::of(&serde_json::json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"], "b": true}, "é": "日本"})),
+            payload: Payload::of(
+                &serde_json::json!({"z": "12.30", "a": {"y": [1, null, "\"q\"\n"], "b": true}, "é": "日本"}),
+            ),
             metadata: EventMetadata {
                 command_id: Some(Uuid::now_v7()),
                 correlation_id: None,
