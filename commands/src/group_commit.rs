@@ -57,6 +57,8 @@ pub(crate) struct Pending {
     transfer: Transfer,
     render: RenderRejection,
     reply: oneshot::Sender<Result<Outcome, CommandError>>,
+    /// When it was queued: the trace line reports how long a group's commands waited.
+    queued: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +221,7 @@ impl GroupCommit {
             },
             render,
             reply,
+            queued: Instant::now(),
         };
         if self.queue.send(pending).await.is_err() {
             return None;
@@ -398,6 +401,7 @@ impl From<sqlx::Error> for GroupFailure {
 async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConnection, group: Vec<Pending>) {
     let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
     let started = Instant::now();
+    let waited = group.iter().map(|p| started.duration_since(p.queued)).max().unwrap_or_default();
     let mut result = try_group(ledger, cache, held, &group).await;
     if let Err(GroupFailure::BeginOnKept(e)) = &result {
         tracing::debug!(error = %e, "a kept connection failed at BEGIN; the group goes on a fresh one");
@@ -410,7 +414,12 @@ async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConne
     held.done(result.as_ref().err());
     match result {
         Ok(outcomes) => {
-            tracing::trace!(size = outcomes.len(), micros = started.elapsed().as_micros() as u64, "group committed");
+            tracing::trace!(
+                size = outcomes.len(),
+                micros = started.elapsed().as_micros() as u64,
+                waited_micros = waited.as_micros() as u64,
+                "group committed"
+            );
             for (pending, outcome) in group.into_iter().zip(outcomes) {
                 match outcome {
                     Some(outcome) => {
