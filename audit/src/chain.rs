@@ -180,7 +180,8 @@ pub async fn verify_db(
         };
         if let (Some(e), Some(row), Some(auth)) = (&event, &next_event, authenticator) {
             let stored: Option<String> = row.try_get("mac")?;
-            let valid = stored.as_deref() == Some(auth.of(e).as_str());
+            // A payload with no MAC (one that does not parse) is never valid.
+            let valid = stored.is_some() && stored == auth.of(e);
             if stored.is_some() && valid {
                 authenticated_seen = true;
             } else if stored.is_some() || authenticated_seen {
@@ -198,9 +199,11 @@ pub async fn verify_db(
                 next_link = links.try_next().await?;
             }
             (Some(e), Some(p)) if e.point() == p => {
-                hash = link_event(&hash, &e)?;
+                // A row that cannot be linked (its payload does not parse) was
+                // not sealed as it is now: reported as altered, and the check goes on.
+                let linked = link_event(&hash, &e).ok();
                 let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();
-                if sealed != hash && result.first_break.is_none() {
+                if linked.as_ref() != Some(&sealed) && result.first_break.is_none() {
                     result.first_break = Some(ChainBreak::Altered { position: e.position });
                 }
                 // Continue from the sealed hash, so one altered row is reported once.

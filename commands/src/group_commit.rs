@@ -481,7 +481,7 @@ async fn try_group(
         Err(e) => return Err(e.into()),
     };
     let conn: &mut PgConnection = &mut tx;
-    // Phase times, for the trace line a profile reads (begin, locks, read, append, commit).
+    // Phase times, for the trace line a profile reads (locks, read, decide, append, commit).
     let mut phases = Phases::start();
 
     // 1. Every lock in one statement, in the one order every path takes them:

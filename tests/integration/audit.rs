@@ -270,6 +270,30 @@ async fn a_row_a_superuser_inserts_at_the_head_carries_no_valid_mac() {
     t.cleanup().await;
 }
 
+/// A forger's row whose payload is valid jsonb but no JSON tree (nested
+/// deeper than the MAC's parser goes) and whose MAC is empty: it has no MAC
+/// to match, so it is unauthenticated, not "equal to the empty MAC".
+#[tokio::test]
+async fn a_row_whose_payload_cannot_be_parsed_carries_no_valid_mac() {
+    let (t, _) = populated().await;
+    let mac = ledger_commands::store::EventMac::new(&t.config.secret_key);
+    assert_eq!(verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap().first_break, None);
+    let forged: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, command_id,
+                             correlation_id, actor_id, mac)
+         VALUES (gen_random_uuid(), 'transfer-' || gen_random_uuid(), 1, 'TransferRecorded', 3,
+                 ('{\"deep\": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb,
+                 gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), '')
+         RETURNING position",
+    )
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    let found = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
+    assert_eq!(found.first_break, Some(ChainBreak::Unauthenticated { position: forged }));
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn staff_stream_the_export_over_http_and_users_cannot() {
     let (t, _) = populated().await;
