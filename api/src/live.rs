@@ -27,7 +27,7 @@ use ledger_commands::identity::CredentialCheck;
 use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
 use ledger_domain::Event;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -283,8 +283,21 @@ impl LiveHub {
     }
 }
 
+/// A live message: the event's type and position, and its payload's text as
+/// stored (copied, not parsed into a tree and written again).
+#[derive(Serialize)]
+struct LiveMessage<'a> {
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    position: i64,
+    data: &'a store::Payload,
+}
+
 fn message(recorded: &RecordedEvent) -> String {
-    json!({ "type": recorded.event_type, "position": recorded.position, "data": recorded.payload }).to_string()
+    let message =
+        LiveMessage { event_type: &recorded.event_type, position: recorded.position, data: &recorded.payload };
+    // Strings, an integer and JSON text that is valid by construction: it serializes.
+    serde_json::to_string(&message).unwrap_or_default()
 }
 
 /// While sockets are connected, follows JetStream from now on and feeds
