@@ -726,21 +726,6 @@ macro_rules! ledger_events {
                 }
             }
 
-            /// `from_stored` from a borrowed payload: today's schema versions
-            /// are read straight from it, without copying the JSON tree.
-            pub fn from_stored_ref(
-                event_type: &str,
-                schema_version: i32,
-                payload: &serde_json::Value,
-            ) -> Result<Event, EventDecodeError> {
-                let wrap =
-                    |source| EventDecodeError::Payload { event_type: event_type.to_owned(), schema_version, source };
-                match (event_type, schema_version) {
-                    $((stringify!($name), $version) => <$name as serde::Deserialize>::deserialize(payload).map(Event::$name).map_err(wrap),)+
-                    _ => upcast(event_type, schema_version, payload.clone()),
-                }
-            }
-
             /// `from_stored` from the payload's JSON text as stored: today's
             /// schema versions are parsed straight into their types, with no
             /// JSON tree in between (older ones are upcast from a tree).
