@@ -16,6 +16,8 @@ pub struct Config {
     pub jwt_secret: Vec<u8>,
     pub jwt_secret_is_default: bool,
     pub db_max_connections: u32,
+    /// The query API's pool (reads, session checks), apart from the commands'.
+    pub db_query_connections: u32,
     /// Group-commit writers (`LEDGER_GROUP_COMMIT_WRITERS`, 2): one writes groups, the others
     /// stand by and take the next group while it is on one for over 20 ms; 0 = every transfer
     /// in its own transaction.
@@ -86,6 +88,7 @@ impl Config {
             jwt_secret_is_default: secret.is_none(),
             jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()).into_bytes(),
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
+            db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 16)?,
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),

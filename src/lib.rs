@@ -70,6 +70,17 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let pool =
         db::connect(&config.database_url, config.db_max_connections).await.context("connecting to PostgreSQL")?;
     db::migrate(&pool).await.context("applying migrations")?;
+    // Reads (the query API, session checks, `min_position` waits) have a
+    // pool of their own: a command holds its connection for its whole
+    // transaction, lock waits included, and under a load of single-command
+    // transactions (holds) every read queued behind them for a connection.
+    let queries = if roles.http() {
+        db::connect_existing(&config.database_url, config.db_query_connections)
+            .await
+            .context("connecting the query API to PostgreSQL")?
+    } else {
+        pool.clone()
+    };
     let names = NatsNames::new(&config.nats_prefix);
     let needs_nats = roles.relay || roles.projectors || roles.processes || roles.http();
     let nats = if needs_nats { Some(connect_nats(&config.nats_url).await?) } else { None };
@@ -80,22 +91,25 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     }
     // Two session-check readers: one statement in flight while the next batch
     // gathers, as with group commit's writers.
-    let ledger =
-        ledger_for(&config, pool.clone()).with_group_commit(config.group_commit_writers).with_batched_session_checks(2);
+    let ledger = ledger_for(&config, pool.clone())
+        .with_group_commit(config.group_commit_writers)
+        .with_batched_session_checks(queries.clone(), 2);
     let shutdown = CancellationToken::new();
+    // Whatever fails below stops what was started before it (the read
+    // side's threads would outlive a dropped `JoinSet`).
+    let stop_on_error = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
-    if let (true, Some(client)) = (roles.relay, &nats) {
-        let relay = Relay {
-            pool: pool.clone(),
-            js: async_nats::jetstream::new(client.clone()),
-            names: names.clone(),
-            wake: ledger.appended(),
-            batch_size: 1_000,
-            idle_poll: config.relay_poll,
-            pace: config.relay_pace,
-        };
-        tasks.spawn(relay.run(shutdown.clone()));
+    if roles.relay && nats.is_some() {
+        let (url, nats_url, names, wake) =
+            (config.database_url.clone(), config.nats_url.clone(), names.clone(), ledger.appended());
+        let (batch_size, idle_poll, pace, stop) = (1_000, config.relay_poll, config.relay_pace, shutdown.clone());
+        on_own_thread(&mut tasks, "ledger-relay", async move {
+            let pool = db::connect_existing(&url, 2).await.context("connecting the relay to PostgreSQL")?;
+            let js = async_nats::jetstream::new(connect_nats(&nats_url).await?);
+            Ok(Relay { pool, js, names, wake, batch_size, idle_poll, pace }.run(stop))
+        })
+        .await?;
         let sealer = ledger_audit::chain::Sealer {
             pool: pool.clone(),
             interval: config.relay_poll.max(Duration::from_millis(200)),
@@ -103,25 +117,26 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         tasks.spawn(sealer.run(shutdown.clone()));
     }
     let mut applied = None;
-    if let (true, Some(client)) = (roles.projectors, &nats) {
-        let read_side =
-            db::connect_read_side(&config.database_url, 2).await.context("connecting the read side to PostgreSQL")?;
-        // One consumer and one transaction per batch for every read model:
-        // a quarter of the deliveries and of the per-batch statements of a
-        // projector per read model.
-        let projector = Projector {
-            pool: read_side.clone(),
-            js: async_nats::jetstream::new(client.clone()),
-            names: names.clone(),
-            projections: Projection::ALL.to_vec(),
-            applied: {
-                let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
-                applied = Some(receiver);
-                sender
-            },
-            pace: config.projector_pace,
-        };
-        tasks.spawn(projector.run(shutdown.clone()));
+    if roles.projectors && nats.is_some() {
+        let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
+        applied = Some(receiver);
+        let (url, nats_url, names, pace, stop) = (
+            config.database_url.clone(),
+            config.nats_url.clone(),
+            names.clone(),
+            config.projector_pace,
+            shutdown.clone(),
+        );
+        on_own_thread(&mut tasks, "ledger-projector", async move {
+            let pool = db::connect_read_side(&url, 2).await.context("connecting the read side to PostgreSQL")?;
+            let js = async_nats::jetstream::new(connect_nats(&nats_url).await?);
+            // One consumer and one transaction per batch for every read
+            // model: a quarter of the deliveries and of the per-batch
+            // statements of a projector per read model.
+            let projections = Projection::ALL.to_vec();
+            Ok(Projector { pool, js, names, projections, applied: sender, pace }.run(stop))
+        })
+        .await?;
         // Outdated projections are rebuilt together, in one pass over the log.
         let upgrade_pool = pool.clone();
         tasks.spawn(async move {
@@ -147,7 +162,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     if roles.http() {
         let state = AppState::new(StateParts {
             ledger,
-            pool: pool.clone(),
+            pool: queries,
             jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
             nats: nats.clone(),
             names: names.clone(),
@@ -186,5 +201,51 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             }
         });
     }
+    stop_on_error.disarm();
     Ok(Running { addr, shutdown, tasks })
+}
+
+/// Starts a part of the read side (the relay, the projector) on a thread of
+/// its own, with a current-thread runtime and its own PostgreSQL and NATS
+/// connections: its round trips are answered when they arrive instead of
+/// queueing behind the HTTP tasks on the main runtime's workers. A batch's
+/// transaction took 33 ms at the `holds` peak on the shared runtime (ten
+/// round trips) and 6 ms on its own thread (BENCHMARKS.md). `setup`
+/// connects and returns the part; its error fails the start. The part's end
+/// (after `shutdown`) ends the task added to `tasks`.
+async fn on_own_thread<Part>(
+    tasks: &mut JoinSet<()>,
+    name: &str,
+    setup: impl std::future::Future<Output = anyhow::Result<Part>> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    Part: std::future::Future<Output = ()> + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (ready, set_up) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match setup.await {
+                    Ok(part) => {
+                        let _ = ready.send(Ok(()));
+                        part.await;
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            });
+            // Ends what the part left running (its pool's upkeep) before the
+            // task below reports the part stopped.
+            drop(runtime);
+            let _ = done.send(());
+        })
+        .with_context(|| format!("starting the {name} thread"))?;
+    tasks.spawn(async move {
+        let _ = ended.await;
+    });
+    set_up.await.with_context(|| format!("the {name} thread stopped while starting"))?
 }

@@ -23,6 +23,11 @@ pub async fn create_database_if_missing(url: &str) -> Result<(), sqlx::Error> {
 
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     create_database_if_missing(url).await?;
+    connect_existing(url, max_connections).await
+}
+
+/// `connect` to a database known to exist (a second pool of one process).
+pub async fn connect_existing(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     // Short OLTP statements only: JIT compilation would cost more than it saves.
     let options = PgConnectOptions::from_str(url)?.application_name("ledger").options([("jit", "off")]);
     pool_options(max_connections).connect_with(options).await

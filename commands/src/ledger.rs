@@ -295,9 +295,9 @@ impl Ledger {
     /// Answers concurrent session checks with one statement per batch,
     /// `readers` batches in flight at once (see `session_checks`). Needs a
     /// Tokio runtime.
-    pub fn with_batched_session_checks(mut self, readers: usize) -> Ledger {
+    pub fn with_batched_session_checks(mut self, pool: PgPool, readers: usize) -> Ledger {
         if readers > 0 {
-            self.session_checks = Some(crate::session_checks::SessionChecks::start(self.pool.clone(), readers));
+            self.session_checks = Some(crate::session_checks::SessionChecks::start(pool, readers));
         }
         self
     }

@@ -196,6 +196,9 @@ impl Relay {
                 position = last.position,
                 read_ms = read.as_millis() as u64,
                 total_ms = started.elapsed().as_millis() as u64,
+                // How long ago the batch's newest event was decided: the
+                // relay's part of the read side's lag.
+                newest_age_ms = age_ms(events.iter().map(|e| e.metadata.recorded_at).max()),
                 "relayed"
             );
         }
@@ -274,4 +277,9 @@ pub async fn relay_lag(pool: &PgPool, names: &NatsNames) -> Result<i64, RelayErr
         },
     };
     Ok(store::count_after(&mut conn, after, 1_000_000).await?)
+}
+
+/// Milliseconds since `at` (0 for none): the lag lines of the relay and the projector.
+pub fn age_ms(at: Option<chrono::DateTime<chrono::Utc>>) -> i64 {
+    at.map_or(0, |at| (chrono::Utc::now() - at).num_milliseconds())
 }

@@ -252,6 +252,7 @@ impl Projector {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
         if let Some(through) = events.last().map(RecordedEvent::point) {
+            let began = Instant::now();
             let mut tx = conn.begin().await?;
             let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
             let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
@@ -316,6 +317,13 @@ impl Projector {
                 }
                 let saved = checkpoint::save_all(&mut tx, &moved).await?;
                 tx.commit().await?;
+                tracing::trace!(
+                    events = source.len(),
+                    transaction_ms = began.elapsed().as_secs_f64() * 1000.0,
+                    newest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).max()),
+                    oldest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).min()),
+                    "batch applied"
+                );
                 let statements_saved = saved.iter().find(|(name, _)| name == Projection::Statements.name());
                 if let (Some(applied), Some((_, written))) = (statements_applied, statements_saved) {
                     last_entries.committed(through, *written, applied);

@@ -37,6 +37,7 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
         jwt_secret: b"integration-test-secret-integration-test".to_vec(),
         jwt_secret_is_default: false,
         db_max_connections: 16,
+        db_query_connections: 8,
         group_commit_writers: 2,
         read_wait: Duration::from_secs(5),
         relay_poll: Duration::from_millis(20),

@@ -333,3 +333,34 @@ async fn a_paced_relay_and_projector_apply_every_event_once() {
     t.assert_invariants().await;
     t.cleanup().await;
 }
+
+/// The relay and the projector run on threads of their own; a start that
+/// fails after they started (here: the HTTP address is taken) stops them
+/// instead of leaving them publishing and projecting with no service around.
+#[tokio::test]
+async fn a_failed_start_stops_the_read_side_it_had_started() {
+    let mut t = TestLedger::start().await;
+    t.stop().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = t.config.clone();
+    config.http_addr = taken.local_addr().unwrap();
+    let started = ledger::start(config, ledger::config::Roles::ALL).await;
+    assert!(started.is_err(), "the HTTP address is taken: the start fails");
+    // Every connection of the failed start closes: none of its parts runs on.
+    let connections = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name IN ('ledger', 'ledger-read-side')",
+        )
+        .fetch_one(&t.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections().await > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connections().await, 0, "no part of the failed start holds a connection");
+    t.cleanup().await;
+}

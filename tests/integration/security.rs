@@ -806,7 +806,7 @@ async fn batched_session_checks_answer_what_each_check_answers_alone() {
 
     // Through the ledger, 400 checks in flight at once (so batches form),
     // against the same checks made one at a time.
-    let batched = ledger::ledger_for(&t.config, t.pool.clone()).with_batched_session_checks(2);
+    let batched = ledger::ledger_for(&t.config, t.pool.clone()).with_batched_session_checks(t.pool.clone(), 2);
     let alone = ledger::ledger_for(&t.config, t.pool.clone());
     let mix: Vec<usize> = (0..400).map(|i| (i * 7 + i / 8) % cases.len()).collect();
     let together =
