@@ -88,7 +88,7 @@ impl Config {
             jwt_secret_is_default: secret.is_none(),
             jwt_secret: secret.unwrap_or_else(|| DEV_JWT_SECRET.into()).into_bytes(),
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
-            db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 16)?,
+            db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 24)?,
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
