@@ -28,6 +28,9 @@ pub struct Running {
     pub addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Dropped unstopped, it stops everything: the read side's threads
+    /// would otherwise outlive it (a dropped `JoinSet` aborts only tasks).
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl Running {
@@ -96,8 +99,10 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         .with_batched_session_checks(queries.clone(), 2);
     let shutdown = CancellationToken::new();
     // Whatever fails below stops what was started before it (the read
-    // side's threads would outlive a dropped `JoinSet`).
-    let stop_on_error = shutdown.clone().drop_guard();
+    // side's threads would outlive a dropped `JoinSet`); the start does not
+    // wait for them to end (a relay saving its cursor: harmless, JetStream
+    // drops what is published twice).
+    let stop_on_drop = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
     if roles.relay && nats.is_some() {
@@ -162,7 +167,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     if roles.http() {
         let state = AppState::new(StateParts {
             ledger,
-            pool: queries,
+            pool: queries.clone(),
             jwt: Arc::new(JwtKeys::new(&config.jwt_secret)),
             nats: nats.clone(),
             names: names.clone(),
@@ -171,7 +176,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             secure_cookies: !config.insecure_cookies,
             rate_limit: Arc::new(RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst)),
             request_timeout: config.request_timeout,
-            live: Arc::new(LiveHub::new(pool.clone())),
+            live: Arc::new(LiveHub::new(queries.clone())),
         });
         if let Some(client) = &nats {
             let feed = ledger_api::live::run_feed(
@@ -201,8 +206,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
             }
         });
     }
-    stop_on_error.disarm();
-    Ok(Running { addr, shutdown, tasks })
+    Ok(Running { addr, shutdown, tasks, _stop_on_drop: stop_on_drop })
 }
 
 /// Starts a part of the read side (the relay, the projector) on a thread of
@@ -221,12 +225,20 @@ async fn on_own_thread<Part>(
 where
     Part: std::future::Future<Output = ()> + 'static,
 {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (ready, set_up) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
     let (done, ended) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
+            // Built here: a runtime must not be dropped inside another one
+            // (as it would be, in the caller, if the spawn failed).
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready.send(Err(e.into()));
+                    return;
+                }
+            };
             runtime.block_on(async move {
                 match setup.await {
                     Ok(part) => {
@@ -244,8 +256,12 @@ where
             let _ = done.send(());
         })
         .with_context(|| format!("starting the {name} thread"))?;
+    let thread = name.to_owned();
     tasks.spawn(async move {
-        let _ = ended.await;
+        // `done` dropped unsent: the thread panicked.
+        if ended.await.is_err() {
+            tracing::error!(%thread, "a read-side thread panicked; it has stopped");
+        }
     });
     set_up.await.with_context(|| format!("the {name} thread stopped while starting"))?
 }

@@ -345,7 +345,8 @@ async fn a_failed_start_stops_the_read_side_it_had_started() {
     let mut config = t.config.clone();
     config.http_addr = taken.local_addr().unwrap();
     let started = ledger::start(config, ledger::config::Roles::ALL).await;
-    assert!(started.is_err(), "the HTTP address is taken: the start fails");
+    let failure = format!("{:#}", started.err().expect("the HTTP address is taken: the start fails"));
+    assert!(failure.contains("binding"), "it fails at the HTTP bind, after the read side started: {failure}");
     // Every connection of the failed start closes: none of its parts runs on.
     let connections = || async {
         sqlx::query_scalar::<_, i64>(
