@@ -105,43 +105,64 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let stop_on_drop = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
-    if roles.relay && nats.is_some() {
-        let (url, nats_url, names, wake) =
-            (config.database_url.clone(), config.nats_url.clone(), names.clone(), ledger.appended());
-        let (batch_size, idle_poll, pace, stop) = (1_000, config.relay_poll, config.relay_pace, shutdown.clone());
-        on_own_thread(&mut tasks, "ledger-relay", async move {
-            let pool = db::connect_existing(&url, 2).await.context("connecting the relay to PostgreSQL")?;
+    let mut applied = None;
+    let relay = roles.relay && nats.is_some();
+    let projector = roles.projectors && nats.is_some();
+    if relay || projector {
+        let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
+        if projector {
+            applied = Some(receiver);
+        }
+        let (url, nats_url, names, wake, stop) =
+            (config.database_url.clone(), config.nats_url.clone(), names.clone(), ledger.appended(), shutdown.clone());
+        let (idle_poll, relay_pace, projector_pace) = (config.relay_poll, config.relay_pace, config.projector_pace);
+        on_own_thread(&mut tasks, "ledger-read-side", async move {
             let js = async_nats::jetstream::new(connect_nats(&nats_url).await?);
-            Ok(Relay { pool, js, names, wake, batch_size, idle_poll, pace }.run(stop))
+            let relay = match relay {
+                true => {
+                    let pool = db::connect_existing(&url, 2).await.context("connecting the relay to PostgreSQL")?;
+                    let (names, js) = (names.clone(), js.clone());
+                    let relay = Relay { pool, js, names, wake, batch_size: 1_000, idle_poll, pace: relay_pace };
+                    Some(relay.run(stop.clone()))
+                }
+                false => None,
+            };
+            let projector = match projector {
+                true => {
+                    let pool =
+                        db::connect_read_side(&url, 2).await.context("connecting the read side to PostgreSQL")?;
+                    // One consumer and one transaction per batch for every
+                    // read model: a quarter of the deliveries and of the
+                    // per-batch statements of a projector per read model.
+                    let projections = Projection::ALL.to_vec();
+                    Some(Projector { pool, js, names, projections, applied: sender, pace: projector_pace }.run(stop))
+                }
+                false => None,
+            };
+            Ok(async move {
+                let relay = async {
+                    if let Some(relay) = relay {
+                        relay.await;
+                    }
+                };
+                let projector = async {
+                    if let Some(projector) = projector {
+                        projector.await;
+                    }
+                };
+                tokio::join!(relay, projector);
+            })
         })
         .await?;
+    }
+    if relay {
         let sealer = ledger_audit::chain::Sealer {
             pool: pool.clone(),
             interval: config.relay_poll.max(Duration::from_millis(200)),
         };
         tasks.spawn(sealer.run(shutdown.clone()));
     }
-    let mut applied = None;
-    if roles.projectors && nats.is_some() {
-        let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
-        applied = Some(receiver);
-        let (url, nats_url, names, pace, stop) = (
-            config.database_url.clone(),
-            config.nats_url.clone(),
-            names.clone(),
-            config.projector_pace,
-            shutdown.clone(),
-        );
-        on_own_thread(&mut tasks, "ledger-projector", async move {
-            let pool = db::connect_read_side(&url, 2).await.context("connecting the read side to PostgreSQL")?;
-            let js = async_nats::jetstream::new(connect_nats(&nats_url).await?);
-            // One consumer and one transaction per batch for every read
-            // model: a quarter of the deliveries and of the per-batch
-            // statements of a projector per read model.
-            let projections = Projection::ALL.to_vec();
-            Ok(Projector { pool, js, names, projections, applied: sender, pace }.run(stop))
-        })
-        .await?;
+    if projector {
         // Outdated projections are rebuilt together, in one pass over the log.
         let upgrade_pool = pool.clone();
         tasks.spawn(async move {
@@ -209,12 +230,15 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     Ok(Running { addr, shutdown, tasks, _stop_on_drop: stop_on_drop })
 }
 
-/// Starts a part of the read side (the relay, the projector) on a thread of
-/// its own, with a current-thread runtime and its own PostgreSQL and NATS
-/// connections: its round trips are answered when they arrive instead of
-/// queueing behind the HTTP tasks on the main runtime's workers. A batch's
-/// transaction took 33 ms at the `holds` peak on the shared runtime (ten
-/// round trips) and 6 ms on its own thread (BENCHMARKS.md). `setup`
+/// Starts the read side (the relay and the projector, whichever this
+/// instance runs) on a thread of its own, with a current-thread runtime and
+/// its own PostgreSQL and NATS connections: their round trips are answered
+/// when they arrive instead of queueing behind the HTTP tasks on the main
+/// runtime's workers. A projector batch's transaction took 33 ms at the
+/// `holds` peak on the main runtime (ten round trips) and 6 ms on its own
+/// thread. One thread for both, not one each: the read side then takes at
+/// most a core from the writers under a bulk load (`batch`: 12.2–13.8k
+/// transfers/s with a thread each, 14.8k with one; BENCHMARKS.md). `setup`
 /// connects and returns the part; its error fails the start. The part's end
 /// (after `shutdown`) ends the task added to `tasks`.
 async fn on_own_thread<Part>(
