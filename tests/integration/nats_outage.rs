@@ -334,9 +334,9 @@ async fn a_paced_relay_and_projector_apply_every_event_once() {
     t.cleanup().await;
 }
 
-/// The relay and the projector run on threads of their own; a start that
-/// fails after they started (here: the HTTP address is taken) stops them
-/// instead of leaving them publishing and projecting with no service around.
+/// The relay and the projector run on a thread of their own; a start that
+/// fails after it started (here: the HTTP address is taken) stops it instead
+/// of leaving it publishing and projecting with no service around.
 #[tokio::test]
 async fn a_failed_start_stops_the_read_side_it_had_started() {
     let mut t = TestLedger::start().await;
