@@ -150,6 +150,25 @@ impl Projector {
                     }
                 }
             }
+            // A backlog: the client hands over what one read of the socket
+            // held (~64 KiB, ~130 events), while a batch's cost is mostly
+            // its fixed round trips. Letting the connection read on while
+            // more is waiting makes batches of up to `MAX_BATCH`.
+            if !small {
+                while batch.len() < MAX_BATCH {
+                    tokio::task::yield_now().await;
+                    let before = batch.len();
+                    while batch.len() < MAX_BATCH {
+                        match futures::FutureExt::now_or_never(batches.get_mut().next()) {
+                            Some(Some(message)) => batch.push(message),
+                            _ => break,
+                        }
+                    }
+                    if batch.len() == before {
+                        break;
+                    }
+                }
+            }
             last_small = (batch.len() < PACED_BELOW).then(Instant::now);
             let mut received = Vec::with_capacity(batch.len());
             for message in batch {
