@@ -55,6 +55,53 @@ pub struct Projector {
     pub pace: Duration,
 }
 
+/// How many more looks a backlog's batch takes, each after a yield, for
+/// events still arriving.
+const GATHER_ROUNDS: usize = 4;
+
+/// Moves into `batch` what `stream` has ready now, up to `max`; stops after
+/// an error item (the batch fails with it). Unconstrained: the task's
+/// Tokio budget (128 channel reads per poll, shared with the relay, which
+/// runs in the same task) would otherwise cut a batch short at whatever the
+/// relay left of it, though every message is already in the client's channel.
+async fn drain_ready<S, T, E>(stream: &mut S, batch: &mut Vec<Result<T, E>>, max: usize)
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+{
+    tokio::task::unconstrained(async {
+        while batch.len() < max && !batch.last().is_some_and(Result::is_err) {
+            match futures::FutureExt::now_or_never(stream.next()) {
+                Some(Some(item)) => batch.push(item),
+                _ => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// A batch that is a backlog's first part grows to `max` with what is ready,
+/// then with what arrives within a few yields (the connection's task, on the
+/// same thread, reads on meanwhile). A batch's cost is mostly its round
+/// trips, so larger batches apply a backlog faster. It stops at the first
+/// look that finds nothing new, so it never waits for events not yet sent.
+async fn gather_backlog<S, T, E>(stream: &mut S, batch: &mut Vec<Result<T, E>>, max: usize)
+where
+    S: futures::Stream<Item = Result<T, E>> + Unpin,
+{
+    drain_ready(stream, batch, max).await;
+    for _ in 0..GATHER_ROUNDS {
+        if batch.len() >= max || batch.iter().any(Result::is_err) {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        drain_ready(stream, batch, max).await;
+        if batch.len() == before {
+            return;
+        }
+    }
+}
+
 impl Projector {
     /// The durable consumer's name: the read model's own when there is one,
     /// else the whole read side's.
@@ -142,32 +189,11 @@ impl Projector {
                 if Instant::now() < due {
                     tokio::time::sleep_until(due.into()).await;
                     // What arrived while waiting joins this batch.
-                    while batch.len() < MAX_BATCH {
-                        match futures::FutureExt::now_or_never(batches.get_mut().next()) {
-                            Some(Some(message)) => batch.push(message),
-                            _ => break,
-                        }
-                    }
+                    drain_ready(batches.get_mut(), &mut batch, MAX_BATCH).await;
                 }
             }
-            // A backlog: the client hands over what one read of the socket
-            // held (~64 KiB, ~130 events), while a batch's cost is mostly
-            // its fixed round trips. Letting the connection read on while
-            // more is waiting makes batches of up to `MAX_BATCH`.
             if !small {
-                while batch.len() < MAX_BATCH {
-                    tokio::task::yield_now().await;
-                    let before = batch.len();
-                    while batch.len() < MAX_BATCH {
-                        match futures::FutureExt::now_or_never(batches.get_mut().next()) {
-                            Some(Some(message)) => batch.push(message),
-                            _ => break,
-                        }
-                    }
-                    if batch.len() == before {
-                        break;
-                    }
-                }
+                gather_backlog(batches.get_mut(), &mut batch, MAX_BATCH).await;
             }
             last_small = (batch.len() < PACED_BELOW).then(Instant::now);
             let mut received = Vec::with_capacity(batch.len());
@@ -358,5 +384,100 @@ impl Projector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gather_backlog;
+    use futures::StreamExt;
+    use std::convert::Infallible;
+
+    type Items = std::pin::Pin<Box<dyn futures::Stream<Item = Result<usize, Infallible>>>>;
+
+    /// A Tokio channel, as the NATS client's subscriptions are (each read
+    /// spends the task's budget); `chunks` chunks of `size` items are sent,
+    /// the first at once and one more each time the receiving task yields,
+    /// as the connection's reader hands them over.
+    fn reader(chunks: usize, size: usize) -> Items {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..size {
+            tx.send(Ok(i)).expect("open");
+        }
+        tokio::spawn(async move {
+            for chunk in 1..chunks {
+                for i in 0..size {
+                    if tx.send(Ok(chunk * size + i)).is_err() {
+                        return;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+
+    /// What one `ready_chunks` poll hands over: what is ready now, as far as
+    /// the task's budget goes.
+    async fn first_read(items: &mut Items) -> Vec<Result<usize, Infallible>> {
+        let mut batch = vec![items.next().await.expect("an item")];
+        while let Some(Some(item)) = futures::FutureExt::now_or_never(items.next()) {
+            batch.push(item);
+        }
+        batch
+    }
+
+    fn numbers(batch: Vec<Result<usize, Infallible>>) -> Vec<usize> {
+        batch.into_iter().map(|r| r.unwrap_or_else(|e| match e {})).collect()
+    }
+
+    #[tokio::test]
+    async fn a_backlog_already_received_is_taken_up_to_the_limit_past_the_tasks_budget() {
+        let mut items = reader(1, 1000);
+        let mut batch = first_read(&mut items).await;
+        assert!(batch.len() < 500, "the task's budget cut the first read short: {}", batch.len());
+        // The budget is spent (as the relay, in the same task, may spend it).
+        assert!(!tokio::task::coop::has_budget_remaining());
+        let yielded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = yielded.clone();
+        tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        gather_backlog(&mut items, &mut batch, 500).await;
+        assert_eq!(numbers(batch), (0..500).collect::<Vec<_>>(), "up to the limit, in order");
+        assert!(
+            !yielded.load(std::sync::atomic::Ordering::SeqCst),
+            "what was already received is taken at once, without waiting for a turn"
+        );
+        let mut next = first_read(&mut items).await;
+        gather_backlog(&mut items, &mut next, 500).await;
+        assert_eq!(numbers(next), (500..1000).collect::<Vec<_>>(), "the rest is the next batch");
+    }
+
+    #[tokio::test]
+    async fn a_backlog_still_arriving_is_gathered_over_a_few_yields() {
+        let mut items = reader(10, 100);
+        let mut batch = first_read(&mut items).await;
+        assert_eq!(batch.len(), 100);
+        gather_backlog(&mut items, &mut batch, 500).await;
+        assert_eq!(numbers(batch), (0..500).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn gathering_stops_when_nothing_more_is_arriving() {
+        let mut items = reader(2, 100);
+        let mut batch = first_read(&mut items).await;
+        gather_backlog(&mut items, &mut batch, 500).await;
+        assert_eq!(numbers(batch), (0..200).collect::<Vec<_>>(), "applied with what came");
+    }
+
+    #[tokio::test]
+    async fn gathering_stops_at_an_error() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<usize, &str>>();
+        for item in [Ok(0), Ok(1), Err("broken"), Ok(3)] {
+            tx.send(item).expect("open");
+        }
+        let mut items = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut batch = vec![items.next().await.expect("an item")];
+        gather_backlog(&mut items, &mut batch, 500).await;
+        assert_eq!(batch, vec![Ok(0), Ok(1), Err("broken")], "the batch fails with the error; nothing after it");
     }
 }
