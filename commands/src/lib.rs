@@ -1,6 +1,7 @@
 //! The command side: the event store, idempotency, command handling and the
 //! relay that publishes the log to NATS JetStream.
 
+pub mod backoff;
 pub mod batch;
 pub mod db;
 pub mod group_commit;

@@ -62,8 +62,9 @@ pub struct Relay {
 
 impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = crate::backoff::Backoff::follower();
         loop {
+            let started = std::time::Instant::now();
             // `lead` watches `shutdown` itself, to save its cursor on the way
             // out; it gets `SHUTDOWN_GRACE` for that, so a statement hanging
             // on an unreachable database cannot hold up the process's exit.
@@ -83,9 +84,8 @@ impl Relay {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.after(started.elapsed())) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -16,7 +16,7 @@ use ledger_commands::{ClientInfo, CommandEnvelope, Ledger, LedgerCommand};
 use ledger_domain::{DomainError, Event};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -68,8 +68,9 @@ impl PaymentProcess {
     }
 
     async fn follow(&self, event_type: &str, consumer: &str, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = ledger_commands::backoff::Backoff::follower();
         loop {
+            let started = Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = self.consume(event_type, consumer) => {
@@ -80,9 +81,8 @@ impl PaymentProcess {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.after(started.elapsed())) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

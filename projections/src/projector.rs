@@ -113,8 +113,9 @@ impl Projector {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = ledger_commands::backoff::Backoff::follower();
         loop {
+            let started = Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = self.consume() => {
@@ -125,9 +126,8 @@ impl Projector {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.after(started.elapsed())) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
