@@ -22,6 +22,9 @@ pub struct Config {
     /// stand by and take the next group while it is on one for over 20 ms; 0 = every transfer
     /// in its own transaction.
     pub group_commit_writers: usize,
+    /// Events of this process the read side may be behind before batches
+    /// of transfers wait (`LEDGER_BULK_MAX_BACKLOG`; 0: batches never wait).
+    pub bulk_max_backlog: u32,
     pub read_wait: Duration,
     pub relay_poll: Duration,
     /// The projector's shortest time between batch starts (0: none).
@@ -90,6 +93,7 @@ impl Config {
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
             db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 24)?,
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
+            bulk_max_backlog: parsed("LEDGER_BULK_MAX_BACKLOG", 1_000)?,
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
             projector_pace: Duration::from_millis(parsed("LEDGER_PROJECTOR_PACE_MS", 15)?),

@@ -94,9 +94,16 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     }
     // Two session-check readers: one statement in flight while the next batch
     // gathers, as with group commit's writers.
-    let ledger = ledger_for(&config, pool.clone())
-        .with_group_commit(config.group_commit_writers)
-        .with_batched_session_checks(queries.clone(), 2);
+    let relay = roles.relay && nats.is_some();
+    let projector = roles.projectors && nats.is_some();
+    // How far this instance's projector has applied the log: read-your-writes
+    // waits on it, and batches of transfers are paced by it.
+    let (applied_sender, applied_receiver) = tokio::sync::watch::channel(LogPoint::START);
+    let mut ledger = ledger_for(&config, pool.clone());
+    if projector {
+        ledger = ledger.with_read_side_gate(applied_receiver.clone(), i64::from(config.bulk_max_backlog));
+    }
+    let ledger = ledger.with_group_commit(config.group_commit_writers).with_batched_session_checks(queries.clone(), 2);
     let shutdown = CancellationToken::new();
     // Whatever fails below stops what was started before it (the read
     // side's threads would outlive a dropped `JoinSet`); the start does not
@@ -105,14 +112,9 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let stop_on_drop = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
-    let mut applied = None;
-    let relay = roles.relay && nats.is_some();
-    let projector = roles.projectors && nats.is_some();
+    let applied = projector.then_some(applied_receiver);
     if relay || projector {
-        let (sender, receiver) = tokio::sync::watch::channel(LogPoint::START);
-        if projector {
-            applied = Some(receiver);
-        }
+        let sender = applied_sender;
         let (url, nats_url, names, wake, stop) =
             (config.database_url.clone(), config.nats_url.clone(), names.clone(), ledger.appended(), shutdown.clone());
         let (idle_poll, relay_pace, projector_pace) = (config.relay_poll, config.relay_pace, config.projector_pace);

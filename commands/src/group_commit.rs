@@ -762,7 +762,7 @@ async fn try_group(
     phases.mark();
     tracing::trace!(size = group.len(), micros = ?phases.micros, "group phases: locks, read, decide, append, commit");
     if !batch.is_empty() {
-        ledger.appended.notify_one();
+        ledger.committed(positions.iter().copied().max());
     }
     cache.put(states.into_iter().filter(|(id, _)| debited.contains(id) || credited.contains(id)).collect());
     Ok(outcomes)

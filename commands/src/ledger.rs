@@ -235,6 +235,8 @@ pub struct Ledger {
     pub(crate) session_checks: Option<crate::session_checks::SessionChecks>,
     /// Sessions whose writes were refused as ended (`unchecked_session`).
     pub(crate) ended_sessions: crate::session_checks::EndedSessions,
+    /// Batches wait while the read side is far behind, when this is on.
+    pub(crate) read_side_gate: Option<Arc<crate::read_side_gate::ReadSideGate>>,
 }
 
 pub(crate) struct Decision {
@@ -280,6 +282,7 @@ impl Ledger {
             group: None,
             session_checks: None,
             ended_sessions: Default::default(),
+            read_side_gate: None,
         }
     }
 
@@ -300,6 +303,31 @@ impl Ledger {
             self.session_checks = Some(crate::session_checks::SessionChecks::start(pool, readers));
         }
         self
+    }
+
+    /// Batches of transfers wait while more than `max_backlog` events of
+    /// this process (committed, or in batches admitted) are not applied by
+    /// its read side (`applied`; see `read_side_gate`). Before
+    /// `with_group_commit`, whose writers keep a copy of the ledger.
+    pub fn with_read_side_gate(
+        mut self,
+        applied: tokio::sync::watch::Receiver<store::LogPoint>,
+        max_backlog: i64,
+    ) -> Ledger {
+        if max_backlog > 0 {
+            self.read_side_gate = Some(Arc::new(crate::read_side_gate::ReadSideGate::new(applied, max_backlog)));
+        }
+        self
+    }
+
+    /// Records a commit that appended events: wakes a local relay, and
+    /// tells the read-side gate how far this process has written.
+    pub(crate) fn committed(&self, position: Option<i64>) {
+        let Some(position) = position else { return };
+        self.appended.notify_one();
+        if let Some(gate) = &self.read_side_gate {
+            gate.appended(position);
+        }
     }
 
     /// The fee schedule charged on transfers and withdrawals (none by default).
@@ -330,6 +358,10 @@ impl Ledger {
                 return outcome;
             }
         }
+        let _admitted = match (&command, &self.read_side_gate) {
+            (LedgerCommand::TransferBatch { items }, Some(gate)) => Some(gate.admit(items.len()).await),
+            _ => None,
+        };
         self.execute_direct(envelope, command, render).await
     }
 
@@ -442,9 +474,7 @@ impl Ledger {
         )
         .await?;
         tx.commit().await?;
-        if position.is_some() {
-            self.appended.notify_one();
-        }
+        self.committed(position);
         Ok(Outcome { status, body, replayed: false, position })
     }
 
@@ -458,6 +488,10 @@ impl Ledger {
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
         self.check_unchecked_session(envelope).await?;
+        let _admitted = match &self.read_side_gate {
+            Some(gate) => Some(gate.admit(items.len()).await),
+            None => None,
+        };
         let mut tx = self.pool.begin().await?;
         idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
         if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {

@@ -12,6 +12,7 @@ pub mod nats;
 pub mod passwords;
 pub mod payments;
 pub mod personal;
+pub mod read_side_gate;
 pub mod relay;
 pub mod secrets;
 pub mod session_checks;

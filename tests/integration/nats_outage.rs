@@ -37,7 +37,13 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
     let dir = std::env::temp_dir().join(format!("ledger-nats-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut nats = start_nats(port, &dir).await;
-    let t = TestLedger::start_with(|c| c.nats_url = format!("nats://127.0.0.1:{port}")).await;
+    // Batches wait for the read side past one event behind: they must not
+    // wait for a read side that NATS being down has stopped.
+    let t = TestLedger::start_with(|c| {
+        c.nats_url = format!("nats://127.0.0.1:{port}");
+        c.bulk_max_backlog = 1;
+    })
+    .await;
     let (_, ann) = t.user().await;
     let (_, bob) = t.user().await;
     let a = t.account(&ann, "USD").await;
@@ -56,6 +62,16 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
             .await;
         assert_eq!(s, StatusCode::CREATED, "commands succeed while NATS is down: {v}");
         positions.push(v["position"].as_i64().unwrap());
+        if i == 25 || i == 35 {
+            let item =
+                |n: u32| json!({"key": format!("b{i}-{n}"), "from_account": a, "to_account": b, "amount": "1.00"});
+            let body = json!({"atomic": i == 25, "transfers": [item(1), item(2)]});
+            let (s, v, _) = t
+                .request(Method::POST, "/v1/transfers/batch", Some(&ann), Some(&format!("batch-{i}")), Some(body))
+                .await;
+            assert!(s.is_success(), "batches succeed while NATS is down: {v}");
+            positions.push(v["position"].as_i64().unwrap());
+        }
         if i == 40 {
             let (s, v, _) = t.request(Method::GET, "/readyz", None, None, None).await;
             assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
@@ -65,8 +81,8 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
     nats = start_nats(port, &dir).await;
     let last = *positions.last().unwrap();
     t.settle().await;
-    assert_eq!(t.balance(&ann, &a, last).await, "910.00");
-    assert_eq!(t.balance(&bob, &b, last).await, "90.00");
+    assert_eq!(t.balance(&ann, &a, last).await, "906.00", "1000 - 60 x 1.50 - 4 x 1.00");
+    assert_eq!(t.balance(&bob, &b, last).await, "94.00");
     t.assert_invariants().await;
     t.cleanup().await;
     let _ = nats.kill().await;
