@@ -25,6 +25,8 @@ pub struct Config {
     /// Events of this process the read side may be behind before batches
     /// of transfers wait (`LEDGER_BULK_MAX_BACKLOG`; 0: batches never wait).
     pub bulk_max_backlog: u32,
+    /// The longest a batch waits for the read side (`LEDGER_BULK_MAX_WAIT_MS`).
+    pub bulk_max_wait: Duration,
     pub read_wait: Duration,
     pub relay_poll: Duration,
     /// The projector's shortest time between batch starts (0: none).
@@ -94,6 +96,7 @@ impl Config {
             db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 24)?,
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
             bulk_max_backlog: parsed("LEDGER_BULK_MAX_BACKLOG", 1_000)?,
+            bulk_max_wait: Duration::from_millis(parsed("LEDGER_BULK_MAX_WAIT_MS", 2_000)?),
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),
             projector_pace: Duration::from_millis(parsed("LEDGER_PROJECTOR_PACE_MS", 15)?),

@@ -12,7 +12,7 @@ use ledger_api::{AppState, StateParts};
 use ledger_commands::identity::IdentityPolicy;
 use ledger_commands::nats::NatsNames;
 use ledger_commands::relay::Relay;
-use ledger_commands::store::LogPoint;
+use ledger_commands::store::ReadSideProgress;
 use ledger_commands::{db, Ledger};
 use ledger_projections::processes::{HoldExpiry, PaymentProcess};
 use ledger_projections::projector::Projector;
@@ -98,10 +98,14 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
     let projector = roles.projectors && nats.is_some();
     // How far this instance's projector has applied the log: read-your-writes
     // waits on it, and batches of transfers are paced by it.
-    let (applied_sender, applied_receiver) = tokio::sync::watch::channel(LogPoint::START);
+    let (applied_sender, applied_receiver) = tokio::sync::watch::channel(ReadSideProgress::default());
     let mut ledger = ledger_for(&config, pool.clone());
     if projector {
-        ledger = ledger.with_read_side_gate(applied_receiver.clone(), i64::from(config.bulk_max_backlog));
+        ledger = ledger.with_read_side_gate(
+            applied_receiver.clone(),
+            i64::from(config.bulk_max_backlog),
+            config.bulk_max_wait,
+        );
     }
     let ledger = ledger.with_group_commit(config.group_commit_writers).with_batched_session_checks(queries.clone(), 2);
     let shutdown = CancellationToken::new();

@@ -305,17 +305,21 @@ impl Ledger {
         self
     }
 
-    /// Batches of transfers wait while more than `max_backlog` events of
-    /// this process (committed, or in batches admitted) are not applied by
-    /// its read side (`applied`; see `read_side_gate`). Before
-    /// `with_group_commit`, whose writers keep a copy of the ledger.
+    /// Batches of transfers wait, `max_wait` at most, while `max_backlog`
+    /// events of this process (committed, or items of batches admitted) are
+    /// not applied by its read side (`applied`; see `read_side_gate`).
+    /// Before `with_group_commit`, whose writers keep a copy of the ledger
+    /// (their commits would go uncounted).
     pub fn with_read_side_gate(
         mut self,
-        applied: tokio::sync::watch::Receiver<store::LogPoint>,
+        applied: tokio::sync::watch::Receiver<store::ReadSideProgress>,
         max_backlog: i64,
+        max_wait: std::time::Duration,
     ) -> Ledger {
+        debug_assert!(self.group.is_none(), "the read-side gate goes on before group commit");
         if max_backlog > 0 {
-            self.read_side_gate = Some(Arc::new(crate::read_side_gate::ReadSideGate::new(applied, max_backlog)));
+            let gate = crate::read_side_gate::ReadSideGate::new(applied, max_backlog, max_wait);
+            self.read_side_gate = Some(Arc::new(gate));
         }
         self
     }
@@ -487,11 +491,13 @@ impl Ledger {
         items: Vec<crate::batch::BatchItem>,
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
-        self.check_unchecked_session(envelope).await?;
-        let _admitted = match &self.read_side_gate {
+        // Each item gives its place back as it commits (its transaction
+        // recorded its position first).
+        let mut admitted = match &self.read_side_gate {
             Some(gate) => Some(gate.admit(items.len()).await),
             None => None,
         };
+        self.check_unchecked_session(envelope).await?;
         let mut tx = self.pool.begin().await?;
         idempotency::lock_key(&mut tx, envelope.actor, &envelope.idempotency_key).await?;
         if let Some(previous) = idempotency::find(&mut tx, envelope.actor, &envelope.idempotency_key).await? {
@@ -520,7 +526,11 @@ impl Ledger {
             // run, and a transfer under that key waiting in a group would
             // hold a writer the items needed (with one writer, every
             // transfer of the instance stalled until the time limit).
-            let result = match self.execute_direct(&item_envelope, command, render).await {
+            let executed = self.execute_direct(&item_envelope, command, render).await;
+            if let Some(admitted) = admitted.as_mut() {
+                admitted.release(1);
+            }
+            let result = match executed {
                 Ok(outcome) => {
                     last = outcome.position.max(last);
                     json!({ "key": item.key, "status": outcome.status, "body": outcome.body, "replayed": outcome.replayed })

@@ -21,6 +21,16 @@ impl LogPoint {
     pub const START: LogPoint = LogPoint { transaction_id: 0, position: 0 };
 }
 
+/// How far a projector has applied the log: every read model is at or past
+/// `through`; `highest_position` is the highest position among what it has
+/// applied (tailing order is by transaction first, so a batch's end need not
+/// hold its highest position).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadSideProgress {
+    pub through: LogPoint,
+    pub highest_position: i64,
+}
+
 /// Who and what caused an append; stored on every event of the command.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventMetadata {

@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::relay::PACED_BELOW;
-use ledger_commands::store::{self, LogPoint, RecordedEvent};
+use ledger_commands::store::{self, LogPoint, ReadSideProgress, RecordedEvent};
 use ledger_domain::Event;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::collections::HashMap;
@@ -45,7 +45,7 @@ pub struct Projector {
     pub projections: Vec<Projection>,
     /// Publishes the batch's end after every commit, for in-process waiters
     /// (`read_side::wait_for_applied`): every read model is at or past it.
-    pub applied: watch::Sender<LogPoint>,
+    pub applied: watch::Sender<ReadSideProgress>,
     /// After a small batch (under `PACED_BELOW` events), the shortest time
     /// from its start to the next one's. Under a light load deliveries come
     /// a few at a time, and a batch's fixed cost (a transaction, the
@@ -329,8 +329,12 @@ impl Projector {
                     work.push((projection, c, mine));
                 }
             }
+            let highest_position = source.iter().map(|e| e.position).max().unwrap_or_default();
             if work.is_empty() {
                 tx.rollback().await?;
+                // Every read model was already at or past the batch's end
+                // (another instance applied it): that is progress too.
+                self.publish_applied(through, highest_position);
             } else {
                 // Decoded once for every projection.
                 let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
@@ -373,17 +377,22 @@ impl Projector {
                 if let (Some(applied), Some((_, written))) = (statements_applied, statements_saved) {
                     last_entries.committed(through, *written, applied);
                 }
-                // Never backwards: a later batch's end is past every earlier one's.
-                self.applied.send_if_modified(|at| {
-                    let moved = through > *at;
-                    if moved {
-                        *at = through;
-                    }
-                    moved
-                });
+                self.publish_applied(through, highest_position);
             }
         }
         Ok(())
+    }
+
+    /// Tells read-your-writes waits and the batches' gate that every read
+    /// model is at or past `through`. Never backwards: a later batch's end is
+    /// past every earlier one's.
+    fn publish_applied(&self, through: LogPoint, highest_position: i64) {
+        self.applied.send_if_modified(|at| {
+            let moved = through > at.through || highest_position > at.highest_position;
+            at.through = at.through.max(through);
+            at.highest_position = at.highest_position.max(highest_position);
+            moved
+        });
     }
 }
 

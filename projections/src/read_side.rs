@@ -2,7 +2,7 @@
 
 use crate::{checkpoint, Projection};
 use ledger_commands::store;
-use ledger_commands::store::LogPoint;
+use ledger_commands::store::ReadSideProgress;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -21,7 +21,7 @@ pub enum WaitError {
 /// How far this instance's projector has applied the log: after each of its
 /// commits every read model is at or past the point it publishes (a read
 /// model it skipped was already past the batch's end).
-pub type Applied = watch::Receiver<LogPoint>;
+pub type Applied = watch::Receiver<ReadSideProgress>;
 
 /// Waits, up to `timeout`, until every projection has applied the event at
 /// `position` (and so everything before it in tailing order).
@@ -59,7 +59,7 @@ pub async fn wait_for_applied(
     };
     let mut applied = applied.cloned();
     loop {
-        if applied.as_ref().is_some_and(|a| *a.borrow() >= target) {
+        if applied.as_ref().is_some_and(|a| a.borrow().through >= target) {
             return Ok(());
         }
         let checkpoints = {
@@ -79,7 +79,7 @@ pub async fn wait_for_applied(
         match applied.as_mut() {
             Some(local) => {
                 tokio::select! {
-                    reached = local.wait_for(|point| *point >= target) => match reached {
+                    reached = local.wait_for(|progress| progress.through >= target) => match reached {
                         Ok(_) => return Ok(()),
                         Err(_) => projector_gone = true,
                     },

@@ -4,6 +4,7 @@
 use crate::harness::TestLedger;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn code(v: &Value) -> &str {
     v["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or("")
@@ -72,34 +73,49 @@ async fn an_atomic_batch_moves_all_or_nothing_and_each_item_once() {
 
 /// A bulk load cannot run ahead of what readers see: with a bound of one
 /// event (`LEDGER_BULK_MAX_BACKLOG`), a batch goes only once the read side
-/// has applied everything written before it, atomic or not.
+/// has applied everything this instance wrote before it: batches, atomic or
+/// not, and single transfers (group commit's writes count too).
 #[tokio::test]
 async fn a_batch_waits_until_the_read_side_has_applied_what_came_before_it() {
     // A relay that reads at most every 100 ms after a small read: without
     // the gate the next batch would answer long before this one is applied.
+    // A long wait limit (the read side is given half of it before it counts
+    // as stalled): a slow CI machine must not pass a batch as if stalled.
     let t = TestLedger::start_with(|c| {
         c.bulk_max_backlog = 1;
-        c.relay_pace = std::time::Duration::from_millis(100);
+        c.bulk_max_wait = Duration::from_secs(60);
+        c.relay_pace = Duration::from_millis(100);
     })
     .await;
     let (_, ann) = t.user().await;
     let (_, bob) = t.user().await;
     let a = t.account(&ann, "USD").await;
     let b = t.account(&bob, "USD").await;
-    let mut before = t.deposit(&ann, &a, "100.00").await;
-    for n in 0..8 {
+    t.deposit(&ann, &a, "100.00").await;
+    let mut last = 0;
+    for n in 0..6 {
+        let before = match n % 3 {
+            // A single transfer first: group commit.
+            0 => {
+                let (s, v) =
+                    t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "1.00"})).await;
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                v["position"].as_i64().expect("a position")
+            }
+            _ => t.head().await,
+        };
         let item = |i: u32| json!({"key": format!("g{n}-{i}"), "from_account": a, "to_account": b, "amount": "1.00"});
         let body = json!({"atomic": n % 2 == 0, "transfers": [item(1), item(2)]});
         let (s, v, _) =
             t.request(Method::POST, "/v1/transfers/batch", Some(&ann), Some(&format!("gate-{n}")), Some(body)).await;
         assert!(s.is_success(), "{v}");
         // Checked now, without waiting: the batch went after it was applied.
-        ledger_projections::read_side::wait_for(&t.pool, before, std::time::Duration::ZERO)
+        ledger_projections::read_side::wait_for(&t.pool, before, Duration::ZERO)
             .await
             .unwrap_or_else(|e| panic!("batch {n} went before position {before} was applied: {e}"));
-        before = v["position"].as_i64().expect("a position");
+        last = v["position"].as_i64().expect("a position");
     }
-    assert_eq!(t.balance(&bob, &b, before).await, "16.00");
+    assert_eq!(t.balance(&bob, &b, last).await, "14.00", "2 single transfers and 6 batches of 2, 1.00 each");
     t.assert_invariants().await;
     t.cleanup().await;
 }

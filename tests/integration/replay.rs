@@ -318,11 +318,11 @@ async fn a_wait_for_the_read_side_ends_on_the_local_projectors_report() {
     let waited = read_side::wait_for_applied(&t.pool, p, Duration::from_millis(300), None).await;
     assert!(matches!(waited, Err(read_side::WaitError::Lag(_))), "the checkpoints are behind: {waited:?}");
 
-    let (report, applied) = tokio::sync::watch::channel(ledger_commands::store::LogPoint::START);
+    let (report, applied) = tokio::sync::watch::channel(ledger_commands::store::ReadSideProgress::default());
     let wait = read_side::wait_for_applied(&t.pool, p, Duration::from_secs(20), Some(&applied));
     let reported = async {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        report.send_replace(point);
+        report.send_replace(ledger_commands::store::ReadSideProgress { through: point, highest_position: p });
     };
     let (waited, ()) = tokio::join!(wait, reported);
     assert!(waited.is_ok(), "{waited:?}");
