@@ -95,7 +95,7 @@ impl Config {
             db_max_connections: parsed("LEDGER_DB_MAX_CONNECTIONS", 32)?,
             db_query_connections: parsed("LEDGER_DB_QUERY_CONNECTIONS", 24)?,
             group_commit_writers: parsed("LEDGER_GROUP_COMMIT_WRITERS", 2)?,
-            bulk_max_backlog: parsed("LEDGER_BULK_MAX_BACKLOG", 1_000)?,
+            bulk_max_backlog: parsed("LEDGER_BULK_MAX_BACKLOG", 500)?,
             bulk_max_wait: Duration::from_millis(parsed("LEDGER_BULK_MAX_WAIT_MS", 2_000)?),
             read_wait: Duration::from_millis(parsed("LEDGER_READ_WAIT_MS", 5_000)?),
             relay_poll: Duration::from_millis(parsed("LEDGER_RELAY_POLL_MS", 50)?),

@@ -39,7 +39,7 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
         db_max_connections: 16,
         db_query_connections: 8,
         group_commit_writers: 2,
-        bulk_max_backlog: 1_000,
+        bulk_max_backlog: 500,
         bulk_max_wait: Duration::from_secs(2),
         read_wait: Duration::from_secs(5),
         relay_poll: Duration::from_millis(20),
