@@ -30,11 +30,15 @@ mkdir -p "$OUT"
 "${BUILD[@]}" -p ledger -p ledger-bench
 
 SERVER_PID=
-stop_server() {
+stop_server() { # [prefix whose JetStream stream goes with it]
     if [[ -n "$SERVER_PID" ]]; then
         kill "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
         SERVER_PID=
+    fi
+    # File storage: the stream would stay on disk.
+    if [[ -n "${1:-}" ]]; then
+        "$TARGET/ledger-bench" --delete-stream "$1" || echo "note: stream of $1 not deleted" >&2
     fi
 }
 trap stop_server EXIT
@@ -43,6 +47,14 @@ fresh_db() {
     psql "$PGURL/postgres" -qAtc "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null
     psql "$PGURL/postgres" -qAtc "CREATE DATABASE $1" >/dev/null
     LEDGER_DATABASE_URL="$PGURL/$1" "$TARGET/ledger" migrate >/dev/null
+}
+
+start_server() { # NATS prefix, log file; the environment's LEDGER_* settings pass through
+    fresh_db ledger_bench
+    LEDGER_DATABASE_URL="$PGURL/ledger_bench" LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="$1" \
+        LEDGER_RATE_LIMIT_PER_SEC=0 LEDGER_DB_MAX_CONNECTIONS=${LEDGER_DB_MAX_CONNECTIONS:-32} LEDGER_LOG=warn \
+        "$TARGET/ledger" serve >"$2" 2>&1 &
+    SERVER_PID=$!
 }
 
 pgbench_tps() { # script clients seconds
@@ -65,22 +77,27 @@ for run in $(seq 1 "$RUNS"); do
 
     # 2. A fresh ledger: database, NATS subjects and server. The per-user rate
     # limit is off: the bench measures the ledger, not the limiter.
-    fresh_db ledger_bench
-    prefix="bench$$r$run"
-    LEDGER_DATABASE_URL="$PGURL/ledger_bench" LEDGER_HTTP_ADDR="127.0.0.1:$PORT" LEDGER_NATS_PREFIX="$prefix" \
-        LEDGER_RATE_LIMIT_PER_SEC=0 LEDGER_DB_MAX_CONNECTIONS=${LEDGER_DB_MAX_CONNECTIONS:-32} LEDGER_LOG=warn \
-        "$TARGET/ledger" serve >"$OUT/server-$run.log" 2>&1 &
-    SERVER_PID=$!
+    start_server "bench$$r$run" "$OUT/server-$run.log"
     "$TARGET/ledger-bench" --url "http://127.0.0.1:$PORT" --database-url "$PGURL/ledger_bench" \
         --scenario "$SCENARIOS" --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
         --accounts "$ACCOUNTS" --users "$USERS" --batch-size "$BATCH" --half-peak \
         --json "$OUT/results-$run.jsonl"
     echo "server RSS after run $run: $(ps -o rss= -p "$SERVER_PID" | awk '{printf "%.0f MB", $1/1024}')"
-    stop_server
-    # The run's JetStream stream goes with it (file storage: it would stay on disk).
-    "$TARGET/ledger-bench" --delete-stream "$prefix" || echo "note: stream of $prefix not deleted" >&2
+    stop_server "bench$$r$run"
+
+    # 3. `batch` once more with bulk writes not paced by the read side
+    # (LEDGER_BULK_MAX_BACKLOG=0): the throughput the pacing gives up, and the
+    # lag it saves. A fresh ledger again, so both start alike.
+    if [[ "$SCENARIOS" == all || ",$SCENARIOS," == *,batch,* ]]; then
+        LEDGER_BULK_MAX_BACKLOG=0 start_server "bench$$u$run" "$OUT/server-unpaced-$run.log"
+        "$TARGET/ledger-bench" --url "http://127.0.0.1:$PORT" --database-url "$PGURL/ledger_bench" \
+            --scenario batch --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+            --accounts "$ACCOUNTS" --users "$USERS" --batch-size "$BATCH" \
+            --json "$OUT/unpaced-$run.jsonl"
+        stop_server "bench$$u$run"
+    fi
 done
 
-# 3. Medians over the runs, and ours/baseline.
+# 4. Medians over the runs, and ours/baseline.
 echo
 python3 bench/table.py "$OUT"

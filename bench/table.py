@@ -13,11 +13,14 @@ base = [json.loads(line) for line in open(f"{out}/baseline.jsonl")]
 single = statistics.median(b["baseline_single_tps"] for b in base)
 batched = statistics.median(b["baseline_batch_transfers_per_sec"] for b in base)
 rows = {}
-for path in sorted(glob.glob(f"{out}/results-*.jsonl")):
+for path in sorted(glob.glob(f"{out}/results-*.jsonl")) + sorted(glob.glob(f"{out}/unpaced-*.jsonl")):
     for line in open(path):
         r = json.loads(line)
         # The fixed-rate rerun's rate differs per run: one row for all of them.
         name = r["scenario"] + ("" if r["rate"] is None else " @50% peak")
+        # `batch` again on a server whose bulk writes the read side does not pace.
+        if "/unpaced-" in path:
+            name += " (unpaced)"
         rows.setdefault(name, []).append(r)
 
 
@@ -43,7 +46,9 @@ for name, rs in rows.items():
             errors[kind] = errors.get(kind, 0) + n
     checks = "PASS" if all(r["checks_passed"] in (True, None) for r in rs) else "FAIL"
     lat = lambda q: median(rs, lambda r: r["latency_ms"][q])
-    lag = lambda q: median(rs, lambda r: r["lag_ms"][q])
+    # Runs whose probes all failed have no lag figure (0 in the JSON): left out.
+    lagged = [r for r in rs if r["lag_ms"]["probes"]] or rs
+    lag = lambda q: median(lagged, lambda r: r["lag_ms"][q])
     halves = f"{lag('p99_first_half'):.0f} / {lag('p99_second_half'):.0f}"
     # No probe answered in time (a read side far behind): no lag figure, not 0.
     answered = sum(r["lag_ms"]["probes"] for r in rs)
