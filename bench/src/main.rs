@@ -62,7 +62,9 @@ pub struct Args {
     /// Transfers per request in the `batch` scenario.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
-    /// Probe projection lag after every Nth successful write (0: never).
+    /// Probe projection lag after every Nth transfer written (a request
+    /// of `batch` counts as its transfers; at most one probe per request;
+    /// 0: never).
     #[arg(long, default_value_t = 20)]
     pub lag_every: u64,
     /// Append each scenario's figures as one JSON line to this file.

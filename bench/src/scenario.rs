@@ -318,9 +318,16 @@ async fn connection(
         if let Some((account, token, position)) =
             operation(shared, &mut wire, &key, started, measuring, &mut tally).await
         {
-            writes += 1;
+            // Counted in transfers: a `batch` request is 100 of them, and
+            // counted in requests its ~20 per connection gave one probe each,
+            // all at the end of the run.
+            let before = writes;
+            writes += match shared.scenario {
+                Scenario::Batch => shared.args.batch_size as u64,
+                _ => 1,
+            };
             let every = shared.args.lag_every;
-            if measuring && every > 0 && writes.is_multiple_of(every) {
+            if measuring && every > 0 && before / every != writes / every {
                 let _ = probes.send(LagProbe {
                     account,
                     token: token.to_owned(),
