@@ -43,8 +43,10 @@ pub struct Projector {
     pub names: NatsNames,
     /// The read models it maintains, each with its own checkpoint.
     pub projections: Vec<Projection>,
-    /// Publishes the batch's end after every commit, for in-process waiters
-    /// (`read_side::wait_for_applied`): every read model is at or past it.
+    /// Publishes the batch's end (and the highest position applied) after
+    /// every commit, and for a batch another instance had applied already,
+    /// for in-process waiters (`read_side::wait_for_applied`, the batches'
+    /// `ReadSideGate`): every read model is at or past it.
     pub applied: watch::Sender<ReadSideProgress>,
     /// After a small batch (under `PACED_BELOW` events), the shortest time
     /// from its start to the next one's. Under a light load deliveries come
