@@ -5,6 +5,7 @@ pub mod activity;
 pub mod balances;
 pub mod checkpoint;
 pub mod copy_in;
+pub mod movement_run;
 pub mod orders;
 pub mod processes;
 pub mod projector;

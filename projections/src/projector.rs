@@ -12,7 +12,7 @@
 //! applying from the log whatever lies past the checkpoints. Nothing is lost.
 
 use crate::statements::{self, LastEntries};
-use crate::{checkpoint, Projection, ProjectionError};
+use crate::{checkpoint, movement_run, Projection, ProjectionError};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
@@ -298,59 +298,95 @@ impl Projector {
     ) -> Result<(), ProjectionError> {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
-        if let Some(through) = events.last().map(RecordedEvent::point) {
-            let began = Instant::now();
-            let mut tx = conn.begin().await?;
-            let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
-            let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
-            // Each projection applies what lies after its own checkpoint. If
-            // delivery skipped any of that, the batch comes from the log.
-            let skipped =
-                checkpoints.iter().find(|c| events.iter().filter(|e| e.point() > c.at).count() as i64 != c.in_log);
-            let logged = match skipped {
-                Some(c) => {
-                    tracing::warn!(
-                        projection = c.projection.as_str(),
-                        delivered = events.iter().filter(|e| e.point() > c.at).count(),
-                        in_log = c.in_log,
-                        "delivery skipped events; reading the range from the log"
-                    );
-                    let earliest = checkpoints.iter().map(|c| c.at).min().unwrap_or(c.at);
-                    Some(store::read_range(&mut tx, earliest, through).await?)
-                }
-                None => None,
+        if !self.apply_in_transaction(conn, &events, last_entries, true).await? {
+            // A movement was listed already: the general path lists each once.
+            self.apply_in_transaction(conn, &events, last_entries, false).await?;
+        }
+        Ok(())
+    }
+
+    /// One batch's transaction. A batch of movements only goes in one
+    /// statement (`movement_run`) if `one_statement` allows and the memory
+    /// of last entries covers it; `false` if that found a movement listed
+    /// already (rolled back: nothing of the batch was written).
+    async fn apply_in_transaction(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+        last_entries: &mut LastEntries,
+        one_statement: bool,
+    ) -> Result<bool, ProjectionError> {
+        let Some(through) = events.last().map(RecordedEvent::point) else {
+            return Ok(true);
+        };
+        let began = Instant::now();
+        let mut tx = conn.begin().await?;
+        let names: Vec<&str> = self.projections.iter().map(|p| p.name()).collect();
+        let checkpoints = checkpoint::lock_counting(&mut tx, &names, through).await?;
+        // Each projection applies what lies after its own checkpoint. If
+        // delivery skipped any of that, the batch comes from the log.
+        let skipped =
+            checkpoints.iter().find(|c| events.iter().filter(|e| e.point() > c.at).count() as i64 != c.in_log);
+        let logged = match skipped {
+            Some(c) => {
+                tracing::warn!(
+                    projection = c.projection.as_str(),
+                    delivered = events.iter().filter(|e| e.point() > c.at).count(),
+                    in_log = c.in_log,
+                    "delivery skipped events; reading the range from the log"
+                );
+                let earliest = checkpoints.iter().map(|c| c.at).min().unwrap_or(c.at);
+                Some(store::read_range(&mut tx, earliest, through).await?)
+            }
+            None => None,
+        };
+        let source: &[RecordedEvent] = logged.as_deref().unwrap_or(events);
+        let mut work: Vec<(Projection, &checkpoint::Locked, Vec<&RecordedEvent>)> = Vec::new();
+        for c in &checkpoints {
+            let Some(projection) = self.projections.iter().copied().find(|p| p.name() == c.projection) else {
+                continue;
             };
-            let source: &[RecordedEvent] = logged.as_deref().unwrap_or(&events);
-            let mut work: Vec<(Projection, &checkpoint::Locked, Vec<&RecordedEvent>)> = Vec::new();
-            for c in &checkpoints {
-                let Some(projection) = self.projections.iter().copied().find(|p| p.name() == c.projection) else {
-                    continue;
-                };
-                let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > c.at).collect();
-                if !mine.is_empty() {
-                    work.push((projection, c, mine));
+            let mine: Vec<&RecordedEvent> = source.iter().filter(|e| e.point() > c.at).collect();
+            if !mine.is_empty() {
+                work.push((projection, c, mine));
+            }
+        }
+        let highest_position = source.iter().map(|e| e.position).max().unwrap_or_default();
+        if work.is_empty() {
+            tx.rollback().await?;
+            // Every read model was already at or past the batch's end
+            // (another instance applied it): that is progress too.
+            self.publish_applied(through, highest_position);
+            return Ok(true);
+        }
+        // Decoded once for every projection.
+        let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
+        for (_, _, mine) in &work {
+            for recorded in mine {
+                if let std::collections::hash_map::Entry::Vacant(slot) = decoded.entry(recorded.point()) {
+                    let event = recorded
+                        .decode()
+                        .map_err(|source| ProjectionError::Decode { position: recorded.position, source })?;
+                    slot.insert(event);
                 }
             }
-            let highest_position = source.iter().map(|e| e.position).max().unwrap_or_default();
-            if work.is_empty() {
-                tx.rollback().await?;
-                // Every read model was already at or past the batch's end
-                // (another instance applied it): that is progress too.
-                self.publish_applied(through, highest_position);
-            } else {
-                // Decoded once for every projection.
-                let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
-                for (_, _, mine) in &work {
-                    for recorded in mine {
-                        if let std::collections::hash_map::Entry::Vacant(slot) = decoded.entry(recorded.point()) {
-                            let event = recorded
-                                .decode()
-                                .map_err(|source| ProjectionError::Decode { position: recorded.position, source })?;
-                            slot.insert(event);
-                        }
+        }
+        let moved: Vec<(Projection, LogPoint)> = work.iter().map(|(p, _, _)| (*p, through)).collect();
+        let run = if one_statement { self.movement_run(&work, source, &decoded, last_entries) } else { None };
+        let path;
+        let (saved, statements_applied) = match run {
+            Some((movements, planned)) => {
+                path = "one statement";
+                match movement_run::apply(&mut tx, &movements, &moved, planned).await? {
+                    movement_run::Outcome::Applied { saved, statements } => (saved, statements),
+                    movement_run::Outcome::AlreadyListed => {
+                        tx.rollback().await?;
+                        return Ok(false);
                     }
                 }
-                let mut moved: Vec<(&str, LogPoint)> = Vec::with_capacity(work.len());
+            }
+            None => {
+                path = "per read model";
                 let mut statements_applied = None;
                 for (projection, from, mine) in &work {
                     let pairs: Vec<(&RecordedEvent, &Event)> =
@@ -364,25 +400,53 @@ impl Projector {
                         }
                         _ => projection.apply_decoded(&mut tx, &pairs).await?,
                     }
-                    moved.push((projection.name(), through));
                 }
-                let saved = checkpoint::save_all(&mut tx, &moved).await?;
-                tx.commit().await?;
-                tracing::trace!(
-                    events = source.len(),
-                    transaction_ms = began.elapsed().as_secs_f64() * 1000.0,
-                    newest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).max()),
-                    oldest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).min()),
-                    "batch applied"
-                );
-                let statements_saved = saved.iter().find(|(name, _)| name == Projection::Statements.name());
-                if let (Some(applied), Some((_, written))) = (statements_applied, statements_saved) {
-                    last_entries.committed(through, *written, applied);
-                }
-                self.publish_applied(through, highest_position);
+                let names: Vec<(&str, LogPoint)> = moved.iter().map(|(p, at)| (p.name(), *at)).collect();
+                (checkpoint::save_all(&mut tx, &names).await?, statements_applied)
             }
+        };
+        tx.commit().await?;
+        tracing::trace!(
+            events = source.len(),
+            path,
+            transaction_ms = began.elapsed().as_secs_f64() * 1000.0,
+            newest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).max()),
+            oldest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).min()),
+            "batch applied"
+        );
+        let statements_saved = saved.iter().find(|(name, _)| name == Projection::Statements.name());
+        if let (Some(applied), Some((_, written))) = (statements_applied, statements_saved) {
+            last_entries.committed(through, *written, applied);
         }
-        Ok(())
+        self.publish_applied(through, highest_position);
+        Ok(true)
+    }
+
+    /// The batch as one run of movements, if it is one: every read model
+    /// applies all of it (none is past any of it), it holds nothing but
+    /// movements, and the statements' memory can number their entries.
+    fn movement_run<'e>(
+        &self,
+        work: &[(Projection, &checkpoint::Locked, Vec<&'e RecordedEvent>)],
+        source: &'e [RecordedEvent],
+        decoded: &'e HashMap<LogPoint, Event>,
+        last_entries: &LastEntries,
+    ) -> Option<(movement_run::Movements<'e>, Option<statements::Planned>)> {
+        if work.len() != self.projections.len() || work.iter().any(|(_, _, mine)| mine.len() != source.len()) {
+            return None;
+        }
+        let movements = source
+            .iter()
+            .map(|r| match decoded.get(&r.point()) {
+                Some(Event::TransferRecorded(t)) => Some((r, t)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let planned = match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
+            Some((_, from, _)) => Some(statements::plan_from_memory(last_entries, from.at, from.written, &movements)?),
+            None => None,
+        };
+        Some((movements, planned))
     }
 
     /// Tells read-your-writes waits and the batches' gate that every read

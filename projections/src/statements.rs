@@ -7,7 +7,8 @@ use ledger_commands::store::{LogPoint, RecordedEvent};
 use ledger_domain::events::TransferRecorded;
 use ledger_domain::Event;
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
@@ -101,34 +102,16 @@ async fn apply_knowing(
     if movements.is_empty() {
         return Ok(HashMap::new());
     }
-    let column = |f: &dyn Fn(&RecordedEvent, &TransferRecorded) -> String| -> Vec<String> {
-        movements.iter().map(|(r, t)| f(r, t)).collect()
-    };
-    let ids: Vec<Uuid> = movements.iter().map(|(_, t)| t.transfer_id).collect();
-    let froms: Vec<Uuid> = movements.iter().map(|(_, t)| t.from_account).collect();
-    let tos: Vec<Uuid> = movements.iter().map(|(_, t)| t.to_account).collect();
-    let amounts: Vec<Decimal> = movements.iter().map(|(_, t)| t.amount).collect();
-    let currencies = column(&|_, t| t.currency.clone());
-    let kinds = column(&|_, t| t.kind.as_str().to_owned());
-    let references: Vec<Option<String>> = movements.iter().map(|(_, t)| t.reference.clone()).collect();
-    let recorded_ats: Vec<DateTime<Utc>> = movements.iter().map(|(r, _)| r.metadata.recorded_at).collect();
-    let positions: Vec<i64> = movements.iter().map(|(r, _)| r.position).collect();
-    let mut inserted: HashSet<Uuid> = sqlx::query_scalar(
+    let mut listing = PgArguments::default();
+    TransferColumns::of(&movements).add_to(&mut listing)?;
+    let mut inserted: HashSet<Uuid> = sqlx::query_scalar_with(
         "INSERT INTO transfers (transfer_id, from_account, to_account, amount, currency, kind, reference,
                                 recorded_at, position)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::text[],
                               $7::text[], $8::timestamptz[], $9::bigint[])
          ON CONFLICT (transfer_id) DO NOTHING RETURNING transfer_id",
+        listing,
     )
-    .bind(&ids)
-    .bind(&froms)
-    .bind(&tos)
-    .bind(&amounts)
-    .bind(&currencies)
-    .bind(&kinds)
-    .bind(&references)
-    .bind(&recorded_ats)
-    .bind(&positions)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
@@ -138,13 +121,13 @@ async fn apply_knowing(
     }
     let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
     let mut unknown: Vec<Uuid> = Vec::new();
-    for account in froms.iter().chain(tos.iter()) {
-        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(*account) {
-            match known.get(account) {
+    for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
+            match known.get(&account) {
                 Some(entry) => {
                     slot.insert(*entry);
                 }
-                None => unknown.push(*account),
+                None => unknown.push(account),
             }
         }
     }
@@ -158,23 +141,15 @@ async fn apply_knowing(
     for (recorded, t) in movements.iter().filter(|(_, t)| inserted.remove(&t.transfer_id)) {
         entries.extend(next_entries(&mut last, recorded, t));
     }
-    sqlx::query(
+    let mut entering = PgArguments::default();
+    EntryColumns::of(&entries).add_to(&mut entering)?;
+    sqlx::query_with(
         "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
                                         balance_after, counterparty_account, kind, reference, recorded_at)
          SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::numeric[],
                               $7::numeric[], $8::uuid[], $9::text[], $10::text[], $11::timestamptz[])",
+        entering,
     )
-    .bind(entries.iter().map(|e| e.account).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.entry_no).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.position).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.transfer_id).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.direction).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.amount).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.balance_after).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.counterparty).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.reference.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| e.recorded_at).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(last)
@@ -197,7 +172,139 @@ async fn lookup_last(conn: &mut PgConnection, accounts: &[Uuid]) -> Result<HashM
     .collect())
 }
 
-struct Entry {
+/// The `transfers` rows of movements, a column each, bound in table order.
+pub(crate) struct TransferColumns {
+    ids: Vec<Uuid>,
+    froms: Vec<Uuid>,
+    tos: Vec<Uuid>,
+    amounts: Vec<Decimal>,
+    currencies: Vec<String>,
+    kinds: Vec<&'static str>,
+    references: Vec<Option<String>>,
+    recorded_ats: Vec<DateTime<Utc>>,
+    positions: Vec<i64>,
+}
+
+impl TransferColumns {
+    pub(crate) fn of(movements: &[(&RecordedEvent, &TransferRecorded)]) -> TransferColumns {
+        TransferColumns {
+            ids: movements.iter().map(|(_, t)| t.transfer_id).collect(),
+            froms: movements.iter().map(|(_, t)| t.from_account).collect(),
+            tos: movements.iter().map(|(_, t)| t.to_account).collect(),
+            amounts: movements.iter().map(|(_, t)| t.amount).collect(),
+            currencies: movements.iter().map(|(_, t)| t.currency.clone()).collect(),
+            kinds: movements.iter().map(|(_, t)| t.kind.as_str()).collect(),
+            references: movements.iter().map(|(_, t)| t.reference.clone()).collect(),
+            recorded_ats: movements.iter().map(|(r, _)| r.metadata.recorded_at).collect(),
+            positions: movements.iter().map(|(r, _)| r.position).collect(),
+        }
+    }
+
+    /// Adds the nine columns as the query's next parameters.
+    pub(crate) fn add_to(self, arguments: &mut PgArguments) -> Result<(), sqlx::Error> {
+        arguments.add(self.ids).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.froms).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.tos).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.amounts).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.currencies).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.kinds).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.references).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.recorded_ats).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.positions).map_err(sqlx::Error::Encode)
+    }
+}
+
+/// The `statement_entries` rows, a column each, bound in table order.
+pub(crate) struct EntryColumns {
+    accounts: Vec<Uuid>,
+    entry_nos: Vec<i64>,
+    positions: Vec<i64>,
+    transfer_ids: Vec<Uuid>,
+    directions: Vec<&'static str>,
+    amounts: Vec<Decimal>,
+    balances_after: Vec<Decimal>,
+    counterparties: Vec<Uuid>,
+    kinds: Vec<&'static str>,
+    references: Vec<Option<String>>,
+    recorded_ats: Vec<DateTime<Utc>>,
+}
+
+impl EntryColumns {
+    pub(crate) fn of(entries: &[Entry]) -> EntryColumns {
+        EntryColumns {
+            accounts: entries.iter().map(|e| e.account).collect(),
+            entry_nos: entries.iter().map(|e| e.entry_no).collect(),
+            positions: entries.iter().map(|e| e.position).collect(),
+            transfer_ids: entries.iter().map(|e| e.transfer_id).collect(),
+            directions: entries.iter().map(|e| e.direction).collect(),
+            amounts: entries.iter().map(|e| e.amount).collect(),
+            balances_after: entries.iter().map(|e| e.balance_after).collect(),
+            counterparties: entries.iter().map(|e| e.counterparty).collect(),
+            kinds: entries.iter().map(|e| e.kind).collect(),
+            references: entries.iter().map(|e| e.reference.clone()).collect(),
+            recorded_ats: entries.iter().map(|e| e.recorded_at).collect(),
+        }
+    }
+
+    /// Adds the eleven columns as the query's next parameters.
+    pub(crate) fn add_to(self, arguments: &mut PgArguments) -> Result<(), sqlx::Error> {
+        arguments.add(self.accounts).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.entry_nos).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.positions).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.transfer_ids).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.directions).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.amounts).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.balances_after).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.counterparties).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.kinds).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.references).map_err(sqlx::Error::Encode)?;
+        arguments.add(self.recorded_ats).map_err(sqlx::Error::Encode)
+    }
+}
+
+/// The entries of movements not listed yet, numbered and balanced from a
+/// projector's memory alone (see `LastEntries`), for `movement_run`.
+pub struct Planned {
+    pub(crate) entries: Vec<Entry>,
+    last: HashMap<Uuid, (i64, Decimal)>,
+}
+
+impl Planned {
+    /// What `LastEntries::committed` takes once the batch's transaction has
+    /// committed these entries.
+    pub(crate) fn into_applied(self) -> Applied {
+        Applied { last: self.last }
+    }
+}
+
+/// Plans the movements' entries from memory: `None` unless the memory is
+/// the one this checkpoint's last commit left (`from`, saved at `written`)
+/// and it knows every account the movements touch, so nothing needs
+/// looking up. The plan holds only if none of the movements is listed yet;
+/// the caller checks that as it writes.
+pub fn plan_from_memory(
+    memory: &LastEntries,
+    from: LogPoint,
+    written: DateTime<Utc>,
+    movements: &[(&RecordedEvent, &TransferRecorded)],
+) -> Option<Planned> {
+    if memory.at != Some((from, written)) {
+        return None;
+    }
+    let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
+    for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
+            slot.insert(*memory.known.get(&account)?);
+        }
+    }
+    let mut entries = Vec::with_capacity(movements.len() * 2);
+    for (recorded, t) in movements {
+        entries.extend(next_entries(&mut last, recorded, t));
+    }
+    Some(Planned { entries, last })
+}
+
+pub(crate) struct Entry {
     account: Uuid,
     entry_no: i64,
     position: i64,

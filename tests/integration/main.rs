@@ -12,6 +12,7 @@ mod group_commit;
 mod holds;
 mod idempotency;
 mod live;
+mod movement_run;
 mod nats_outage;
 mod no_secrets;
 mod orders;

@@ -1,0 +1,196 @@
+//! A projector's batch of movements in one statement (`movement_run`),
+//! against the per-read-model path: the same rows, byte for byte.
+
+use crate::harness::TestLedger;
+use ledger_commands::store::{EventMetadata, Payload, RecordedEvent};
+use ledger_domain::events::{Channel, TransferKind, TransferRecorded};
+use ledger_domain::Event;
+use ledger_projections::movement_run::{self, Outcome};
+use ledger_projections::statements::{self, LastEntries};
+use ledger_projections::{balances, checkpoint, Projection};
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+const PROJECTIONS: [&str; 2] = ["balances", "statements"];
+
+fn movement(position: i64, from: Uuid, to: Uuid, cents: i64, kind: TransferKind) -> (RecordedEvent, Event) {
+    let t = TransferRecorded {
+        // Derived from the position: both databases get the same rows.
+        transfer_id: Uuid::from_u128(0x7000 + position as u128),
+        from_account: from,
+        to_account: to,
+        amount: Decimal::new(cents, 2),
+        currency: "EUR".into(),
+        kind,
+        reference: (position % 2 == 0).then(|| format!("order {position}")),
+        channel: Channel::Api,
+    };
+    let recorded = RecordedEvent {
+        position,
+        transaction_id: 100 + position as u64,
+        event_id: Uuid::from_u128(0x9000 + position as u128),
+        stream_id: format!("account-{from}"),
+        stream_version: position,
+        event_type: "TransferRecorded".into(),
+        schema_version: 1,
+        payload: Payload::of(&serde_json::to_value(&t).expect("json")),
+        metadata: EventMetadata {
+            recorded_at: chrono::DateTime::from_timestamp(1_800_000_000 + position, 0).expect("time"),
+            ..Default::default()
+        },
+    };
+    (recorded, Event::TransferRecorded(t))
+}
+
+fn movements(batch: &[(RecordedEvent, Event)]) -> Vec<(&RecordedEvent, &TransferRecorded)> {
+    batch
+        .iter()
+        .map(|(r, e)| match e {
+            Event::TransferRecorded(t) => (r, t),
+            other => panic!("not a movement: {other:?}"),
+        })
+        .collect()
+}
+
+async fn open(t: &TestLedger, accounts: &[Uuid]) {
+    for account in accounts {
+        sqlx::query(
+            "INSERT INTO balances (account_id, owner_id, currency, kind, name, balance, available, version,
+                                   last_position, opened_at)
+             VALUES ($1, NULL, 'EUR', 'user', NULL, 0, 0, 0, 0, to_timestamp(1800000000))",
+        )
+        .bind(account)
+        .execute(&t.pool)
+        .await
+        .expect("opened");
+    }
+}
+
+/// Applies the batches as a projector does, each in a transaction that
+/// locks and moves both checkpoints; with `one_statement`, by
+/// `movement_run` wherever the memory can number the entries. Returns how
+/// many batches went in one statement, and the memory left.
+async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], one_statement: bool) -> (usize, LastEntries) {
+    let mut memory = LastEntries::default();
+    let mut in_one = 0;
+    for batch in batches {
+        let through = batch.last().expect("events").0.point();
+        let mut tx = t.pool.begin().await.expect("begin");
+        let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
+        let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
+        let run = movements(batch);
+        let planned =
+            if one_statement { statements::plan_from_memory(&memory, from.at, from.written, &run) } else { None };
+        let (saved, applied) = match planned {
+            Some(planned) => {
+                in_one += 1;
+                let moved = [(Projection::Balances, through), (Projection::Statements, through)];
+                match movement_run::apply(&mut tx, &run, &moved, Some(planned)).await.expect("applied") {
+                    Outcome::Applied { saved, statements } => (saved, statements.expect("entries")),
+                    Outcome::AlreadyListed => panic!("nothing was listed before"),
+                }
+            }
+            None => {
+                let pairs: Vec<(&RecordedEvent, &Event)> = batch.iter().map(|(r, e)| (r, e)).collect();
+                balances::apply_all(&mut tx, &pairs).await.expect("balances");
+                let applied = statements::apply_remembering(&mut tx, &pairs, &memory, from.at, from.written)
+                    .await
+                    .expect("statements");
+                let saved = checkpoint::save_all(&mut tx, &[("balances", through), ("statements", through)])
+                    .await
+                    .expect("saved");
+                (saved, applied)
+            }
+        };
+        tx.commit().await.expect("commit");
+        let written = saved.iter().find(|(name, _)| name == "statements").expect("saved").1;
+        memory.committed(through, written, applied);
+    }
+    (in_one, memory)
+}
+
+async fn dump(t: &TestLedger) -> Vec<Vec<String>> {
+    let mut tables = vec![];
+    for (table, order) in [
+        ("balances", "account_id"),
+        ("statement_entries", "account_id, entry_no"),
+        ("transfers", "transfer_id"),
+        (
+            "(SELECT projection, transaction_id::text, position FROM projection_checkpoints
+           WHERE projection IN ('balances', 'statements'))",
+            "projection",
+        ),
+    ] {
+        tables.push(
+            sqlx::query_scalar(&format!("SELECT row_to_json(r)::text FROM {table} r ORDER BY {order}"))
+                .fetch_all(&t.pool)
+                .await
+                .expect("dump"),
+        );
+    }
+    tables
+}
+
+#[tokio::test]
+async fn a_run_of_movements_in_one_statement_writes_exactly_what_each_read_model_would() {
+    let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
+    let batches = vec![
+        // Learns a, b and c (looked up: the memory is empty).
+        vec![movement(1, a, b, 10_000, TransferKind::Deposit), movement(2, b, c, 2_500, TransferKind::Transfer)],
+        // Known accounts, each touched several times, in and out.
+        vec![
+            movement(3, a, c, 1_001, TransferKind::Transfer),
+            movement(4, c, b, 333, TransferKind::Fee),
+            movement(5, b, a, 7_777, TransferKind::Refund),
+            movement(6, a, b, 1, TransferKind::Transfer),
+        ],
+        // d is new: its last entry must be looked up.
+        vec![movement(7, c, d, 900, TransferKind::Transfer)],
+        // All known again.
+        vec![movement(8, d, a, 450, TransferKind::Withdrawal), movement(9, a, d, 5, TransferKind::Transfer)],
+    ];
+    let per_model = TestLedger::start().await;
+    let one = TestLedger::start().await;
+    for t in [&per_model, &one] {
+        open(t, &[a, b, c, d]).await;
+    }
+    assert_eq!(project(&per_model, &batches, false).await.0, 0);
+    assert_eq!(project(&one, &batches, true).await.0, 2, "the second and the fourth batch go in one statement");
+    let rows = dump(&one).await;
+    assert_eq!(rows, dump(&per_model).await, "the same rows in every table, and the same checkpoints");
+    assert_eq!(rows[1].len(), 18, "two entries per movement");
+    per_model.cleanup().await;
+    one.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_movement_listed_already_sends_the_batch_back_with_nothing_written() {
+    let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let t = TestLedger::start().await;
+    open(&t, &[a, b]).await;
+    let first = vec![movement(1, a, b, 500, TransferKind::Transfer)];
+    let (_, memory) = project(&t, std::slice::from_ref(&first), false).await;
+    let before = dump(&t).await;
+
+    // Position 1's transfer again (as a rebuild's swap or a repeated event
+    // could bring it), then a new one.
+    let (mut again, event) = movement(1, a, b, 500, TransferKind::Transfer);
+    again.position = 2;
+    again.transaction_id = 102;
+    let batch = vec![(again, event), movement(3, b, a, 200, TransferKind::Transfer)];
+    let through = batch[1].0.point();
+    let mut tx = t.pool.begin().await.expect("begin");
+    let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
+    let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
+    assert!(
+        statements::plan_from_memory(&memory, from.at, chrono::Utc::now(), &movements(&batch)).is_none(),
+        "a memory from another save of the checkpoint is not used"
+    );
+    let planned = statements::plan_from_memory(&memory, from.at, from.written, &movements(&batch)).expect("known");
+    let moved = [(Projection::Balances, through), (Projection::Statements, through)];
+    let outcome = movement_run::apply(&mut tx, &movements(&batch), &moved, Some(planned)).await.expect("ran");
+    assert!(matches!(outcome, Outcome::AlreadyListed), "the repeated transfer is reported");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(dump(&t).await, before, "nothing of the batch stays");
+    t.cleanup().await;
+}
