@@ -32,6 +32,8 @@ pub enum ProjectionError {
     Busy(String),
     #[error("rebuild: {0}")]
     Rebuild(String),
+    #[error("{0}")]
+    MovementRun(#[from] movement_run::MisuseError),
     #[error("a task of the rebuild stopped: {0}")]
     Task(#[from] tokio::task::JoinError),
 }

@@ -15,7 +15,7 @@
 //! transaction back and takes the general path, which lists each once.
 
 use crate::statements::{self, EntryColumns, Planned, TransferColumns};
-use crate::Projection;
+use crate::{Projection, ProjectionError};
 use chrono::{DateTime, Utc};
 use ledger_commands::store::{LogPoint, RecordedEvent};
 use ledger_domain::events::TransferRecorded;
@@ -24,6 +24,27 @@ use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgConnection};
 use std::collections::HashMap;
 use uuid::Uuid;
+
+/// Whether this statement writes everything `projection` would for
+/// movements. No wildcard: a new read model must say whether movements
+/// concern it, and one that reads them keeps its batches on the general path
+/// until this statement writes its rows too.
+pub fn writes_all_of(projection: Projection) -> bool {
+    match projection {
+        Projection::Balances | Projection::Statements => true,
+        // Neither reads `TransferRecorded` (`activity::subject`, `orders::apply`).
+        Projection::Activity | Projection::Orders => true,
+    }
+}
+
+/// What went wrong in calling it.
+#[derive(Debug, thiserror::Error)]
+pub enum MisuseError {
+    #[error("the statements read model moves only with the entries planned for it")]
+    StatementsWithoutPlan,
+    #[error("{saved} checkpoints saved of {moved}: a checkpoint row was missing")]
+    CheckpointsMissing { saved: usize, moved: usize },
+}
 
 /// A batch's movements, in log order.
 pub type Movements<'e> = Vec<(&'e RecordedEvent, &'e TransferRecorded)>;
@@ -46,8 +67,11 @@ pub async fn apply(
     movements: &[(&RecordedEvent, &TransferRecorded)],
     moved: &[(Projection, LogPoint)],
     planned: Option<Planned>,
-) -> Result<Outcome, sqlx::Error> {
+) -> Result<Outcome, ProjectionError> {
     let has = |p: Projection| moved.iter().any(|(q, _)| *q == p);
+    if has(Projection::Statements) && planned.is_none() {
+        return Err(MisuseError::StatementsWithoutPlan.into());
+    }
     let mut arguments = PgArguments::default();
 
     // Balances: each account's summed change, movements counted, and the
@@ -124,6 +148,10 @@ pub async fn apply(
     )
     .fetch_all(&mut *conn)
     .await?;
+    if rows.len() != moved.len() {
+        // The checkpoint rows are created under their lock before this runs.
+        return Err(MisuseError::CheckpointsMissing { saved: rows.len(), moved: moved.len() }.into());
+    }
     if rows.first().map_or(0, |r| r.0) != expected_listed {
         return Ok(Outcome::AlreadyListed);
     }

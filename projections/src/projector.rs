@@ -381,6 +381,10 @@ impl Projector {
                     movement_run::Outcome::Applied { saved, statements } => (saved, statements),
                     movement_run::Outcome::AlreadyListed => {
                         tx.rollback().await?;
+                        tracing::debug!(
+                            events = source.len(),
+                            "a movement's transfer was listed already; the batch goes per read model"
+                        );
                         return Ok(false);
                     }
                 }
@@ -432,7 +436,9 @@ impl Projector {
         decoded: &'e HashMap<LogPoint, Event>,
         last_entries: &LastEntries,
     ) -> Option<(movement_run::Movements<'e>, Option<statements::Planned>)> {
-        if work.len() != self.projections.len() || work.iter().any(|(_, _, mine)| mine.len() != source.len()) {
+        if work.len() != self.projections.len()
+            || work.iter().any(|(p, _, mine)| mine.len() != source.len() || !movement_run::writes_all_of(*p))
+        {
             return None;
         }
         let movements = source
@@ -442,6 +448,12 @@ impl Projector {
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
+        // A transfer twice in the batch is listed once: the plan, which
+        // numbers entries for each, would be sent back every time.
+        let mut transfers = std::collections::HashSet::with_capacity(movements.len());
+        if !movements.iter().all(|(_, t)| transfers.insert(t.transfer_id)) {
+            return None;
+        }
         let planned = match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
             Some((_, from, _)) => Some(statements::plan_from_memory(last_entries, from.at, from.written, &movements)?),
             None => None,
