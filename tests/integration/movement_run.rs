@@ -202,3 +202,65 @@ async fn a_movement_listed_already_sends_the_batch_back_with_nothing_written() {
     assert_eq!(dump(&t).await, before, "nothing of the batch stays");
     t.cleanup().await;
 }
+
+/// Through the projector: a movement whose transfer is listed already (the
+/// log holds it twice) is applied the per-read-model way, and the read
+/// models equal what a rebuild from the log writes.
+#[tokio::test]
+async fn the_projector_applies_a_transfer_listed_already_as_a_rebuild_does() {
+    use ledger_commands::store::{self, EventMac, EventMetadata, StreamAppend};
+    use serde_json::json;
+
+    let t = TestLedger::start().await;
+    let (_, alice) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&alice, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&alice, &a, "100.00").await;
+    let transfer = json!({"from_account": a, "to_account": b, "amount": "10.00"});
+    let (status, _) = t.post("/v1/transfers", &alice, transfer.clone()).await;
+    assert_eq!(status, 201);
+    t.settle().await;
+
+    // The last movement's event again, at its stream's next version: the
+    // projector knows both accounts, so the batch is tried in one statement.
+    let first = t.log().await.into_iter().rev().find(|e| e.event_type == "TransferRecorded").expect("a movement");
+    let head: i64 = sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+        .bind(&first.stream_id)
+        .fetch_one(&t.pool)
+        .await
+        .expect("head");
+    let mut tx = t.pool.begin().await.expect("begin");
+    store::append(
+        &mut tx,
+        &[StreamAppend {
+            stream_id: first.stream_id.clone(),
+            expected_version: head,
+            events: vec![first.decode().expect("decodes")],
+        }],
+        &EventMetadata { recorded_at: chrono::Utc::now(), ..Default::default() },
+        &EventMac::new(&t.config.secret_key),
+    )
+    .await
+    .expect("appended");
+    tx.commit().await.expect("commit");
+    t.settle().await;
+    // And the next movement goes on from there.
+    let (status, _) =
+        t.post("/v1/transfers", &alice, json!({"from_account": a, "to_account": b, "amount": "2.50"})).await;
+    assert_eq!(status, 201);
+    t.settle().await;
+
+    let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM statement_entries WHERE account_id = $1::uuid")
+        .bind(&a)
+        .fetch_one(&t.pool)
+        .await
+        .expect("entries");
+    assert_eq!(entries, 3, "the deposit, the transfer once, the next transfer");
+    for projection in [Projection::Balances, Projection::Statements] {
+        let differences =
+            ledger_projections::rebuild::compare(&t.pool, projection, &mut |_, _| {}).await.expect("compared");
+        assert!(differences.is_empty(), "{}: {differences:?}", projection.name());
+    }
+    t.cleanup().await;
+}
