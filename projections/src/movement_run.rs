@@ -3,9 +3,11 @@
 //! balances, the transfers listed, the statement entries, and the
 //! checkpoints moved. The general path takes a statement for each, so a
 //! batch's transaction costs seven round trips; this one costs four (with
-//! the transaction's start, the checkpoints' lock and the commit). On a busy
-//! machine each round trip is a wait for a core, so the saving is most of a
-//! batch's time under load.
+//! the transaction's start, the checkpoints' lock and the commit). Measured
+//! under a paced bulk load it bought ~3% (BENCHMARKS.md, "The projector's
+//! movements in one statement"): there each statement's execution, not its
+//! round trip, waits for a core. It also spares PostgreSQL three statements'
+//! fixed cost per batch.
 //!
 //! It writes exactly the rows the general path writes: the entries are
 //! numbered from the projector's memory of each account's last entry
