@@ -1,7 +1,7 @@
 //! The audit trail: exports that verify offline and fail on any tampering,
 //! the database's own chain, and the admin HTTP export.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use ledger_audit::chain::{verify_db, ChainBreak};
 use ledger_audit::export::{self, Filter, Format};
 use ledger_audit::verify::{verify, VerifyError};
@@ -14,11 +14,7 @@ use std::time::Duration;
 /// A small ledger with movements, and a sealed chain.
 async fn populated() -> (TestLedger, String) {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("USD", "100.00").await;
     for amount in ["1.00", "2.50", "3.25"] {
         let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": amount})).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");

@@ -1,7 +1,7 @@
 //! `POST /v1/transfers/batch`: all or none, or each on its own; item keys
 //! and the request key both keep it exactly-once.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -13,11 +13,7 @@ fn code(v: &Value) -> &str {
 #[tokio::test]
 async fn an_atomic_batch_moves_all_or_nothing_and_each_item_once() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("USD", "100.00").await;
     let item = |key: &str, amount: &str| json!({"key": key, "from_account": a, "to_account": b, "amount": amount});
     // The third item would overdraw once the first two are counted: nothing moves.
     let body = json!({"atomic": true, "transfers": [item("i1", "40.00"), item("i2", "40.00"), item("i3", "40.00")]});
@@ -87,11 +83,8 @@ async fn a_batch_waits_until_the_read_side_has_applied_what_came_before_it() {
         c.relay_pace = Duration::from_millis(100);
     })
     .await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } =
+        t.funded_pair("USD", "100.00").await;
     let mut last = 0;
     for n in 0..6 {
         let before = match n % 3 {
@@ -191,11 +184,7 @@ async fn batches_are_bounded_and_keys_checked() {
 #[tokio::test]
 async fn a_transfer_reusing_a_running_batchs_key_waits_for_it_without_stalling_it() {
     let t = TestLedger::start_with(|c| c.group_commit_writers = 1).await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "1000.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("USD", "1000.00").await;
     let items: Vec<Value> = (0..300)
         .map(|i| json!({"key": format!("item-{i}"), "from_account": a, "to_account": b, "amount": "1.00"}))
         .collect();

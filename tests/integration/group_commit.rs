@@ -2,7 +2,7 @@
 //! that never lets a debit through that the log would refuse, and a refusal
 //! it causes is checked again against the log.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use ledger_commands::{CommandEnvelope, LedgerCommand};
 use ledger_domain::DomainError;
 use reqwest::{Method, StatusCode};
@@ -20,11 +20,7 @@ async fn transfer(t: &TestLedger, token: &str, from: &str, to: &str, amount: &st
 /// Ann's account with 10.00 and Bob's account, both in EUR.
 async fn two_accounts() -> (TestLedger, String, String, String) {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("EUR", "10.00").await;
     (t, ann, a, b)
 }
 

@@ -60,6 +60,14 @@ pub fn test_config(db: &str, prefix: &str, nats_url: &str) -> Config {
     }
 }
 
+/// Two users' tokens and accounts, from `TestLedger::funded_pair`.
+pub struct FundedPair {
+    pub payer: String,
+    pub payer_account: String,
+    pub payee: String,
+    pub payee_account: String,
+}
+
 pub struct TestLedger {
     pub base: String,
     pub http: Client,
@@ -209,6 +217,17 @@ impl TestLedger {
         let (s, v) = self.post(&format!("/v1/accounts/{account}/deposits"), token, json!({"amount": amount})).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["position"].as_i64().expect("position")
+    }
+
+    /// Two fresh users with an account each in `currency`, the payer's
+    /// funded with `deposit`: the opening of most money-moving tests.
+    pub async fn funded_pair(&self, currency: &str, deposit: &str) -> FundedPair {
+        let (_, payer) = self.user().await;
+        let (_, payee) = self.user().await;
+        let payer_account = self.account(&payer, currency).await;
+        let payee_account = self.account(&payee, currency).await;
+        self.deposit(&payer, &payer_account, deposit).await;
+        FundedPair { payer, payer_account, payee, payee_account }
     }
 
     /// The balance as the query API shows it, after the read side applied `position`.

@@ -2,7 +2,7 @@
 //! trackers record: double release, capture after expiry, capture of a hold
 //! that failed, holds not counted against the balance, races to resolve.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -14,11 +14,8 @@ fn code(v: &Value) -> &str {
 #[tokio::test]
 async fn a_hold_reserves_available_and_a_partial_capture_releases_the_rest() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, shop) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let s = t.account(&shop, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
+        t.funded_pair("USD", "100.00").await;
 
     let (st, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "60.00"})).await;
     assert_eq!(st, StatusCode::CREATED, "{hold}");
@@ -63,11 +60,8 @@ async fn a_hold_reserves_available_and_a_partial_capture_releases_the_rest() {
 #[tokio::test]
 async fn a_double_release_and_a_capture_of_a_failed_hold_are_refused() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, shop) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let s = t.account(&shop, "EUR").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
+        t.funded_pair("EUR", "10.00").await;
     let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "10.00"})).await;
     let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
     // The payer cannot take back a hold: it guarantees the payee until expiry.
@@ -100,11 +94,8 @@ async fn a_double_release_and_a_capture_of_a_failed_hold_are_refused() {
 #[tokio::test]
 async fn an_expired_hold_cannot_be_captured_or_released() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, shop) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let s = t.account(&shop, "USD").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
+        t.funded_pair("USD", "10.00").await;
     let (st, hold) = t
         .post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "4.00", "expires_in_seconds": 1}))
         .await;
@@ -147,11 +138,8 @@ async fn an_expired_hold_cannot_be_captured_or_released() {
 #[tokio::test]
 async fn captures_and_releases_racing_on_one_hold_resolve_it_exactly_once() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, shop) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let s = t.account(&shop, "USD").await;
-    t.deposit(&ann, &a, "50.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
+        t.funded_pair("USD", "50.00").await;
     let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "50.00"})).await;
     let hold_id = hold["hold_id"].as_str().unwrap().to_owned();
     let capture = format!("/v1/holds/{hold_id}/capture");
@@ -185,11 +173,7 @@ async fn fees_are_charged_with_the_transfer_as_their_own_entry() {
         c.fees = ledger_domain::fees::FeeSchedule::parse("transfer:0.5%:0.10").unwrap();
     })
     .await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("USD", "100.00").await;
     let (st, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "25.50"})).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     assert_eq!(v["fee"]["amount"], "0.13", "0.5% of 25.50 = 0.1275, to minor units: {v}");
@@ -214,11 +198,7 @@ async fn fees_are_charged_with_the_transfer_as_their_own_entry() {
 #[tokio::test]
 async fn a_repeated_hold_request_with_one_key_reserves_once() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, shop) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let s = t.account(&shop, "USD").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: s } = t.funded_pair("USD", "10.00").await;
     let body = json!({"from_account": a, "to_account": s, "amount": "6.00"});
     let (s1, v1, _) = t.request(Method::POST, "/v1/holds", Some(&ann), Some("hold-once"), Some(body.clone())).await;
     let (s2, v2, h2) = t.request(Method::POST, "/v1/holds", Some(&ann), Some("hold-once"), Some(body)).await;

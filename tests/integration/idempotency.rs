@@ -1,4 +1,4 @@
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -68,11 +68,8 @@ async fn same_key_same_request_replays_the_first_answer() {
 #[tokio::test]
 async fn ten_concurrent_requests_with_one_key_have_one_effect_and_one_answer() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } =
+        t.funded_pair("USD", "100.00").await;
     let body = json!({"from_account": a, "to_account": b, "amount": "7.00"});
     let answers = futures::future::join_all(
         (0..10).map(|_| t.request(Method::POST, "/v1/transfers", Some(&ann), Some("pay-bob"), Some(body.clone()))),

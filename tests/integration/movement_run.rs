@@ -1,7 +1,7 @@
 //! A projector's batch of movements in one statement (`movement_run`),
 //! against the per-read-model path: the same rows, byte for byte.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use ledger_commands::store::{EventMetadata, Payload, RecordedEvent};
 use ledger_domain::events::{Channel, TransferKind, TransferRecorded};
 use ledger_domain::Event;
@@ -212,11 +212,8 @@ async fn the_projector_applies_a_transfer_listed_already_as_a_rebuild_does() {
     use serde_json::json;
 
     let t = TestLedger::start().await;
-    let (_, alice) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&alice, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&alice, &a, "100.00").await;
+    let FundedPair { payer: alice, payer_account: a, payee: _, payee_account: b } =
+        t.funded_pair("EUR", "100.00").await;
     let transfer = json!({"from_account": a, "to_account": b, "amount": "10.00"});
     let (status, _) = t.post("/v1/transfers", &alice, transfer.clone()).await;
     assert_eq!(status, 201);

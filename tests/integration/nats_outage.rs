@@ -1,4 +1,4 @@
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::process::Stdio;
@@ -44,11 +44,8 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
         c.bulk_max_backlog = 1;
     })
     .await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "1000.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } =
+        t.funded_pair("USD", "1000.00").await;
 
     // A stream of commands; NATS dies in the middle of it.
     let mut positions = vec![];
@@ -235,11 +232,7 @@ async fn a_projector_starting_behind_the_log_catches_up_from_it_without_deliveri
     use ledger::config::Roles;
     let write_side = Roles { command_api: true, query_api: true, relay: false, projectors: false, processes: false };
     let t = TestLedger::start_with_roles(|_| {}, write_side).await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } = t.funded_pair("EUR", "10.00").await;
     let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "4.00"})).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let head = t.head().await;
@@ -295,11 +288,7 @@ async fn a_projector_starting_behind_the_log_waits_for_its_events_to_settle() {
 #[tokio::test]
 async fn a_stopping_relay_saves_its_cursor_first() {
     let mut t = TestLedger::start_with(|c| c.relay_poll = Duration::from_secs(3)).await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "10.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("EUR", "10.00").await;
     // Back to back: the second batch comes within 100 ms of the first's save.
     for amount in ["1.00", "2.00"] {
         let (s, v) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": amount})).await;
@@ -324,11 +313,8 @@ async fn a_paced_relay_and_projector_apply_every_event_once() {
         c.projector_pace = Duration::from_millis(150);
     })
     .await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } =
+        t.funded_pair("EUR", "100.00").await;
     for _wave in 0..3 {
         let sends = (0..10)
             .map(|_| t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "1.00"})));

@@ -1,7 +1,7 @@
 //! The shop flow: orders paid from balances by the payment process, cancels,
 //! refunds, and redelivery of the process's messages.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use ledger_domain::events::Role;
@@ -105,11 +105,7 @@ async fn an_order_is_paid_finished_and_refunded_within_what_was_captured() {
 #[tokio::test]
 async fn an_order_the_customer_cannot_afford_is_cancelled() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, merchant) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let shop = t.account(&merchant, "USD").await;
-    t.deposit(&ann, &a, "5.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: shop } = t.funded_pair("USD", "5.00").await;
     let (_, created) = t
         .post(
             "/v1/orders",
@@ -134,11 +130,8 @@ async fn an_order_the_customer_cannot_afford_is_cancelled() {
 #[tokio::test]
 async fn the_customer_cancels_a_new_order_and_its_hold_is_released() {
     let t = TestLedger::start_with(|c| c.order_auto_accept = false).await;
-    let (_, ann) = t.user().await;
-    let (_, merchant) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let shop = t.account(&merchant, "USD").await;
-    t.deposit(&ann, &a, "50.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: merchant, payee_account: shop } =
+        t.funded_pair("USD", "50.00").await;
     let (_, created) = t
         .post(
             "/v1/orders",
@@ -186,11 +179,8 @@ async fn the_customer_cancels_a_new_order_and_its_hold_is_released() {
 async fn redelivered_payment_messages_charge_once() {
     // No payment process in the service: this test plays it, and redelivers.
     let t = TestLedger::start_with(|c| c.order_auto_accept = true).await;
-    let (_, ann) = t.user().await;
-    let (_, merchant) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let shop = t.account(&merchant, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: shop } =
+        t.funded_pair("USD", "100.00").await;
     let (_, created) = t
         .post(
             "/v1/orders",
@@ -263,11 +253,8 @@ async fn the_payment_process_gets_only_order_events_and_takes_over_from_the_form
     use ledger::config::Roles;
     let no_process = Roles { command_api: true, query_api: true, relay: true, projectors: true, processes: false };
     let t = TestLedger::start_with_roles(|_| {}, no_process).await;
-    let (_, ann) = t.user().await;
-    let (_, merchant) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let shop = t.account(&merchant, "EUR").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: shop } =
+        t.funded_pair("EUR", "100.00").await;
     let place = |amount: &str| {
         t.post(
             "/v1/orders",

@@ -1,7 +1,7 @@
 //! Balances in the past and statements for a period, checked against a fold
 //! of the log.
 
-use crate::harness::TestLedger;
+use crate::harness::{FundedPair, TestLedger};
 use ledger_domain::{fold_balances, Event};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
@@ -12,11 +12,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn balances_as_of_any_position_match_a_fold_of_the_log() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "USD").await;
-    let b = t.account(&bob, "USD").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("USD", "100.00").await;
     for amount in ["10.00", "20.00", "0.01"] {
         let (s, _) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": amount})).await;
         assert_eq!(s, StatusCode::CREATED);
@@ -50,11 +46,7 @@ async fn balances_as_of_any_position_match_a_fold_of_the_log() {
 #[tokio::test]
 async fn a_statement_for_a_period_opens_and_closes_on_the_fold() {
     let t = TestLedger::start().await;
-    let (_, ann) = t.user().await;
-    let (_, bob) = t.user().await;
-    let a = t.account(&ann, "EUR").await;
-    let b = t.account(&bob, "EUR").await;
-    t.deposit(&ann, &a, "100.00").await;
+    let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: b } = t.funded_pair("EUR", "100.00").await;
     let (_, _) = t.post("/v1/transfers", &ann, json!({"from_account": a, "to_account": b, "amount": "10.00"})).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let from = chrono::Utc::now();
