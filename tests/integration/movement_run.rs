@@ -214,8 +214,8 @@ async fn the_projector_applies_a_transfer_listed_already_as_a_rebuild_does() {
     let t = TestLedger::start().await;
     let FundedPair { payer: alice, payer_account: a, payee: _, payee_account: b } =
         t.funded_pair("EUR", "100.00").await;
-    let transfer = json!({"from_account": a, "to_account": b, "amount": "10.00"});
-    let (status, _) = t.post("/v1/transfers", &alice, transfer.clone()).await;
+    let (status, _) =
+        t.post("/v1/transfers", &alice, json!({"from_account": a, "to_account": b, "amount": "10.00"})).await;
     assert_eq!(status, 201);
     t.settle().await;
 
