@@ -10,7 +10,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use ledger_commands::nats::{ensure_stream, NatsNames};
+use ledger_commands::nats::{ensure_stream, NatsNames, PULL_HEARTBEAT};
 use ledger_commands::store::RecordedEvent;
 use ledger_commands::{ClientInfo, CommandEnvelope, Ledger, LedgerCommand};
 use ledger_domain::{DomainError, Event};
@@ -125,7 +125,7 @@ impl PaymentProcess {
         if all_there && stream.delete_consumer(&former).await.is_ok() {
             tracing::info!(consumer = %former, "the former payment consumer was removed");
         }
-        let mut messages = consumer.messages().await.map_err(|e| nats(&e))?;
+        let mut messages = consumer.stream().heartbeat(PULL_HEARTBEAT).messages().await.map_err(|e| nats(&e))?;
         tracing::info!(consumer = %name, auto_accept = self.auto_accept, "payment process consuming");
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| nats(&e))?;

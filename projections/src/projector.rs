@@ -174,7 +174,7 @@ impl Projector {
         let messages = consumer
             .stream()
             .max_messages_per_batch(MAX_BATCH)
-            .heartbeat(Duration::from_secs(5))
+            .heartbeat(ledger_commands::nats::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| nats(&e))?;

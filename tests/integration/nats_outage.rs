@@ -120,7 +120,11 @@ async fn connections_that_died_while_idle_are_replaced_before_use() {
 /// The relay looks its stream up when it starts leading and after a failed
 /// publish, not before every batch: a stream deleted under it is recreated
 /// at the next publish, the read side converges, and the relay's cursor,
-/// saved lazily while busy, is saved once it goes idle.
+/// saved lazily while busy, is saved once it goes idle. NATS does not always
+/// tell a puller its consumer went with the stream (seen under load: the
+/// payment consumers got "409 Consumer Deleted", the projector nothing); the
+/// projector then notices by missed heartbeats (`PULL_HEARTBEAT`), within
+/// the 5 s that `min_position` waits.
 #[tokio::test]
 async fn a_stream_deleted_under_the_relay_is_recreated_and_its_cursor_saved_when_idle() {
     let t = TestLedger::start().await;
