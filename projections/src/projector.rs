@@ -61,6 +61,27 @@ pub struct Projector {
 /// events still arriving.
 const GATHER_ROUNDS: usize = 4;
 
+/// Which way a batch's transaction may write the read models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// In one statement if the batch is a run of movements
+    /// (`Projector::movement_run`), else per read model.
+    OneStatementIfItQualifies,
+    /// Each read model its own statements: lists a transfer the log holds
+    /// twice once, which the one statement cannot.
+    PerReadModel,
+}
+
+/// What a batch's transaction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// Applied and committed, or already applied (by another instance).
+    Done,
+    /// Rolled back with nothing written: the one statement found a movement
+    /// listed already. The batch must go again `PerReadModel`.
+    SentBack,
+}
+
 /// Moves into `batch` what `stream` has ready now, up to `max`; stops after
 /// an error item (the batch fails with it). Unconstrained: the task's
 /// Tokio budget (128 channel reads per poll, shared with the relay, which
@@ -298,26 +319,28 @@ impl Projector {
     ) -> Result<(), ProjectionError> {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
-        if !self.apply_in_transaction(conn, &events, last_entries, true).await? {
+        if self.apply_in_transaction(conn, &events, last_entries, Path::OneStatementIfItQualifies).await?
+            == Applied::SentBack
+        {
             // A movement was listed already: the general path lists each once.
-            self.apply_in_transaction(conn, &events, last_entries, false).await?;
+            self.apply_in_transaction(conn, &events, last_entries, Path::PerReadModel).await?;
         }
         Ok(())
     }
 
     /// One batch's transaction. A batch of movements only goes in one
-    /// statement (`movement_run`) if `one_statement` allows and the memory
-    /// of last entries covers it; `false` if that found a movement listed
-    /// already (rolled back: nothing of the batch was written).
+    /// statement (`movement_run`) if `path` allows and the memory of last
+    /// entries covers it; sent back if that found a movement listed already
+    /// (rolled back: nothing of the batch was written).
     async fn apply_in_transaction(
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
         last_entries: &mut LastEntries,
-        one_statement: bool,
-    ) -> Result<bool, ProjectionError> {
+        path: Path,
+    ) -> Result<Applied, ProjectionError> {
         let Some(through) = events.last().map(RecordedEvent::point) else {
-            return Ok(true);
+            return Ok(Applied::Done);
         };
         let began = Instant::now();
         let mut tx = conn.begin().await?;
@@ -357,7 +380,7 @@ impl Projector {
             // Every read model was already at or past the batch's end
             // (another instance applied it): that is progress too.
             self.publish_applied(through, highest_position);
-            return Ok(true);
+            return Ok(Applied::Done);
         }
         // Decoded once for every projection.
         let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
@@ -372,11 +395,14 @@ impl Projector {
             }
         }
         let moved: Vec<(Projection, LogPoint)> = work.iter().map(|(p, _, _)| (*p, through)).collect();
-        let run = if one_statement { self.movement_run(&work, source, &decoded, last_entries) } else { None };
-        let path;
+        let run = match path {
+            Path::OneStatementIfItQualifies => self.movement_run(&work, source, &decoded, last_entries),
+            Path::PerReadModel => None,
+        };
+        let taken;
         let (saved, statements_applied) = match run {
             Some((movements, planned)) => {
-                path = "one statement";
+                taken = "one statement";
                 match movement_run::apply(&mut tx, &movements, &moved, planned).await? {
                     movement_run::Outcome::Applied { saved, statements } => (saved, statements),
                     movement_run::Outcome::AlreadyListed => {
@@ -385,12 +411,12 @@ impl Projector {
                             events = source.len(),
                             "a movement's transfer was listed already; the batch goes per read model"
                         );
-                        return Ok(false);
+                        return Ok(Applied::SentBack);
                     }
                 }
             }
             None => {
-                path = "per read model";
+                taken = "per read model";
                 let mut statements_applied = None;
                 for (projection, from, mine) in &work {
                     let pairs: Vec<(&RecordedEvent, &Event)> =
@@ -412,7 +438,7 @@ impl Projector {
         tx.commit().await?;
         tracing::trace!(
             events = source.len(),
-            path,
+            path = taken,
             transaction_ms = began.elapsed().as_secs_f64() * 1000.0,
             newest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).max()),
             oldest_age_ms = ledger_commands::relay::age_ms(source.iter().map(|e| e.metadata.recorded_at).min()),
@@ -423,7 +449,7 @@ impl Projector {
             last_entries.committed(through, *written, applied);
         }
         self.publish_applied(through, highest_position);
-        Ok(true)
+        Ok(Applied::Done)
     }
 
     /// The batch as one run of movements, if it is one: every read model
