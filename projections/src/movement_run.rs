@@ -16,15 +16,17 @@
 //! listed already, the plan was wrong for it: the caller rolls the whole
 //! transaction back and takes the general path, which lists each once.
 
-use crate::statements::{self, EntryColumns, Planned, TransferColumns};
+use crate::checkpoint::Locked;
+use crate::statements::{self, EntryColumns, LastEntries, Planned, TransferColumns};
 use crate::{Projection, ProjectionError};
 use chrono::{DateTime, Utc};
 use ledger_commands::store::{LogPoint, RecordedEvent};
 use ledger_domain::events::TransferRecorded;
+use ledger_domain::Event;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, PgConnection};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 /// Whether this statement writes everything `projection` would for
@@ -37,6 +39,44 @@ pub fn writes_all_of(projection: Projection) -> bool {
         // Neither reads `TransferRecorded` (`activity::subject`, `orders::apply`).
         Projection::Activity | Projection::Orders => true,
     }
+}
+
+/// A projector's batch as one run of movements, if it is one: every read
+/// model of the projector (`projections`) applies all of it (none is past
+/// any of it: `work` holds each one's events after its checkpoint), each
+/// is one this statement writes whole, the batch holds nothing but
+/// movements and no transfer twice, and the statements' memory can number
+/// their entries. Else `None`: the batch goes per read model.
+pub fn qualify<'e>(
+    projections: &[Projection],
+    work: &[(Projection, &Locked, Vec<&'e RecordedEvent>)],
+    source: &'e [RecordedEvent],
+    decoded: &'e HashMap<LogPoint, Event>,
+    memory: &LastEntries,
+) -> Option<(Movements<'e>, Option<Planned>)> {
+    if work.len() != projections.len()
+        || work.iter().any(|(p, _, mine)| mine.len() != source.len() || !writes_all_of(*p))
+    {
+        return None;
+    }
+    let movements = source
+        .iter()
+        .map(|r| match decoded.get(&r.point()) {
+            Some(Event::TransferRecorded(t)) => Some((r, t)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    // A transfer twice in the batch is listed once: the plan, which
+    // numbers entries for each, would be sent back every time.
+    let mut transfers = HashSet::with_capacity(movements.len());
+    if !movements.iter().all(|(_, t)| transfers.insert(t.transfer_id)) {
+        return None;
+    }
+    let planned = match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
+        Some((_, from, _)) => Some(statements::plan_from_memory(memory, from.at, from.written, &movements)?),
+        None => None,
+    };
+    Some((movements, planned))
 }
 
 /// What went wrong in calling it.

@@ -65,7 +65,7 @@ const GATHER_ROUNDS: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     /// In one statement if the batch is a run of movements
-    /// (`Projector::movement_run`), else per read model.
+    /// (`movement_run::qualify`), else per read model.
     OneStatementIfItQualifies,
     /// Each read model its own statements: lists a transfer the log holds
     /// twice once, which the one statement cannot.
@@ -396,7 +396,9 @@ impl Projector {
         }
         let moved: Vec<(Projection, LogPoint)> = work.iter().map(|(p, _, _)| (*p, through)).collect();
         let run = match path {
-            Path::OneStatementIfItQualifies => self.movement_run(&work, source, &decoded, last_entries),
+            Path::OneStatementIfItQualifies => {
+                movement_run::qualify(&self.projections, &work, source, &decoded, last_entries)
+            }
             Path::PerReadModel => None,
         };
         let taken;
@@ -450,41 +452,6 @@ impl Projector {
         }
         self.publish_applied(through, highest_position);
         Ok(Applied::Done)
-    }
-
-    /// The batch as one run of movements, if it is one: every read model
-    /// applies all of it (none is past any of it), it holds nothing but
-    /// movements, and the statements' memory can number their entries.
-    fn movement_run<'e>(
-        &self,
-        work: &[(Projection, &checkpoint::Locked, Vec<&'e RecordedEvent>)],
-        source: &'e [RecordedEvent],
-        decoded: &'e HashMap<LogPoint, Event>,
-        last_entries: &LastEntries,
-    ) -> Option<(movement_run::Movements<'e>, Option<statements::Planned>)> {
-        if work.len() != self.projections.len()
-            || work.iter().any(|(p, _, mine)| mine.len() != source.len() || !movement_run::writes_all_of(*p))
-        {
-            return None;
-        }
-        let movements = source
-            .iter()
-            .map(|r| match decoded.get(&r.point()) {
-                Some(Event::TransferRecorded(t)) => Some((r, t)),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?;
-        // A transfer twice in the batch is listed once: the plan, which
-        // numbers entries for each, would be sent back every time.
-        let mut transfers = std::collections::HashSet::with_capacity(movements.len());
-        if !movements.iter().all(|(_, t)| transfers.insert(t.transfer_id)) {
-            return None;
-        }
-        let planned = match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
-            Some((_, from, _)) => Some(statements::plan_from_memory(last_entries, from.at, from.written, &movements)?),
-            None => None,
-        };
-        Some((movements, planned))
     }
 
     /// Tells read-your-writes waits and the batches' gate that every read

@@ -261,3 +261,86 @@ async fn the_projector_applies_a_transfer_listed_already_as_a_rebuild_does() {
     }
     t.cleanup().await;
 }
+
+/// Which batches a projector tries in one statement (`movement_run::qualify`):
+/// only a run of movements, no transfer twice, that every read model of the
+/// projector applies whole, and whose accounts the statements' memory knows.
+/// Everything else goes per read model.
+#[tokio::test]
+async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
+    use ledger_domain::events::HoldPlaced;
+    use std::collections::HashMap;
+
+    let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+    let t = TestLedger::start().await;
+    open(&t, &[a, b, c]).await;
+    // The memory learns a and b.
+    let (_, memory) = project(&t, &[vec![movement(1, a, b, 1_000, TransferKind::Deposit)]], false).await;
+
+    let mut tx = t.pool.begin().await.expect("begin");
+    let locked =
+        checkpoint::lock_counting(&mut tx, &PROJECTIONS, movement(9, a, b, 1, TransferKind::Transfer).0.point())
+            .await
+            .expect("locked");
+    tx.rollback().await.expect("rollback");
+    let at = |name: &str| locked.iter().find(|c| c.projection == name).expect("locked");
+    let (balances_at, statements_at) = (at("balances"), at("statements"));
+    let both = [Projection::Balances, Projection::Statements];
+
+    // Which way `batch` goes for a projector of `projections`, each read
+    // model applying the batch's events after `skip` of them.
+    let choose = |projections: &[Projection], batch: &[(RecordedEvent, Event)], skip: usize| {
+        let source: Vec<RecordedEvent> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let decoded: HashMap<_, _> = batch.iter().map(|(r, e)| (r.point(), e.clone())).collect();
+        let work: Vec<_> = projections
+            .iter()
+            .map(|p| {
+                let locked = if *p == Projection::Statements { statements_at } else { balances_at };
+                (*p, locked, source.iter().skip(skip).collect::<Vec<_>>())
+            })
+            .collect();
+        movement_run::qualify(projections, &work, &source, &decoded, &memory)
+            .map(|(movements, planned)| (movements.len(), planned.is_some()))
+    };
+    let known = vec![movement(2, a, b, 100, TransferKind::Transfer), movement(3, b, a, 50, TransferKind::Transfer)];
+    assert_eq!(choose(&both, &known, 0), Some((2, true)), "known accounts, movements only: one statement");
+    assert_eq!(choose(&both[..1], &known, 0), Some((2, false)), "balances alone needs no plan");
+    assert_eq!(choose(&both, &known, 1), None, "a read model past part of the batch");
+
+    let unknown = vec![movement(2, a, c, 100, TransferKind::Transfer)];
+    assert_eq!(choose(&both, &unknown, 0), None, "an account the memory does not know");
+
+    let (mut again, event) = movement(2, a, b, 100, TransferKind::Transfer);
+    let twice = vec![(again.clone(), event.clone()), {
+        again.position = 3;
+        again.transaction_id = 103;
+        (again, event)
+    }];
+    assert_eq!(choose(&both, &twice, 0), None, "one transfer twice in the batch");
+
+    let (mut held, _) = movement(3, a, b, 100, TransferKind::Transfer);
+    held.event_type = "HoldPlaced".into();
+    let hold = Event::HoldPlaced(HoldPlaced {
+        hold_id: Uuid::from_u128(0x4000),
+        from_account: a,
+        to_account: b,
+        amount: Decimal::new(100, 2),
+        currency: "EUR".into(),
+        expires_at: chrono::DateTime::from_timestamp(1_900_000_000, 0).expect("time"),
+        reference: None,
+        order_id: None,
+    });
+    let mixed = vec![movement(2, a, b, 100, TransferKind::Transfer), (held, hold)];
+    assert_eq!(choose(&both, &mixed, 0), None, "a hold among the movements");
+
+    // A projector with a read model that has nothing of this batch to
+    // apply (its work is missing): per read model.
+    let source: Vec<RecordedEvent> = known.iter().map(|(r, _)| r.clone()).collect();
+    let decoded: HashMap<_, _> = known.iter().map(|(r, e)| (r.point(), e.clone())).collect();
+    let work = vec![(Projection::Balances, balances_at, source.iter().collect::<Vec<_>>())];
+    assert!(
+        movement_run::qualify(&both, &work, &source, &decoded, &memory).is_none(),
+        "the statements read model is past the batch"
+    );
+    t.cleanup().await;
+}
