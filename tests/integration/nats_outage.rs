@@ -28,15 +28,21 @@ async fn start_nats(port: u16, dir: &std::path::Path) -> Child {
     panic!("nats-server did not listen on {port}");
 }
 
-#[tokio::test]
-async fn read_side_converges_after_nats_restarts_mid_stream() {
+/// A NATS server of this test's own on a free port, with its store in a
+/// fresh directory: its port and directory, to restart it or clean up.
+async fn own_nats() -> (Child, u16, std::path::PathBuf) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
     let dir = std::env::temp_dir().join(format!("ledger-nats-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut nats = start_nats(port, &dir).await;
+    (start_nats(port, &dir).await, port, dir)
+}
+
+#[tokio::test]
+async fn read_side_converges_after_nats_restarts_mid_stream() {
+    let (mut nats, port, dir) = own_nats().await;
     // Batches wait for the read side past one event behind: they must not
     // wait for a read side that NATS being down has stopped.
     let t = TestLedger::start_with(|c| {
@@ -80,6 +86,46 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
     t.settle().await;
     assert_eq!(t.balance(&ann, &a, last).await, "906.00", "1000 - 60 x 1.50 - 4 x 1.00");
     assert_eq!(t.balance(&bob, &b, last).await, "94.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+    let _ = nats.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A NATS server that hangs (stopped, not gone: no 409, no closed socket,
+/// nothing at all) is noticed by the pulls' missed idle heartbeats
+/// (`nats::PULL_HEARTBEAT`, two of them): the projector's run starts again
+/// and its catch-up applies from the log what was committed meanwhile.
+#[tokio::test]
+async fn a_hung_nats_does_not_hold_the_read_side_back() {
+    let (mut nats, port, dir) = own_nats().await;
+    let t = TestLedger::start_with(|c| c.nats_url = format!("nats://127.0.0.1:{port}")).await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } =
+        t.funded_pair("USD", "100.00").await;
+    t.settle().await;
+
+    let pid = nats.id().expect("nats-server runs").to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let transfer = |amount: &str| json!({"from_account": a, "to_account": b, "amount": amount});
+    let (s, v) = t.post("/v1/transfers", &ann, transfer("30.00")).await;
+    assert_eq!(s, StatusCode::CREATED, "commands do not wait for NATS: {v}");
+    let position = v["position"].as_i64().unwrap();
+    // About 2 s here, also on a loaded machine; at a 5 s heartbeat, 10 s.
+    let applied = ledger_projections::read_side::wait_for(&t.pool, position, Duration::from_secs(6)).await;
+    signal("-CONT");
+    applied.expect("the read side applies the transfer from the log while NATS hangs");
+    assert_eq!(t.balance(&bob, &b, position).await, "30.00");
+
+    // NATS back: the relay publishes what it held, and deliveries go on.
+    let (s, v) = t.post("/v1/transfers", &ann, transfer("20.00")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let position = v["position"].as_i64().unwrap();
+    assert_eq!(t.balance(&ann, &a, position).await, "50.00");
+    assert_eq!(t.balance(&bob, &b, position).await, "50.00");
     t.assert_invariants().await;
     t.cleanup().await;
     let _ = nats.kill().await;
