@@ -24,7 +24,7 @@ use axum::extract::State;
 use axum::response::Response;
 use futures::StreamExt;
 use ledger_commands::identity::CredentialCheck;
-use ledger_commands::nats::{ensure_stream, NatsNames, PULL_HEARTBEAT};
+use ledger_commands::nats::{ensure_stream, NatsNames};
 use ledger_commands::store::{self, LogPoint, RecordedEvent};
 use ledger_domain::Event;
 use serde::{Deserialize, Serialize};
@@ -349,7 +349,10 @@ async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNa
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut messages = consumer.stream().heartbeat(PULL_HEARTBEAT).messages().await.map_err(|e| e.to_string())?;
+    // No short heartbeat here: a restart of the feed starts a new consumer
+    // from `New`, so what comes in between would not reach connected
+    // sockets; the client's reconnection and re-pull ride out a short gap.
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     hub.following.send_replace(true);
     let mut idle_check = tokio::time::interval(LINGER);
     idle_check.tick().await;

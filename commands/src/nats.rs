@@ -10,13 +10,17 @@ pub const HEADER_POSITION: &str = "Ledger-Position";
 pub const HEADER_TRANSACTION_ID: &str = "Ledger-Transaction-Id";
 pub const HEADER_EVENT_TYPE: &str = "Ledger-Event-Type";
 
-/// The idle heartbeat asked of JetStream on every pull. A consumer lost
-/// without a "409 Consumer Deleted" reaching the puller (its stream deleted
-/// while no pull was waiting at the server, or NATS restarted without its
-/// state) is noticed after two missed heartbeats; the follower then starts
-/// again and catches up from the log. At 5 s that was 10 s of a stale read
-/// side (seen in CI); at 1 s it is 2 s, for one small message a second per
-/// idle consumer.
+/// The idle heartbeat the read side's durable consumers (projector, payment
+/// processes) ask of JetStream on every pull. A consumer lost without a
+/// "409 Consumer Deleted" reaching the puller (seen in CI with NATS 2.9.10:
+/// a stream deleted, the payment consumers told, the projector not), or a
+/// server that hangs, is noticed after two missed heartbeats; the follower
+/// then starts again, and a projector catches up from the log first. At 5 s
+/// that was 10 s of a stale read side; at 1 s it is 2 s, within the 5 s a
+/// `min_position` read waits, for one small message a second per idle
+/// consumer. The margin is one heartbeat: a stall of the server, or of the
+/// thread reading its socket, past ~1 s also restarts the run, which is
+/// safe (checkpoints skip redeliveries) but wasted work.
 pub const PULL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl NatsNames {

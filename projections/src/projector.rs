@@ -16,7 +16,7 @@ use crate::{checkpoint, movement_run, Projection, ProjectionError};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
-use ledger_commands::nats::{ensure_stream, NatsNames};
+use ledger_commands::nats::{ensure_stream, NatsNames, PULL_HEARTBEAT};
 use ledger_commands::relay::PACED_BELOW;
 use ledger_commands::store::{self, LogPoint, ReadSideProgress, RecordedEvent};
 use ledger_domain::Event;
@@ -63,22 +63,22 @@ const GATHER_ROUNDS: usize = 4;
 
 /// Which way a batch's transaction may write the read models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
+enum WritePath {
     /// In one statement if the batch is a run of movements
     /// (`movement_run::qualify`), else per read model.
     OneStatementIfItQualifies,
-    /// Each read model its own statements: lists a transfer the log holds
-    /// twice once, which the one statement cannot.
+    /// Each read model its own statements: lists once a transfer the log
+    /// holds twice, which the one statement cannot.
     PerReadModel,
 }
 
 /// What a batch's transaction did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Applied {
+enum BatchOutcome {
     /// Applied and committed, or already applied (by another instance).
     Done,
     /// Rolled back with nothing written: the one statement found a movement
-    /// listed already. The batch must go again `PerReadModel`.
+    /// listed already. The batch must go again `WritePath::PerReadModel`.
     SentBack,
 }
 
@@ -176,29 +176,36 @@ impl Projector {
             conn = self.pool.acquire().await?.detach();
             self.catch_up(&mut conn, &mut last_entries).await?;
         }
-        let stream = ensure_stream(&self.js, &self.names).await.map_err(|e| nats(&e))?;
+        // NATS's side of the run, within two heartbeats: a hung server
+        // would otherwise hold the run for the client's request timeout
+        // (10 s) before the next run's catch-up.
         let name = self.consumer_name();
-        let consumer = stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    ack_policy: AckPolicy::All,
-                    deliver_policy: DeliverPolicy::All,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| nats(&e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(MAX_BATCH)
-            .heartbeat(ledger_commands::nats::PULL_HEARTBEAT)
-            .messages()
-            .await
-            .map_err(|e| nats(&e))?;
+        let messages = tokio::time::timeout(PULL_HEARTBEAT * 2, async {
+            let stream = ensure_stream(&self.js, &self.names).await.map_err(|e| nats(&e))?;
+            let consumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        ack_policy: AckPolicy::All,
+                        deliver_policy: DeliverPolicy::All,
+                        ack_wait: Duration::from_secs(30),
+                        max_ack_pending: 10_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| nats(&e))?;
+            consumer
+                .stream()
+                .max_messages_per_batch(MAX_BATCH)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+                .map_err(|e| nats(&e))
+        })
+        .await
+        .map_err(|_| ProjectionError::Nats("NATS did not answer the consumer's set-up in time".into()))??;
         tracing::info!(consumer = %name, "projector consuming");
         let mut batches = messages.ready_chunks(MAX_BATCH);
         // When the last batch started, if it was a small one.
@@ -319,11 +326,11 @@ impl Projector {
     ) -> Result<(), ProjectionError> {
         events.sort_by_key(RecordedEvent::point);
         events.dedup_by_key(|e| e.point());
-        if self.apply_in_transaction(conn, &events, last_entries, Path::OneStatementIfItQualifies).await?
-            == Applied::SentBack
+        if self.apply_in_transaction(conn, &events, last_entries, WritePath::OneStatementIfItQualifies).await?
+            == BatchOutcome::SentBack
         {
             // A movement was listed already: the general path lists each once.
-            self.apply_in_transaction(conn, &events, last_entries, Path::PerReadModel).await?;
+            self.apply_in_transaction(conn, &events, last_entries, WritePath::PerReadModel).await?;
         }
         Ok(())
     }
@@ -337,10 +344,10 @@ impl Projector {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
         last_entries: &mut LastEntries,
-        path: Path,
-    ) -> Result<Applied, ProjectionError> {
+        path: WritePath,
+    ) -> Result<BatchOutcome, ProjectionError> {
         let Some(through) = events.last().map(RecordedEvent::point) else {
-            return Ok(Applied::Done);
+            return Ok(BatchOutcome::Done);
         };
         let began = Instant::now();
         let mut tx = conn.begin().await?;
@@ -380,7 +387,7 @@ impl Projector {
             // Every read model was already at or past the batch's end
             // (another instance applied it): that is progress too.
             self.publish_applied(through, highest_position);
-            return Ok(Applied::Done);
+            return Ok(BatchOutcome::Done);
         }
         // Decoded once for every projection.
         let mut decoded: HashMap<LogPoint, Event> = HashMap::new();
@@ -396,10 +403,10 @@ impl Projector {
         }
         let moved: Vec<(Projection, LogPoint)> = work.iter().map(|(p, _, _)| (*p, through)).collect();
         let run = match path {
-            Path::OneStatementIfItQualifies => {
+            WritePath::OneStatementIfItQualifies => {
                 movement_run::qualify(&self.projections, &work, source, &decoded, last_entries)
             }
-            Path::PerReadModel => None,
+            WritePath::PerReadModel => None,
         };
         let taken;
         let (saved, statements_applied) = match run {
@@ -413,7 +420,7 @@ impl Projector {
                             events = source.len(),
                             "a movement's transfer was listed already; the batch goes per read model"
                         );
-                        return Ok(Applied::SentBack);
+                        return Ok(BatchOutcome::SentBack);
                     }
                 }
             }
@@ -451,7 +458,7 @@ impl Projector {
             last_entries.committed(through, *written, applied);
         }
         self.publish_applied(through, highest_position);
-        Ok(Applied::Done)
+        Ok(BatchOutcome::Done)
     }
 
     /// Tells read-your-writes waits and the batches' gate that every read

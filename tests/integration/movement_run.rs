@@ -278,10 +278,8 @@ async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
     let (_, memory) = project(&t, &[vec![movement(1, a, b, 1_000, TransferKind::Deposit)]], false).await;
 
     let mut tx = t.pool.begin().await.expect("begin");
-    let locked =
-        checkpoint::lock_counting(&mut tx, &PROJECTIONS, movement(9, a, b, 1, TransferKind::Transfer).0.point())
-            .await
-            .expect("locked");
+    let through = ledger_commands::store::LogPoint { transaction_id: 109, position: 9 };
+    let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
     tx.rollback().await.expect("rollback");
     let at = |name: &str| locked.iter().find(|c| c.projection == name).expect("locked");
     let (balances_at, statements_at) = (at("balances"), at("statements"));
@@ -305,6 +303,7 @@ async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
     let known = vec![movement(2, a, b, 100, TransferKind::Transfer), movement(3, b, a, 50, TransferKind::Transfer)];
     assert_eq!(choose(&both, &known, 0), Some((2, true)), "known accounts, movements only: one statement");
     assert_eq!(choose(&both[..1], &known, 0), Some((2, false)), "balances alone needs no plan");
+    assert_eq!(choose(&Projection::ALL, &known, 0), Some((2, true)), "every read model, as in production");
     assert_eq!(choose(&both, &known, 1), None, "a read model past part of the batch");
 
     let unknown = vec![movement(2, a, c, 100, TransferKind::Transfer)];
