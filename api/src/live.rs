@@ -11,7 +11,9 @@
 //! found no socket. A reconnecting client sends `?after_position=N` and
 //! first gets what it missed from the log, or `{"type":"resync"}` when that
 //! is more than
-//! `REPLAY_LIMIT` events back. Each socket has a bounded queue: a client that
+//! `REPLAY_LIMIT` events back. The sockets connected also get a resync when
+//! the feed follows again after an interruption (its new consumer starts at
+//! new events). Each socket has a bounded queue: a client that
 //! falls behind is disconnected, never buffered without bound.
 
 use crate::auth::{AuthUser, Credential};
@@ -131,6 +133,17 @@ impl LiveHub {
 
     pub fn connected(&self) -> usize {
         self.clients().values().map(Vec::len).sum()
+    }
+
+    /// Tells every connected socket to resync: the feed follows again after
+    /// an error, from new events only, so what came in between would
+    /// otherwise be missed without a word.
+    fn resync_all(&self) {
+        let users: Vec<Uuid> = self.clients().keys().copied().collect();
+        let text = json!({ "type": "resync" }).to_string();
+        for user in users {
+            self.send(user, &text);
+        }
     }
 
     /// Queues a message for every socket of `user`; a full queue drops that socket.
@@ -308,6 +321,9 @@ pub async fn run_feed(
     names: NatsNames,
     shutdown: CancellationToken,
 ) {
+    // Whether the last follow ended on an error: the sockets connected then
+    // (and since) missed what came in between.
+    let mut interrupted = false;
     loop {
         // Registered for a wake-up before looking, so none is missed.
         let wanted = hub.wanted.notified();
@@ -319,12 +335,16 @@ pub async fn run_feed(
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            result = feed(&hub, &js, &names) => result,
+            result = feed(&hub, &js, &names, interrupted) => result,
         };
         hub.following.send_replace(false);
         match result {
-            Ok(()) => tracing::debug!("live feed stopped: no socket connected"),
+            Ok(()) => {
+                interrupted = false;
+                tracing::debug!("live feed stopped: no socket connected");
+            }
             Err(e) => {
+                interrupted = true;
                 tracing::warn!(error = %e, "live feed interrupted; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -336,7 +356,14 @@ pub async fn run_feed(
 }
 
 /// Follows the stream until no socket has been connected for `LINGER`.
-async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNames) -> Result<(), String> {
+/// After an interruption, the sockets connected are told to resync once it
+/// follows again: from then on nothing more falls in the gap.
+async fn feed(
+    hub: &LiveHub,
+    js: &async_nats::jetstream::Context,
+    names: &NatsNames,
+    after_interruption: bool,
+) -> Result<(), String> {
     let stream = ensure_stream(js, names).await.map_err(|e| e.to_string())?;
     // Ephemeral and unacknowledged: each instance sees everything from now on;
     // what a socket missed while down comes from the log on reconnect.
@@ -353,6 +380,11 @@ async fn feed(hub: &LiveHub, js: &async_nats::jetstream::Context, names: &NatsNa
     // from `New`, so what comes in between would not reach connected
     // sockets; the client's reconnection and re-pull ride out a short gap.
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    // The consumer exists: from here nothing more falls in the gap. Told
+    // before `following` is set, so a socket that sees it set was told.
+    if after_interruption {
+        hub.resync_all();
+    }
     hub.following.send_replace(true);
     let mut idle_check = tokio::time::interval(LINGER);
     idle_check.tick().await;
@@ -539,6 +571,49 @@ async fn replay(hub: &LiveHub, user: Uuid, after: i64) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A feed that failed (here: its stream could not be created, the
+    /// subjects being another stream's) tells the sockets connected to
+    /// resync once it follows again.
+    #[tokio::test]
+    async fn an_interrupted_feed_tells_every_connected_socket_to_resync() {
+        let nats_url = std::env::var("LEDGER_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        let client = async_nats::connect(&nats_url).await.expect("NATS runs");
+        let js = async_nats::jetstream::new(client);
+        let names = NatsNames::new(&format!("live{}", Uuid::new_v4().simple()));
+        let squatter = format!("{}_squatter", names.prefix());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: squatter.clone(),
+            subjects: vec![names.subjects()],
+            ..Default::default()
+        })
+        .await
+        .expect("a stream on the feed's subjects");
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let hub = Arc::new(LiveHub::new(pool));
+        let (_, mut ann) = hub.register(Uuid::new_v4());
+        let (_, mut bob) = hub.register(Uuid::new_v4());
+        let shutdown = CancellationToken::new();
+        let feed = tokio::spawn(run_feed(hub.clone(), js.clone(), names.clone(), shutdown.clone()));
+        // Failing: not following, and nothing said yet (nothing is closed).
+        let mut following = hub.following.subscribe();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!*following.borrow(), "the feed cannot follow yet");
+        assert!(ann.try_recv().is_err() && bob.try_recv().is_err(), "told only once it follows");
+        js.delete_stream(&squatter).await.expect("deleted");
+        tokio::time::timeout(Duration::from_secs(10), following.wait_for(|f| *f))
+            .await
+            .expect("the feed follows again")
+            .expect("the hub is there");
+        let resync = json!({ "type": "resync" }).to_string();
+        for socket in [&mut ann, &mut bob] {
+            assert_eq!(socket.try_recv().ok().as_deref(), Some(resync.as_str()), "told to resync");
+            assert!(socket.try_recv().is_err(), "once");
+        }
+        shutdown.cancel();
+        feed.await.expect("the feed stops");
+        js.delete_stream(names.stream()).await.expect("the feed's stream deleted");
+    }
 
     #[tokio::test]
     async fn a_slow_client_is_dropped_not_buffered() {
