@@ -30,7 +30,7 @@
 
 use crate::idempotency::{self, CommandRecord};
 use crate::identity::{credential_check, CredentialCheck};
-use crate::ledger::{CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome, RenderRejection};
+use crate::ledger::{CommandEnvelope, CommandError, Decision, Ledger, LedgerCommand, Outcome, RenderRejection};
 use crate::store::{self, account_stream, stored_event, EventMetadata, EventRows, StoreError, StreamAppend};
 use chrono::{DateTime, Utc};
 use ledger_domain::account::{self, AccountState, MoveMoney};
@@ -51,10 +51,10 @@ const MAX_GROUP: usize = 256;
 /// Cached account states kept at most; the cache is cleared beyond it.
 const MAX_CACHED_ACCOUNTS: usize = 200_000;
 
-/// A transfer waiting for its group.
+/// A command waiting for its group.
 pub(crate) struct Pending {
     envelope: CommandEnvelope,
-    transfer: Transfer,
+    command: Grouped,
     render: RenderRejection,
     reply: oneshot::Sender<Result<Outcome, CommandError>>,
     /// When it was queued: the trace line reports how long a group's commands waited.
@@ -69,13 +69,36 @@ struct Transfer {
     reference: Option<String>,
 }
 
-impl Transfer {
+/// What a group decides: transfers, and the placements, captures and
+/// releases of holds, which lock and read what a transfer does (the payer's
+/// account for debits, the payee's shared) and append to the payer's stream.
+#[derive(Clone, Debug)]
+enum Grouped {
+    Transfer(Transfer),
+    /// `PlaceHold`, `CaptureHold` or `ReleaseHold`.
+    Hold(LedgerCommand),
+}
+
+impl Grouped {
     fn command(&self) -> LedgerCommand {
-        LedgerCommand::Transfer {
-            from_account: self.from_account,
-            to_account: self.to_account,
-            amount: self.amount.clone(),
-            reference: self.reference.clone(),
+        match self {
+            Grouped::Transfer(t) => LedgerCommand::Transfer {
+                from_account: t.from_account,
+                to_account: t.to_account,
+                amount: t.amount.clone(),
+                reference: t.reference.clone(),
+            },
+            Grouped::Hold(command) => command.clone(),
+        }
+    }
+
+    /// The account it debits and the one it credits; for a capture or
+    /// release, its hold's, when the hold was placed.
+    fn parties(&self, holds: &HashMap<Uuid, (Uuid, Uuid)>) -> Option<(Uuid, Uuid)> {
+        match self {
+            Grouped::Transfer(t) => Some((t.from_account, t.to_account)),
+            Grouped::Hold(command) => crate::payments::named_parties(command)
+                .or_else(|| crate::payments::named_hold(command).and_then(|hold| holds.get(&hold).copied())),
         }
     }
 }
@@ -201,28 +224,26 @@ impl GroupCommit {
         GroupCommit { queue }
     }
 
-    /// Queues a transfer and waits for its outcome. `None` when the command
-    /// is not a transfer (the caller runs it directly).
+    /// Queues a transfer or a hold command and waits for its outcome. `None`
+    /// for any other command (the caller runs it directly).
     pub(crate) async fn submit(
         &self,
         envelope: &CommandEnvelope,
         command: &LedgerCommand,
         render: RenderRejection,
     ) -> Option<Result<Outcome, CommandError>> {
-        let LedgerCommand::Transfer { from_account, to_account, amount, reference } = command else { return None };
-        let (reply, answer) = oneshot::channel();
-        let pending = Pending {
-            envelope: envelope.clone(),
-            transfer: Transfer {
+        let command = match command {
+            LedgerCommand::Transfer { from_account, to_account, amount, reference } => Grouped::Transfer(Transfer {
                 from_account: *from_account,
                 to_account: *to_account,
                 amount: amount.clone(),
                 reference: reference.clone(),
-            },
-            render,
-            reply,
-            queued: Instant::now(),
+            }),
+            hold if crate::payments::decides_after_one_read(hold) => Grouped::Hold(hold.clone()),
+            _ => return None,
         };
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending { envelope: envelope.clone(), command, render, reply, queued: Instant::now() };
         if self.queue.send(pending).await.is_err() {
             return None;
         }
@@ -399,15 +420,18 @@ impl From<sqlx::Error> for GroupFailure {
 /// group and runs alone too, so no group waits on a key (a running
 /// non-atomic batch holds its request key for as long as its items take).
 async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConnection, group: Vec<Pending>) {
-    let accounts: Vec<Uuid> = group.iter().flat_map(|p| [p.transfer.from_account, p.transfer.to_account]).collect();
     let started = Instant::now();
     let waited = group.iter().map(|p| started.duration_since(p.queued)).max().unwrap_or_default();
-    let mut result = try_group(ledger, cache, held, &group).await;
+    // Where the group's holds were placed, as its transaction found them.
+    let mut holds = HashMap::new();
+    let mut result = try_group(ledger, cache, held, &group, &mut holds).await;
     if let Err(GroupFailure::BeginOnKept(e)) = &result {
         tracing::debug!(error = %e, "a kept connection failed at BEGIN; the group goes on a fresh one");
         held.drop_connection();
-        result = try_group(ledger, cache, held, &group).await;
+        result = try_group(ledger, cache, held, &group, &mut holds).await;
     }
+    let accounts: Vec<Uuid> =
+        group.iter().filter_map(|p| p.command.parties(&holds)).flat_map(|(from, to)| [from, to]).collect();
     let result = result.map_err(|failure| match failure {
         GroupFailure::BeginOnKept(e) | GroupFailure::Store(e) => e,
     });
@@ -444,7 +468,7 @@ async fn write_group(ledger: &Ledger, cache: &AccountCache, held: &mut HeldConne
 fn run_alone(ledger: &Ledger, pending: Pending) {
     let ledger = ledger.clone();
     tokio::spawn(async move {
-        let outcome = ledger.execute_direct(&pending.envelope, pending.transfer.command(), pending.render).await;
+        let outcome = ledger.execute_direct(&pending.envelope, pending.command.command(), pending.render).await;
         let _ = pending.reply.send(outcome);
     });
 }
@@ -461,10 +485,17 @@ enum Decided {
     },
     Accepted {
         command_id: Uuid,
+        status: u16,
         body: Value,
         first_event: usize,
         events: usize,
     },
+}
+
+/// A command the group still has to decide.
+enum ToDecide {
+    Transfer(Amount),
+    Hold(LedgerCommand),
 }
 
 async fn try_group(
@@ -472,6 +503,7 @@ async fn try_group(
     cache: &AccountCache,
     held: &mut HeldConnection,
     group: &[Pending],
+    holds: &mut HashMap<Uuid, (Uuid, Uuid)>,
 ) -> Result<Vec<Option<Result<Outcome, CommandError>>>, GroupFailure> {
     let (conn, kept) = held.take(&ledger.pool).await?;
     let began = timeout(CHECK_TIMEOUT, conn.begin()).await.unwrap_or(Err(sqlx::Error::PoolTimedOut));
@@ -492,20 +524,31 @@ async fn try_group(
     // harmless, and it saves the group two round trips (a lookup must follow
     // the locks in a statement of its own, whose snapshot sees what the
     // previous holders committed).
-    let debited: BTreeSet<Uuid> = group.iter().map(|p| p.transfer.from_account).collect();
+    // A capture or release names its hold only: the accounts come from the
+    // hold's placement, which never changes, so it is read before the locks.
+    let named: Vec<Uuid> = group
+        .iter()
+        .filter_map(|p| match &p.command {
+            Grouped::Hold(command) => crate::payments::named_hold(command),
+            Grouped::Transfer(_) => None,
+        })
+        .collect();
+    *holds = crate::payments::holds_parties(conn, &named).await?;
+    let parties: Vec<Option<(Uuid, Uuid)>> = group.iter().map(|p| p.command.parties(holds)).collect();
+    let debited: BTreeSet<Uuid> = parties.iter().flatten().map(|(from, _)| *from).collect();
     let credited: BTreeSet<Uuid> =
-        group.iter().map(|p| p.transfer.to_account).filter(|a| !debited.contains(a)).collect();
-    let busy: HashSet<i64> = lock_group(
+        parties.iter().flatten().map(|(_, to)| *to).filter(|a| !debited.contains(a)).collect();
+    let locked = lock_group(
         conn,
         group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str())),
         &debited,
         &credited,
         KeyLocks::Try,
     )
-    .await?
-    .busy
-    .into_iter()
-    .collect();
+    .await?;
+    // The database's clock, by which holds' expiries are decided.
+    let now = locked.now;
+    let busy: HashSet<i64> = locked.busy.into_iter().collect();
     phases.mark();
     // Everything the decisions need, in one statement after the locks: the
     // recorded outcomes, the versions of the streams the group appends to or
@@ -587,7 +630,7 @@ async fn try_group(
     // amount that parses. A refused session is answered before its key is
     // looked at: nothing is recorded under it.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
-    let mut todo: Vec<(usize, Amount)> = Vec::new();
+    let mut todo: Vec<(usize, ToDecide)> = Vec::new();
     for (i, p) in group.iter().enumerate() {
         if let Some(refusal) = refused.remove(&i) {
             decided.push(Some(Decided::Answered(Err(refusal))));
@@ -602,9 +645,17 @@ async fn try_group(
             decided.push(Some(Decided::Answered(replay(record, &p.envelope))));
             continue;
         }
-        match Amount::parse("amount", &p.transfer.amount) {
+        let transfer = match &p.command {
+            Grouped::Transfer(transfer) => transfer,
+            Grouped::Hold(command) => {
+                todo.push((i, ToDecide::Hold(command.clone())));
+                decided.push(None);
+                continue;
+            }
+        };
+        match Amount::parse("amount", &transfer.amount) {
             Ok(amount) => {
-                todo.push((i, amount));
+                todo.push((i, ToDecide::Transfer(amount)));
                 decided.push(None);
             }
             Err(rejection) => {
@@ -619,60 +670,103 @@ async fn try_group(
     let mut appends: Vec<(usize, StreamAppend)> = Vec::new();
     let mut fee_accounts_checked = BTreeSet::new();
     let mut reloaded: HashSet<Uuid> = HashSet::new();
-    for (i, amount) in todo {
+    for (i, to_decide) in todo {
         let p = &group[i];
-        let t = &p.transfer;
-        if let (Some(_), Some(currency)) = (fee, states.get(&t.from_account).and_then(|k| k.state.currency())) {
-            if fee_accounts_checked.insert(currency.code()) {
-                for open in crate::ledger::open_fee_account_if_missing(conn, currency).await? {
-                    appends.push((i, open));
+        let Some((payer, payee)) = parties[i] else {
+            // A capture or release of a hold never placed: refused as not found.
+            let ToDecide::Hold(command) = to_decide else { continue };
+            let rejection = match crate::payments::decide_on_states(now, None, &states, p.envelope.actor, command) {
+                Err(rejection) => rejection,
+                Ok(_) => return Err(StoreError::Invariant("a hold command without accounts was accepted").into()),
+            };
+            let (status, body) = (p.render)(&rejection);
+            decided[i] = Some(Decided::Rejected { command_id: command_id(&p.envelope), status, body });
+            continue;
+        };
+        let decide_on = |states: &HashMap<Uuid, Known>| -> Result<Decision, DomainError> {
+            match &to_decide {
+                ToDecide::Transfer(amount) => {
+                    let Grouped::Transfer(t) = &p.command else {
+                        return Err(DomainError::validation("command", "is not a transfer"));
+                    };
+                    let transfer_id = Uuid::now_v7();
+                    let movement = MoveMoney {
+                        transfer_id,
+                        kind: TransferKind::Transfer,
+                        initiated_by: p.envelope.actor,
+                        from_account: t.from_account,
+                        to_account: t.to_account,
+                        amount: *amount,
+                        reference: t.reference.clone(),
+                        fee,
+                    };
+                    let events = decide(states, movement)?;
+                    let body = movement_body(transfer_id, &events);
+                    let expected_version = states.get(&payer).map_or(0, |k| k.version);
+                    let stream_id = account_stream(payer);
+                    Ok(Decision::created(vec![StreamAppend { stream_id, expected_version, events }], body))
+                }
+                ToDecide::Hold(command) => crate::payments::decide_on_states(
+                    now,
+                    Some((payer, payee)),
+                    states,
+                    p.envelope.actor,
+                    command.clone(),
+                ),
+            }
+        };
+        if let (ToDecide::Transfer(_), Some(_)) = (&to_decide, fee) {
+            if let Some(currency) = states.get(&payer).and_then(|k| k.state.currency()) {
+                if fee_accounts_checked.insert(currency.code()) {
+                    for open in crate::ledger::open_fee_account_if_missing(conn, currency).await? {
+                        appends.push((i, open));
+                    }
                 }
             }
         }
-        let transfer_id = Uuid::now_v7();
-        let movement = MoveMoney {
-            transfer_id,
-            kind: TransferKind::Transfer,
-            initiated_by: p.envelope.actor,
-            from_account: t.from_account,
-            to_account: t.to_account,
-            amount,
-            reference: t.reference.clone(),
-            fee,
-        };
-        let mut outcome = decide(&states, movement.clone());
+        let mut outcome = decide_on(&states);
         // A refusal on a cached state may be the cache's: credits it has not
         // seen. Decide again on a fresh fold plus this group's own events.
-        if outcome.is_err() && from_cache.contains(&t.from_account) && reloaded.insert(t.from_account) {
-            let mut fresh = fold_again(conn, &[t.from_account], &[]).await?;
-            if let Some(known) = fresh.get_mut(&t.from_account) {
+        if outcome.is_err() && from_cache.contains(&payer) && reloaded.insert(payer) {
+            let mut fresh = fold_again(conn, &[payer], &[]).await?;
+            if let Some(known) = fresh.get_mut(&payer) {
                 for (_, append) in &appends {
                     known.state = append.events.iter().fold(std::mem::take(&mut known.state), account::evolve);
-                    if append.stream_id == account_stream(t.from_account) {
+                    if append.stream_id == account_stream(payer) {
                         known.version += append.events.len() as i64;
                     }
                 }
             }
             states.extend(fresh);
-            outcome = decide(&states, movement);
+            outcome = decide_on(&states);
         }
         match outcome {
-            Ok(events) => {
-                // Every debited account was loaded above; the expected version is its.
-                let Some(expected_version) = states.get(&t.from_account).map(|k| k.version) else { continue };
-                for id in [t.from_account, t.to_account] {
-                    if let Some(known) = states.get_mut(&id) {
-                        known.state = events.iter().fold(std::mem::take(&mut known.state), account::evolve);
+            Ok(Decision { appends: own, body, status, effect: None, items }) if items.is_empty() => {
+                // Every append is to the payer's stream, at the version loaded above.
+                for append in own {
+                    if append.stream_id != account_stream(payer) {
+                        return Err(StoreError::Invariant("a grouped command appended to another stream").into());
                     }
+                    let accounts: &[Uuid] = if payer == payee { &[payer] } else { &[payer, payee] };
+                    for id in accounts {
+                        if let Some(known) = states.get_mut(id) {
+                            known.state = append.events.iter().fold(std::mem::take(&mut known.state), account::evolve);
+                        }
+                    }
+                    if let Some(from) = states.get_mut(&payer) {
+                        from.version += append.events.len() as i64;
+                    }
+                    appends.push((i, append));
                 }
-                if let Some(from) = states.get_mut(&t.from_account) {
-                    from.version += events.len() as i64;
-                }
-                let body = movement_body(transfer_id, &events);
-                decided[i] =
-                    Some(Decided::Accepted { command_id: command_id(&p.envelope), body, first_event: 0, events: 0 });
-                appends.push((i, StreamAppend { stream_id: account_stream(t.from_account), expected_version, events }));
+                decided[i] = Some(Decided::Accepted {
+                    command_id: command_id(&p.envelope),
+                    status,
+                    body,
+                    first_event: 0,
+                    events: 0,
+                });
             }
+            Ok(_) => return Err(StoreError::Invariant("a grouped command has an effect or items").into()),
             Err(rejection) => {
                 let (status, body) = (p.render)(&rejection);
                 decided[i] = Some(Decided::Rejected { command_id: command_id(&p.envelope), status, body });
@@ -717,8 +811,8 @@ async fn try_group(
     for (p, d) in group.iter().zip(decided.iter()) {
         let (command_id, status, body, last_event) = match d {
             Some(Decided::Rejected { command_id, status, body }) => (*command_id, *status, body, None),
-            Some(Decided::Accepted { command_id, body, first_event, events }) => {
-                (*command_id, 201, body, rows.ids.get(first_event + events.saturating_sub(1)).copied())
+            Some(Decided::Accepted { command_id, status, body, first_event, events }) => {
+                (*command_id, *status, body, rows.ids.get(first_event + events.saturating_sub(1)).copied())
             }
             _ => continue,
         };
@@ -748,11 +842,11 @@ async fn try_group(
             Some(Decided::Rejected { status, body, .. }) => {
                 Ok(Outcome { status, body, replayed: false, position: None })
             }
-            Some(Decided::Accepted { mut body, first_event, events, .. }) => {
+            Some(Decided::Accepted { status, mut body, first_event, events, .. }) => {
                 // The command's position is its last event's.
                 let position = positions.get(first_event + events.saturating_sub(1)).copied();
                 body["position"] = json!(position);
-                Ok(Outcome { status: 201, body, replayed: false, position })
+                Ok(Outcome { status, body, replayed: false, position })
             }
             None => Err(CommandError::Store(StoreError::Conflict)),
         };

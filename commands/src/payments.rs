@@ -156,6 +156,27 @@ async fn read_hold(
     Ok(HoldRead { now: locked.now, parties, states, record, session })
 }
 
+/// The payer's and the payee's accounts of placed holds, in one statement
+/// (a group's captures and releases): a hold never placed is not among them.
+pub(crate) async fn holds_parties(
+    conn: &mut PgConnection,
+    hold_ids: &[Uuid],
+) -> Result<HashMap<Uuid, (Uuid, Uuid)>, StoreError> {
+    if hold_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<String> = hold_ids.iter().map(Uuid::to_string).collect();
+    let found: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT payload->>'hold_id', payload->>'from_account', payload->>'to_account' FROM events
+         WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let parse = |s: Option<String>| s.and_then(|s| Uuid::parse_str(&s).ok());
+    Ok(found.into_iter().filter_map(|(hold, from, to)| Some((parse(hold)?, (parse(from)?, parse(to)?)))).collect())
+}
+
 /// The payer's and the payee's accounts of a placed hold.
 async fn hold_parties(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(Uuid, Uuid)>, StoreError> {
     let found: Option<(Option<String>, Option<String>)> = sqlx::query_as(
@@ -171,8 +192,36 @@ async fn hold_parties(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(
 
 /// Decides a hold command on what [`read_hold`] found.
 fn decide_on_read(read: &HoldRead, actor: Uuid, command: LedgerCommand) -> Result<Decision, DomainError> {
-    let HoldRead { now, states, parties, .. } = read;
-    let (now, parties) = (*now, *parties);
+    decide_on_states(read.now, read.parties, &read.states, actor, command)
+}
+
+/// The payer's and the payee's accounts a hold command names: a placement's
+/// own; `None` for a capture or release, whose hold must be looked up.
+pub(crate) fn named_parties(command: &LedgerCommand) -> Option<(Uuid, Uuid)> {
+    match command {
+        LedgerCommand::PlaceHold { from_account, to_account, .. } => Some((*from_account, *to_account)),
+        _ => None,
+    }
+}
+
+/// The hold a capture or release names.
+pub(crate) fn named_hold(command: &LedgerCommand) -> Option<Uuid> {
+    match command {
+        LedgerCommand::CaptureHold { hold_id, .. } | LedgerCommand::ReleaseHold { hold_id } => Some(*hold_id),
+        _ => None,
+    }
+}
+
+/// Decides a hold command at the database's `now`, on the states of its
+/// parties' accounts (the payer's in full, the payee's credit side, at their
+/// streams' versions): pure, so a group decides it as the single path does.
+pub(crate) fn decide_on_states(
+    now: chrono::DateTime<Utc>,
+    parties: Option<(Uuid, Uuid)>,
+    states: &HashMap<Uuid, Known>,
+    actor: Uuid,
+    command: LedgerCommand,
+) -> Result<Decision, DomainError> {
     let unknown = AccountState::default();
     let take = |id: Uuid| states.get(&id).map_or((&unknown, 0), |k| (&k.state, k.version));
     match command {

@@ -90,6 +90,19 @@ fn render(e: &DomainError) -> (u16, Value) {
     (422, json!({ "detail": e.to_string() }))
 }
 
+/// The envelope of an instance's `n`th command, under a key of its own.
+fn turn(actor: Uuid, n: u32) -> CommandEnvelope {
+    CommandEnvelope {
+        actor,
+        idempotency_key: format!("turn-{n}"),
+        request_hash: vec![n as u8],
+        correlation_id: None,
+        client: Default::default(),
+        causation_id: None,
+        unchecked_session: None,
+    }
+}
+
 /// Two writers with caches of their own (two instances) take turns debiting
 /// one account: each sees the other's debits through the stream's version.
 #[tokio::test]
@@ -111,15 +124,7 @@ async fn two_instances_debiting_one_account_never_overdraw() {
             amount: "4.00".into(),
             reference: None,
         };
-        let envelope = CommandEnvelope {
-            actor,
-            idempotency_key: format!("turn-{n}"),
-            request_hash: vec![n as u8],
-            correlation_id: None,
-            client: Default::default(),
-            causation_id: None,
-            unchecked_session: None,
-        };
+        let envelope = turn(actor, n);
         async move { ledger.execute(&envelope, command, render).await.expect("executed").status }
     };
     assert_eq!(send(&one, 1).await, 201); // one knows 6.00
@@ -277,6 +282,95 @@ async fn a_transfer_on_a_warm_cache_to_an_account_frozen_since_is_refused() {
     assert_eq!((s, v["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/account-frozen")), "{v}");
     let head = t.head().await;
     assert_eq!(t.balance(&ann, &a, head).await, "9.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+/// Holds are grouped with transfers: placements and transfers racing on one
+/// account are decided in order within a group, each on what the earlier
+/// ones left, so together they never reserve or move more than the funds.
+#[tokio::test]
+async fn holds_and_transfers_racing_on_one_account_never_overdraw() {
+    let t = TestLedger::start().await;
+    let FundedPair { payer: ann, payer_account: a, payee: bob, payee_account: b } = t.funded_pair("EUR", "10.00").await;
+    let (tr, payer, from, to) = (&t, ann.as_str(), a.as_str(), b.as_str());
+    let calls = (0..60).map(|i| async move {
+        let (s, v) = if i % 2 == 0 {
+            let body = json!({"from_account": from, "to_account": to, "amount": "0.50", "reference": format!("h{i}")});
+            tr.post("/v1/holds", payer, body).await
+        } else {
+            transfer(tr, payer, from, to, "0.50").await
+        };
+        (i % 2 == 0, s, v)
+    });
+    let answers = futures::future::join_all(calls).await;
+    let placed: Vec<String> = answers
+        .iter()
+        .filter(|(is_hold, s, _)| *is_hold && *s == StatusCode::CREATED)
+        .map(|(_, _, v)| v["hold_id"].as_str().expect("hold_id").to_owned())
+        .collect();
+    let moved = answers.iter().filter(|(is_hold, s, _)| !*is_hold && *s == StatusCode::CREATED).count();
+    let short = answers.iter().filter(|(_, _, v)| v["type"] == "/problems/insufficient-funds").count();
+    assert_eq!((placed.len() + moved, short), (20, 40), "10.00 covers twenty of 0.50: {answers:?}");
+    let head = t.head().await;
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={head}"), &ann).await;
+    let balance = format!("{}.{:02}", (20 - moved) / 2, (20 - moved) % 2 * 50);
+    assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some(balance.as_str()), Some("0.00")));
+
+    // Captured together, every hold moves its amount once.
+    let paths: Vec<String> = placed.iter().map(|h| format!("/v1/holds/{h}/capture")).collect();
+    let captures = futures::future::join_all(paths.iter().map(|path| t.post(path, &bob, json!({})))).await;
+    assert!(captures.iter().all(|(s, _)| *s == StatusCode::CREATED), "{captures:?}");
+    let head = t.head().await;
+    assert_eq!(t.balance(&ann, &a, head).await, "0.00");
+    assert_eq!(t.balance(&bob, &b, head).await, "10.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+/// Two instances, each with its own cache, place and resolve holds on one
+/// account: each sees the other's holds and resolutions through the stream's
+/// version, so a stale cache never lets a hold through that the log refuses,
+/// nor resolves a hold twice.
+#[tokio::test]
+async fn two_instances_placing_and_capturing_holds_on_one_account_never_overdraw() {
+    let t = TestLedger::start().await;
+    let (ann_id, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let a = t.account(&ann, "EUR").await;
+    let b = t.account(&bob, "EUR").await;
+    t.deposit(&ann, &a, "10.00").await;
+    let one = ledger::ledger_for(&t.config, t.pool.clone()).with_group_commit(1);
+    let two = ledger::ledger_for(&t.config, t.pool.clone()).with_group_commit(1);
+    let ann_id: Uuid = ann_id.parse().expect("uuid");
+    let (a_id, b_id): (Uuid, Uuid) = (a.parse().expect("uuid"), b.parse().expect("uuid"));
+    let send = |ledger: &ledger_commands::Ledger, actor: Uuid, n: u32, command: LedgerCommand| {
+        let ledger = ledger.clone();
+        let envelope = turn(actor, n);
+        async move { ledger.execute(&envelope, command, render).await.expect("executed") }
+    };
+    let place = |amount: &str| LedgerCommand::PlaceHold {
+        from_account: a_id,
+        to_account: b_id,
+        amount: amount.into(),
+        expires_in_seconds: None,
+        reference: None,
+    };
+    let first = send(&one, ann_id, 1, place("6.00")).await; // one knows 4.00 available
+    assert_eq!(first.status, 201, "{}", first.body);
+    let hold_id: Uuid = first.body["hold_id"].as_str().and_then(|h| h.parse().ok()).expect("hold_id");
+    assert_eq!(send(&two, ann_id, 2, place("3.00")).await.status, 201); // 1.00 left; one's view is stale
+    assert_eq!(send(&one, ann_id, 3, place("4.00")).await.status, 422, "the stale cache must not allow this hold");
+    // The system captures the first hold through two; one still has it pending.
+    let capture = || LedgerCommand::CaptureHold { hold_id, amount: None };
+    assert_eq!(send(&two, Uuid::nil(), 4, capture()).await.status, 201);
+    assert_eq!(send(&one, Uuid::nil(), 5, capture()).await.status, 422, "a hold is captured once");
+    assert_eq!(send(&one, ann_id, 6, place("1.00")).await.status, 201);
+    assert_eq!(send(&one, ann_id, 7, place("0.01")).await.status, 422);
+    let head = t.head().await;
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={head}"), &ann).await;
+    assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some("4.00"), Some("0.00")));
+    assert_eq!(t.balance(&bob, &b, head).await, "6.00");
     t.assert_invariants().await;
     t.cleanup().await;
 }
