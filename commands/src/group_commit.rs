@@ -1,7 +1,11 @@
-//! Group commit for transfers: concurrent `POST /v1/transfers` commands are
-//! decided together and written in one PostgreSQL transaction, with a handful
-//! of set-based statements per group instead of a dozen round trips and a
-//! commit per transfer.
+//! Group commit for transfers and holds: concurrent `POST /v1/transfers`
+//! commands, and holds' placements, captures and releases, are decided
+//! together and written in one PostgreSQL transaction, with a handful of
+//! set-based statements per group instead of a dozen round trips and a commit
+//! per command. A hold command locks and reads what a transfer does (the
+//! payer's account for debits, the payee's shared) and appends to the payer's
+//! stream; a capture or release finds its accounts from the hold's placement,
+//! which never changes, before the locks.
 //!
 //! Every guarantee of the single-command path holds per command:
 //! - idempotency: each (user, key) is locked and looked up, and its outcome
