@@ -19,7 +19,7 @@ pub struct Config {
     /// The query API's pool (reads, session checks), apart from the commands'.
     pub db_query_connections: u32,
     /// Group-commit writers (`LEDGER_GROUP_COMMIT_WRITERS`, 2): one writes groups, the others
-    /// stand by and take the next group while it is on one for over 20 ms; 0 = every transfer
+    /// stand by and take the next group while it is on one for over 20 ms; 0 = every command
     /// in its own transaction.
     pub group_commit_writers: usize,
     /// Events of this process the read side may be behind before batches

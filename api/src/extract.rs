@@ -107,8 +107,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for CommandRequest<T> {
 /// A command whose access token's session is checked by its own write
 /// transaction instead of a statement of its own before it (`POST
 /// /v1/transfers`: group commit reads the group's sessions with its
-/// records; a hold's placement, capture and release: the read after their
-/// locks, `payments::decide_hold`). It carries no `AuthUser`: the caller's
+/// records, a hold's placement, capture and release too; alone, a hold
+/// command in the read after its locks, `payments::decide_hold`). It carries no `AuthUser`: the caller's
 /// role is unknown until the write, so nothing can be authorized on it
 /// before; the envelope goes straight to `Ledger::execute`, which refuses an
 /// ended session (401) or a blocked user (403) before it looks at the key

@@ -179,12 +179,12 @@ impl Writing {
 impl GroupCommit {
     /// Starts one writer and `writers - 1` standby writers. The writer takes
     /// what is queued (up to a group), writes it, and comes back: a busy
-    /// server forms large groups, an idle one commits each transfer at once.
+    /// server forms large groups, an idle one commits each command at once.
     /// One writer makes the largest groups (the fewest transactions per
     /// transfer: +7.5% at the bench's peak, BENCHMARKS.md), but a group
     /// that is slow in PostgreSQL (waiting on an account lock an atomic
     /// batch holds, on another transaction's insert, a cold fold of an
-    /// account with a long history) would hold up every transfer behind it; so a standby takes the queue's next group once
+    /// account with a long history) would hold up every command behind it; so a standby takes the queue's next group once
     /// the writer has been on one for `STANDBY_AFTER`.
     pub(crate) fn start(ledger: Ledger, writers: usize) -> GroupCommit {
         let (queue, receiver) = mpsc::channel::<Pending>(MAX_GROUP * writers.max(1) * 4);
@@ -243,7 +243,7 @@ impl GroupCommit {
                 amount: amount.clone(),
                 reference: reference.clone(),
             }),
-            hold if crate::payments::decides_after_one_read(hold) => Grouped::Hold(hold.clone()),
+            hold if crate::payments::is_hold_command(hold) => Grouped::Hold(hold.clone()),
             _ => return None,
         };
         let (reply, answer) = oneshot::channel();
@@ -335,7 +335,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// with the pool's settings and kept from one group to the next. A
 /// connection from the pool is pinged when it is handed out and again when
 /// it comes back: two round trips per group, one of them on the path of
-/// every transfer in it. The ping guards against connections that died
+/// every command in it. The ping guards against connections that died
 /// while idle; here that guard is kept by pinging a connection left unused
 /// for `HELD_IDLE`, by retrying on a fresh one a group whose `BEGIN` failed
 /// on a kept one, and by time limits on opening, pinging and `BEGIN`. A
@@ -497,9 +497,9 @@ enum Decided {
 }
 
 /// A command the group still has to decide.
-enum ToDecide {
-    Transfer(Amount),
-    Hold(LedgerCommand),
+enum ToDecide<'a> {
+    Transfer(&'a Transfer, Amount),
+    Hold(&'a LedgerCommand),
 }
 
 async fn try_group(
@@ -520,7 +520,8 @@ async fn try_group(
     // Phase times, for the trace line a profile reads (locks, read, decide, append, commit).
     let mut phases = Phases::start();
 
-    // 1. Every lock in one statement, in the one order every path takes them:
+    // 1. Every lock in one statement (once the holds' accounts are known, below), in
+    // the one order every path takes them:
     // the keys, then debited accounts exclusively, then credited ones shared
     // (a freeze waits for them), each class sorted. Keys are only tried: one
     // held elsewhere sends its command off to run alone. The accounts of a
@@ -542,17 +543,17 @@ async fn try_group(
     let debited: BTreeSet<Uuid> = parties.iter().flatten().map(|(from, _)| *from).collect();
     let credited: BTreeSet<Uuid> =
         parties.iter().flatten().map(|(_, to)| *to).filter(|a| !debited.contains(a)).collect();
-    let locked = lock_group(
+    let busy: HashSet<i64> = lock_group(
         conn,
         group.iter().map(|p| (p.envelope.actor, p.envelope.idempotency_key.as_str())),
         &debited,
         &credited,
         KeyLocks::Try,
     )
-    .await?;
-    // The database's clock, by which holds' expiries are decided.
-    let now = locked.now;
-    let busy: HashSet<i64> = locked.busy.into_iter().collect();
+    .await?
+    .busy
+    .into_iter()
+    .collect();
     phases.mark();
     // Everything the decisions need, in one statement after the locks: the
     // recorded outcomes, the versions of the streams the group appends to or
@@ -576,7 +577,7 @@ async fn try_group(
     let users: Vec<Uuid> = group.iter().map(|p| p.envelope.actor).collect();
     let keys: Vec<&str> = group.iter().map(|p| p.envelope.idempotency_key.as_str()).collect();
     // Sessions the API left to this transaction: checked in the same read.
-    // One row per distinct session: a group's transfers mostly share a few.
+    // One row per distinct session: a group's commands mostly share a few.
     let mut sessions: Vec<(Uuid, Uuid)> = Vec::new();
     let mut checked: Vec<(usize, usize)> = Vec::new();
     let mut seen: HashMap<(Uuid, Uuid), usize> = HashMap::new();
@@ -613,6 +614,8 @@ async fn try_group(
         .collect();
     let previous = found.records;
     let versions = found.versions;
+    // The database's clock, by which holds' expiries are decided.
+    let now = found.now;
     for (id, version, event) in found.later {
         if let Some(known) = states.get_mut(&id) {
             known.state = account::evolve(std::mem::take(&mut known.state), &event);
@@ -630,11 +633,12 @@ async fn try_group(
     let refold_opening: Vec<Uuid> = credited.iter().filter(|a| !states.contains_key(a)).copied().collect();
     states.extend(fold_again(conn, &refold_full, &refold_opening).await?);
 
-    // 2. What is left to decide: a live session, not a replay, and an
-    // amount that parses. A refused session is answered before its key is
-    // looked at: nothing is recorded under it.
+    // 2. What is left to decide: a live session, not a replay, and (for a
+    // transfer) an amount that parses; a hold command parses its own in its
+    // decision. A refused session is answered before its key is looked at:
+    // nothing is recorded under it.
     let mut decided: Vec<Option<Decided>> = Vec::with_capacity(group.len());
-    let mut todo: Vec<(usize, ToDecide)> = Vec::new();
+    let mut todo: Vec<(usize, ToDecide<'_>)> = Vec::new();
     for (i, p) in group.iter().enumerate() {
         if let Some(refusal) = refused.remove(&i) {
             decided.push(Some(Decided::Answered(Err(refusal))));
@@ -652,14 +656,14 @@ async fn try_group(
         let transfer = match &p.command {
             Grouped::Transfer(transfer) => transfer,
             Grouped::Hold(command) => {
-                todo.push((i, ToDecide::Hold(command.clone())));
+                todo.push((i, ToDecide::Hold(command)));
                 decided.push(None);
                 continue;
             }
         };
         match Amount::parse("amount", &transfer.amount) {
             Ok(amount) => {
-                todo.push((i, ToDecide::Transfer(amount)));
+                todo.push((i, ToDecide::Transfer(transfer, amount)));
                 decided.push(None);
             }
             Err(rejection) => {
@@ -678,8 +682,11 @@ async fn try_group(
         let p = &group[i];
         let Some((payer, payee)) = parties[i] else {
             // A capture or release of a hold never placed: refused as not found.
-            let ToDecide::Hold(command) = to_decide else { continue };
-            let rejection = match crate::payments::decide_on_states(now, None, &states, p.envelope.actor, command) {
+            let ToDecide::Hold(command) = to_decide else {
+                return Err(StoreError::Invariant("a transfer without accounts").into());
+            };
+            let actor = p.envelope.actor;
+            let rejection = match crate::payments::decide_on_states(now, None, &states, actor, command.clone()) {
                 Err(rejection) => rejection,
                 Ok(_) => return Err(StoreError::Invariant("a hold command without accounts was accepted").into()),
             };
@@ -689,10 +696,7 @@ async fn try_group(
         };
         let decide_on = |states: &HashMap<Uuid, Known>| -> Result<Decision, DomainError> {
             match &to_decide {
-                ToDecide::Transfer(amount) => {
-                    let Grouped::Transfer(t) = &p.command else {
-                        return Err(DomainError::validation("command", "is not a transfer"));
-                    };
+                ToDecide::Transfer(t, amount) => {
                     let transfer_id = Uuid::now_v7();
                     let movement = MoveMoney {
                         transfer_id,
@@ -706,6 +710,8 @@ async fn try_group(
                     };
                     let events = decide(states, movement)?;
                     let body = movement_body(transfer_id, &events);
+                    // Every debited account was loaded above (a missing one
+                    // appends at 0, which its stream's head refuses).
                     let expected_version = states.get(&payer).map_or(0, |k| k.version);
                     let stream_id = account_stream(payer);
                     Ok(Decision::created(vec![StreamAppend { stream_id, expected_version, events }], body))
@@ -715,11 +721,11 @@ async fn try_group(
                     Some((payer, payee)),
                     states,
                     p.envelope.actor,
-                    command.clone(),
+                    (*command).clone(),
                 ),
             }
         };
-        if let (ToDecide::Transfer(_), Some(_)) = (&to_decide, fee) {
+        if let (ToDecide::Transfer(..), Some(_)) = (&to_decide, fee) {
             if let Some(currency) = states.get(&payer).and_then(|k| k.state.currency()) {
                 if fee_accounts_checked.insert(currency.code()) {
                     for open in crate::ledger::open_fee_account_if_missing(conn, currency).await? {
@@ -729,14 +735,22 @@ async fn try_group(
             }
         }
         let mut outcome = decide_on(&states);
-        // A refusal on a cached state may be the cache's: credits it has not
-        // seen. Decide again on a fresh fold plus this group's own events.
-        if outcome.is_err() && from_cache.contains(&payer) && reloaded.insert(payer) {
+        // A refusal for funds on a cached state may be the cache's: credits it
+        // has not seen (it misses nothing else). Decide again on a fresh fold
+        // plus this group's own events.
+        let short = matches!(outcome, Err(DomainError::InsufficientFunds { .. }));
+        if short && from_cache.contains(&payer) && reloaded.insert(payer) {
             let mut fresh = fold_again(conn, &[payer], &[]).await?;
             if let Some(known) = fresh.get_mut(&payer) {
+                let own = account_stream(payer);
                 for (_, append) in &appends {
-                    known.state = append.events.iter().fold(std::mem::take(&mut known.state), account::evolve);
-                    if append.stream_id == account_stream(payer) {
+                    // Another stream's opening (a fee account's) is not this account's.
+                    let events = append
+                        .events
+                        .iter()
+                        .filter(|e| append.stream_id == own || !matches!(e, Event::AccountOpened(_)));
+                    known.state = events.fold(std::mem::take(&mut known.state), account::evolve);
+                    if append.stream_id == own {
                         known.version += append.events.len() as i64;
                     }
                 }
@@ -745,7 +759,9 @@ async fn try_group(
             outcome = decide_on(&states);
         }
         match outcome {
-            Ok(Decision { appends: own, body, status, effect: None, items }) if items.is_empty() => {
+            Ok(Decision { appends: own, body, status, effect: None, items })
+                if items.is_empty() && own.iter().any(|a| !a.events.is_empty()) =>
+            {
                 // Every append is to the payer's stream, at the version loaded above.
                 for append in own {
                     if append.stream_id != account_stream(payer) {
@@ -770,7 +786,7 @@ async fn try_group(
                     events: 0,
                 });
             }
-            Ok(_) => return Err(StoreError::Invariant("a grouped command has an effect or items").into()),
+            Ok(_) => return Err(StoreError::Invariant("a grouped command has no events, or an effect or items").into()),
             Err(rejection) => {
                 let (status, body) = (p.render)(&rejection);
                 decided[i] = Some(Decided::Rejected { command_id: command_id(&p.envelope), status, body });
@@ -779,7 +795,7 @@ async fn try_group(
     }
 
     // 5. One append for every event of the group, one insert for every record.
-    let now = Utc::now();
+    let recorded_at = Utc::now();
     let mut batch: Vec<(StreamAppend, EventMetadata)> = Vec::with_capacity(appends.len());
     let mut event_index = 0;
     for (i, append) in appends {
@@ -802,7 +818,7 @@ async fn try_group(
                 correlation_id: Some(p.envelope.correlation_id.unwrap_or(command_id)),
                 causation_id: p.envelope.causation_id,
                 actor_id: Some(p.envelope.actor),
-                recorded_at: now,
+                recorded_at,
                 client_ip: p.envelope.client.ip.clone(),
                 user_agent: p.envelope.client.user_agent.clone(),
             },
@@ -926,8 +942,7 @@ pub(crate) enum KeyLocks {
 /// ones (shared), each class sorted: the order the single-command path keeps
 /// too (key, then accounts), so no two paths wait on each other in a cycle
 /// (a key only tried never waits). Returns the key lock ids another
-/// transaction holds (never any with `KeyLocks::Wait`), and the database's
-/// clock (the transaction's start: every instance decides expiries by it).
+/// transaction holds (never any with `KeyLocks::Wait`).
 pub(crate) async fn lock_group(
     conn: &mut PgConnection,
     pairs: impl Iterator<Item = (Uuid, &str)>,
@@ -959,7 +974,7 @@ pub(crate) async fn lock_group(
                               WHEN 0 THEN pg_advisory_xact_lock(sorted.k)
                               WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
                               ELSE pg_advisory_xact_lock_shared($5, sorted.k::int) END),
-                    NULL::bigint[], now()
+                    NULL::bigint[]
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
@@ -971,15 +986,14 @@ pub(crate) async fn lock_group(
                               WHEN 1 THEN pg_advisory_xact_lock($4, sorted.k::int)
                               WHEN 2 THEN pg_advisory_xact_lock_shared($5, sorted.k::int) END),
                     array_agg(sorted.k) FILTER (WHERE CASE WHEN sorted.class = 0
-                                                       THEN NOT pg_try_advisory_xact_lock(sorted.k) END),
-                    now()
+                                                       THEN NOT pg_try_advisory_xact_lock(sorted.k) END)
              FROM (SELECT 0 AS class, k FROM unnest($1::bigint[]) AS k
                    UNION ALL SELECT 1, k FROM unnest($2::bigint[]) AS k
                    UNION ALL SELECT 2, k FROM unnest($3::bigint[]) AS k
                    ORDER BY class, k) sorted"
         }
     };
-    let (_, _, busy, now): (String, i64, Option<Vec<i64>>, DateTime<Utc>) = sqlx::query_as(sql)
+    let (_, _, busy): (String, i64, Option<Vec<i64>>) = sqlx::query_as(sql)
         .bind(&key_locks)
         .bind(account_keys(debited))
         .bind(account_keys(credited))
@@ -987,15 +1001,13 @@ pub(crate) async fn lock_group(
         .bind(crate::ledger::ACCOUNT_STATUS_LOCK_CLASS)
         .fetch_one(&mut *conn)
         .await?;
-    Ok(Locked { busy: busy.unwrap_or_default(), now })
+    Ok(Locked { busy: busy.unwrap_or_default() })
 }
 
 /// What [`lock_group`] answers once its locks are held.
 pub(crate) struct Locked {
     /// Key lock ids another transaction holds (only tried keys).
     pub busy: Vec<i64>,
-    /// `now()`: the transaction's start on the database's clock.
-    pub now: DateTime<Utc>,
 }
 
 /// What a group reads once its locks are held.
@@ -1024,6 +1036,10 @@ pub(crate) struct FoundAfterLocks {
     pub opening: HashMap<Uuid, Known>,
     /// One answer per pair of `sessions`, in order.
     pub sessions: Vec<CredentialCheck>,
+    /// The database's clock once the locks were held (`statement_timestamp()`):
+    /// holds' expiries are decided by it, on every instance alike, and not by
+    /// the transaction's start, which a wait for the locks may leave behind.
+    pub now: DateTime<Utc>,
 }
 
 /// Reads everything a group decides on in one statement (one round trip
@@ -1078,6 +1094,9 @@ pub(crate) async fn read_after_locks(
          FROM unnest($9::uuid[], $10::uuid[]) WITH ORDINALITY AS q(user_id, session_id, i)
          JOIN credentials c ON c.user_id = q.user_id
          LEFT JOIN sessions s ON s.session_id = q.session_id AND s.user_id = c.user_id
+         UNION ALL
+         SELECT 6, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                statement_timestamp(), NULL, NULL, NULL
          ORDER BY part, event_position",
     )
     .bind(read.users)
@@ -1100,6 +1119,7 @@ pub(crate) async fn read_after_locks(
     let mut opening_rows = Vec::new();
     // A pair without a row names no user: its session has ended.
     let mut sessions: Vec<CredentialCheck> = read.sessions.iter().map(|_| CredentialCheck::Ended).collect();
+    let mut now = None;
     // Rows are keyed by the stream they name: never by the order they come back in.
     let by_stream: HashMap<String, Uuid> =
         read.accounts.iter().chain(read.cached.iter().map(|(id, _)| id)).map(|a| (account_stream(*a), *a)).collect();
@@ -1122,6 +1142,7 @@ pub(crate) async fn read_after_locks(
             }
             3 => full_rows.push(row),
             4 => opening_rows.push(row),
+            6 => now = Some(row.try_get::<DateTime<Utc>, _>("recorded_at")?),
             _ => {
                 let i: i64 = row.try_get("event_position")?;
                 let index = usize::try_from(i - 1).ok().filter(|&index| index < sessions.len()).ok_or_else(|| {
@@ -1133,7 +1154,8 @@ pub(crate) async fn read_after_locks(
     }
     let full = fold_full(read.full, &versions, &full_rows)?;
     let opening = fold_opening(read.opening, &versions, &opening_rows)?;
-    Ok(FoundAfterLocks { records, versions, later, full, opening, sessions })
+    let now = now.ok_or_else(|| sqlx::Error::Protocol("the read after the locks answered no clock".into()))?;
+    Ok(FoundAfterLocks { records, versions, later, full, opening, sessions, now })
 }
 
 /// Folds accounts from the log again (full states for `full`, credit-side

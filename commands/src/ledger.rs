@@ -193,8 +193,9 @@ pub struct CommandEnvelope {
     pub causation_id: Option<Uuid>,
     /// The caller's session when the API left its check to the write: the
     /// command is refused (`SessionEnded`, `UserBlocked`, nothing recorded)
-    /// unless the session is live and its user not blocked. A group (and a
-    /// hold command, `payments::decide_hold`) checks it in the statement
+    /// unless the session is live and its user not blocked. A group (of
+    /// transfers and hold commands), and a hold command alone
+    /// (`payments::decide_hold`), check it in the statement
     /// that reads its records (the snapshot it decides on), which saves each
     /// command a round trip of its own.
     pub unchecked_session: Option<Uuid>,
@@ -229,7 +230,7 @@ pub struct Ledger {
     /// Keys pseudonyms of addresses that belong to nobody (failed logins).
     pub(crate) pseudonym_key: Arc<Vec<u8>>,
     pub(crate) event_mac: Arc<store::EventMac>,
-    /// Transfers go through group commit when it is on.
+    /// Transfers and hold commands go through group commit when it is on.
     pub(crate) group: Option<crate::group_commit::GroupCommit>,
     /// Concurrent session checks are read together when this is on.
     pub(crate) session_checks: Option<crate::session_checks::SessionChecks>,
@@ -286,7 +287,7 @@ impl Ledger {
         }
     }
 
-    /// Decides and writes concurrent transfers in groups, `writers` groups
+    /// Decides and writes concurrent transfers and hold commands in groups, `writers` groups
     /// in flight at once (see `group_commit`). Needs a Tokio runtime.
     pub fn with_group_commit(mut self, writers: usize) -> Ledger {
         if writers > 0 {
@@ -402,7 +403,7 @@ impl Ledger {
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
         // A hold command checks the session in the read after its locks.
-        if !crate::payments::decides_after_one_read(&command) {
+        if !crate::payments::is_hold_command(&command) {
             self.check_unchecked_session(envelope).await?;
         }
         for attempt in 0..=MAX_CONFLICT_RETRIES {
@@ -424,7 +425,7 @@ impl Ledger {
         render: RenderRejection,
     ) -> Result<Outcome, CommandError> {
         let mut tx = self.pool.begin().await?;
-        let decided = if crate::payments::decides_after_one_read(command) {
+        let decided = if crate::payments::is_hold_command(command) {
             // The key's lock and lookup come with the accounts'.
             match crate::payments::decide_hold(&mut tx, envelope, command.clone()).await? {
                 AfterLocks::Refused(check) => {

@@ -56,8 +56,9 @@ fn is_system(actor: Uuid) -> bool {
     actor.is_nil()
 }
 
-/// Whether `Ledger::try_execute` decides this command with [`decide_hold`].
-pub(crate) fn decides_after_one_read(command: &LedgerCommand) -> bool {
+/// A hold's placement, capture or release: group commit takes it, and
+/// alone `Ledger::try_execute` decides it with [`decide_hold`].
+pub(crate) fn is_hold_command(command: &LedgerCommand) -> bool {
     matches!(
         command,
         LedgerCommand::PlaceHold { .. } | LedgerCommand::CaptureHold { .. } | LedgerCommand::ReleaseHold { .. }
@@ -87,7 +88,7 @@ pub(crate) async fn decide_hold(
     envelope: &CommandEnvelope,
     command: LedgerCommand,
 ) -> Result<AfterLocks, StoreError> {
-    if !decides_after_one_read(&command) {
+    if !is_hold_command(&command) {
         // Its key would be locked without its accounts; nothing is written.
         return Err(StoreError::Invariant("payments::decide_hold decides hold commands only"));
     }
@@ -129,7 +130,7 @@ async fn read_hold(
     let debited: BTreeSet<Uuid> = parties.iter().map(|(payer, _)| *payer).collect();
     let credited: BTreeSet<Uuid> = parties.iter().map(|(_, payee)| *payee).filter(|p| !debited.contains(p)).collect();
     let key = (envelope.actor, envelope.idempotency_key.as_str());
-    let locked = lock_group(conn, std::iter::once(key), &debited, &credited, KeyLocks::Wait).await?;
+    lock_group(conn, std::iter::once(key), &debited, &credited, KeyLocks::Wait).await?;
     let sessions: Vec<(Uuid, Uuid)> =
         envelope.unchecked_session.map(|session| (envelope.actor, session)).into_iter().collect();
     let debited: Vec<Uuid> = debited.into_iter().collect();
@@ -153,7 +154,7 @@ async fn read_hold(
     let session = (!sessions.is_empty()).then(|| found.sessions.first().copied().unwrap_or(CredentialCheck::Ended));
     let mut states = found.full;
     states.extend(found.opening);
-    Ok(HoldRead { now: locked.now, parties, states, record, session })
+    Ok(HoldRead { now: found.now, parties, states, record, session })
 }
 
 /// The payer's and the payee's accounts of placed holds, in one statement

@@ -90,6 +90,14 @@ fn render(e: &DomainError) -> (u16, Value) {
     (422, json!({ "detail": e.to_string() }))
 }
 
+/// What `render` said of a refusal (empty for an answer that is not one).
+fn detail(outcome: &ledger_commands::Outcome) -> &str {
+    if outcome.status != 422 {
+        return "";
+    }
+    outcome.body["detail"].as_str().unwrap_or_default()
+}
+
 /// The envelope of an instance's `n`th command, under a key of its own.
 fn turn(actor: Uuid, n: u32) -> CommandEnvelope {
     CommandEnvelope {
@@ -360,17 +368,99 @@ async fn two_instances_placing_and_capturing_holds_on_one_account_never_overdraw
     assert_eq!(first.status, 201, "{}", first.body);
     let hold_id: Uuid = first.body["hold_id"].as_str().and_then(|h| h.parse().ok()).expect("hold_id");
     assert_eq!(send(&two, ann_id, 2, place("3.00")).await.status, 201); // 1.00 left; one's view is stale
-    assert_eq!(send(&one, ann_id, 3, place("4.00")).await.status, 422, "the stale cache must not allow this hold");
+    let refused = send(&one, ann_id, 3, place("4.00")).await;
+    assert_eq!(refused.status, 422);
+    assert!(detail(&refused).contains("has 1.00 available"), "the stale cache must not allow this hold: {refused:?}");
     // The system captures the first hold through two; one still has it pending.
     let capture = || LedgerCommand::CaptureHold { hold_id, amount: None };
     assert_eq!(send(&two, Uuid::nil(), 4, capture()).await.status, 201);
-    assert_eq!(send(&one, Uuid::nil(), 5, capture()).await.status, 422, "a hold is captured once");
+    let again = send(&one, Uuid::nil(), 5, capture()).await;
+    assert!(detail(&again).contains("no longer pending"), "a hold is captured once: {again:?}");
     assert_eq!(send(&one, ann_id, 6, place("1.00")).await.status, 201);
-    assert_eq!(send(&one, ann_id, 7, place("0.01")).await.status, 422);
+    let short = send(&one, ann_id, 7, place("0.01")).await;
+    assert!(detail(&short).contains("has 0.00 available"), "{short:?}");
     let head = t.head().await;
     let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={head}"), &ann).await;
     assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some("4.00"), Some("0.00")));
     assert_eq!(t.balance(&bob, &b, head).await, "6.00");
+    t.assert_invariants().await;
+    t.cleanup().await;
+}
+
+/// A hold and transfers queued together are decided in one group, in the
+/// order they came, each on what the earlier ones left, and written in one
+/// transaction: the writer (one, no standby) is held on another group while
+/// they queue.
+#[tokio::test]
+async fn a_hold_and_transfers_queued_together_are_decided_in_order_in_one_transaction() {
+    let t = TestLedger::start().await;
+    let (ann_id, ann) = t.user().await;
+    let (_, bob) = t.user().await;
+    let (a, c, b) = (t.account(&ann, "EUR").await, t.account(&ann, "EUR").await, t.account(&bob, "EUR").await);
+    t.deposit(&ann, &a, "10.00").await;
+    t.deposit(&ann, &c, "10.00").await;
+    let one = ledger::ledger_for(&t.config, t.pool.clone()).with_group_commit(1);
+    let actor: Uuid = ann_id.parse().expect("uuid");
+    let id = |s: &str| -> Uuid { s.parse().expect("uuid") };
+    let transfer = |from: &str, amount: &str| LedgerCommand::Transfer {
+        from_account: id(from),
+        to_account: id(&b),
+        amount: amount.into(),
+        reference: None,
+    };
+    let spawn = |n: u32, command: LedgerCommand| {
+        let (ledger, envelope) = (one.clone(), turn(actor, n));
+        tokio::spawn(async move { ledger.execute(&envelope, command, render).await.expect("executed") })
+    };
+    // The test holds c's debit lock: the writer's group with a transfer from c waits on it ...
+    let mut holder = t.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(ledger_commands::ledger::ACCOUNT_LOCK_CLASS)
+        .bind(ledger_commands::ledger::lock_key(id(&c)))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let first = spawn(1, transfer(&c, "1.00"));
+    t.wait_until_counted(WAITING_ADVISORY).await;
+    // ... while these queue behind it, in this order.
+    let pause = std::time::Duration::from_millis(50);
+    let place = LedgerCommand::PlaceHold {
+        from_account: id(&a),
+        to_account: id(&b),
+        amount: "6.00".into(),
+        expires_in_seconds: None,
+        reference: None,
+    };
+    let hold = spawn(2, place);
+    tokio::time::sleep(pause).await;
+    let fits = spawn(3, transfer(&a, "4.00"));
+    tokio::time::sleep(pause).await;
+    let short = spawn(4, transfer(&a, "0.01"));
+    tokio::time::sleep(pause * 4).await;
+    holder.rollback().await.unwrap();
+    let (first, hold, fits, short) =
+        (first.await.unwrap(), hold.await.unwrap(), fits.await.unwrap(), short.await.unwrap());
+    assert_eq!((first.status, hold.status, fits.status), (201, 201, 201), "{hold:?} {fits:?}");
+    assert!(detail(&short).contains("has 0.00 available"), "the hold and the transfer took it all: {short:?}");
+    // One transaction wrote the three: their records, and the hold's and the transfer's events.
+    let records: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM commands WHERE user_id = $1 AND idempotency_key = ANY($2)",
+    )
+    .bind(actor)
+    .bind(vec!["turn-2", "turn-3", "turn-4"])
+    .fetch_one(&t.pool)
+    .await
+    .unwrap();
+    let positions = vec![hold.position.expect("position"), fits.position.expect("position")];
+    let events: i64 = sqlx::query_scalar("SELECT count(DISTINCT transaction_id) FROM events WHERE position = ANY($1)")
+        .bind(&positions)
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!((records, events), (1, 1), "one transaction for the hold and the transfers");
+    let head = t.head().await;
+    let (_, view) = t.get(&format!("/v1/accounts/{a}?min_position={head}"), &ann).await;
+    assert_eq!((view["balance"].as_str(), view["available"].as_str()), (Some("6.00"), Some("0.00")));
     t.assert_invariants().await;
     t.cleanup().await;
 }

@@ -13,7 +13,17 @@ fn code(v: &Value) -> &str {
 
 #[tokio::test]
 async fn a_hold_reserves_available_and_a_partial_capture_releases_the_rest() {
-    let t = TestLedger::start().await;
+    a_hold_and_a_partial_capture(2).await;
+}
+
+/// The same with every command in its own transaction (no group commit).
+#[tokio::test]
+async fn a_hold_alone_reserves_available_and_a_partial_capture_alone_releases_the_rest() {
+    a_hold_and_a_partial_capture(0).await;
+}
+
+async fn a_hold_and_a_partial_capture(writers: usize) {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = writers).await;
     let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
         t.funded_pair("USD", "100.00").await;
 
@@ -135,9 +145,20 @@ async fn an_expired_hold_cannot_be_captured_or_released() {
     t.cleanup().await;
 }
 
+/// Grouped (the default), the racing commands are decided in order on one
+/// state; alone, each in its own transaction under the payer's lock.
 #[tokio::test]
 async fn captures_and_releases_racing_on_one_hold_resolve_it_exactly_once() {
-    let t = TestLedger::start().await;
+    captures_and_releases_racing_on_one_hold(2).await;
+}
+
+#[tokio::test]
+async fn captures_and_releases_racing_on_one_hold_alone_resolve_it_exactly_once() {
+    captures_and_releases_racing_on_one_hold(0).await;
+}
+
+async fn captures_and_releases_racing_on_one_hold(writers: usize) {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = writers).await;
     let FundedPair { payer: ann, payer_account: a, payee: shop, payee_account: s } =
         t.funded_pair("USD", "50.00").await;
     let (_, hold) = t.post("/v1/holds", &ann, json!({"from_account": a, "to_account": s, "amount": "50.00"})).await;
@@ -197,7 +218,16 @@ async fn fees_are_charged_with_the_transfer_as_their_own_entry() {
 
 #[tokio::test]
 async fn a_repeated_hold_request_with_one_key_reserves_once() {
-    let t = TestLedger::start().await;
+    a_repeated_hold_request_with_one_key(2).await;
+}
+
+#[tokio::test]
+async fn a_repeated_hold_request_with_one_key_alone_reserves_once() {
+    a_repeated_hold_request_with_one_key(0).await;
+}
+
+async fn a_repeated_hold_request_with_one_key(writers: usize) {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = writers).await;
     let FundedPair { payer: ann, payer_account: a, payee: _, payee_account: s } = t.funded_pair("USD", "10.00").await;
     let body = json!({"from_account": a, "to_account": s, "amount": "6.00"});
     let (s1, v1, _) = t.request(Method::POST, "/v1/holds", Some(&ann), Some("hold-once"), Some(body.clone())).await;

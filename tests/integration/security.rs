@@ -932,13 +932,22 @@ async fn a_revoked_token_does_not_spend_its_users_rate_limit() {
 }
 
 /// A hold's placement, capture and release check their session in the read
-/// after their locks, as a grouped transfer does: an ended session or a
-/// blocked user changes nothing, gets the answer a check at the door gives,
-/// is not answered from a key recorded while it was live, and leaves its key
-/// unused.
+/// after their locks, in a group (beside transfers) and alone: an ended session
+/// or a blocked user changes nothing, gets the answer a check at the door
+/// gives, is not answered from a key recorded while it was live, and leaves
+/// its key unused.
 #[tokio::test]
-async fn a_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing() {
-    let t = TestLedger::start().await;
+async fn a_grouped_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing() {
+    a_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing(2).await;
+}
+
+#[tokio::test]
+async fn a_hold_command_alone_under_an_ended_session_or_a_blocked_user_changes_nothing() {
+    a_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing(0).await;
+}
+
+async fn a_hold_command_under_an_ended_session_or_a_blocked_user_changes_nothing(writers: usize) {
+    let t = TestLedger::start_with(|c| c.group_commit_writers = writers).await;
     let ann = t.person().await;
     let shop = t.person().await;
     let admin = t.person_with_role(Role::Admin).await;
