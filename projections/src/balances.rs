@@ -101,71 +101,92 @@ async fn apply_run(conn: &mut PgConnection, run: &[(&RecordedEvent, &Event)]) ->
             _ => {}
         }
     }
-    if !placed.is_empty() {
-        sqlx::query(
-            "INSERT INTO holds (hold_id, from_account, to_account, amount, currency, status, expires_at,
-                                reference, order_id, placed_at, position)
-             SELECT h.hold_id, h.from_account, h.to_account, h.amount, h.currency, 'pending', h.expires_at,
-                    h.reference, h.order_id, h.placed_at, h.position
-             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::numeric[], $5::text[], $6::timestamptz[],
-                         $7::text[], $8::uuid[], $9::timestamptz[], $10::bigint[])
-                  AS h(hold_id, from_account, to_account, amount, currency, expires_at, reference, order_id,
-                       placed_at, position)",
-        )
-        .bind(placed.iter().map(|(_, h)| h.hold_id).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.from_account).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.to_account).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.amount).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.currency.clone()).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.reference.clone()).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(_, h)| h.order_id).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(r, _)| r.metadata.recorded_at).collect::<Vec<_>>())
-        .bind(placed.iter().map(|(r, _)| r.position).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
+    // A hold placed in this run and resolved in it too is inserted resolved:
+    // the statement's update of pending holds does not see its own insert.
+    let placed_here: HashMap<Uuid, usize> = placed.iter().enumerate().map(|(i, (_, h))| (h.hold_id, i)).collect();
+    let mut status: Vec<&str> = vec!["pending"; placed.len()];
+    let mut captured: Vec<Decimal> = vec![Decimal::ZERO; placed.len()];
+    let mut resolved_at: Vec<Option<DateTime<Utc>>> = vec![None; placed.len()];
+    let mut earlier: Vec<(Uuid, &'static str, Decimal, &RecordedEvent)> = Vec::new();
+    for (hold_id, resolution, amount, recorded) in resolutions {
+        let Some(&i) = placed_here.get(&hold_id) else {
+            earlier.push((hold_id, resolution, amount, recorded));
+            continue;
+        };
+        (status[i], captured[i], resolved_at[i]) = (resolution, amount, Some(recorded.metadata.recorded_at));
+        // The whole hold comes back to available (a capture's movement follows it).
+        let h = placed[i].1;
+        let change = changes.entry(h.from_account).or_default();
+        change.available += h.amount;
+        change.touched(index_of.get(&recorded.position).copied().unwrap_or(0), recorded.position);
     }
-    if !resolutions.is_empty() {
-        let resolved: Vec<(Uuid, Decimal, i64)> = sqlx::query_as(
-            "UPDATE holds h SET status = r.status, captured_amount = r.captured, resolved_at = r.resolved_at
-             FROM unnest($1::uuid[], $2::text[], $3::numeric[], $4::timestamptz[], $5::bigint[])
-                  AS r(hold_id, status, captured, resolved_at, position)
-             WHERE h.hold_id = r.hold_id AND h.status = 'pending'
-             RETURNING h.from_account, h.amount, r.position",
-        )
-        .bind(resolutions.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(resolutions.iter().map(|r| r.1).collect::<Vec<_>>())
-        .bind(resolutions.iter().map(|r| r.2).collect::<Vec<_>>())
-        .bind(resolutions.iter().map(|r| r.3.metadata.recorded_at).collect::<Vec<_>>())
-        .bind(resolutions.iter().map(|r| r.3.position).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await?;
-        for (from_account, amount, position) in resolved {
-            let change = changes.entry(from_account).or_default();
-            change.available += amount;
-            change.touched(index_of.get(&position).copied().unwrap_or(0), position);
-        }
-    }
-    let (mut ids, mut balances, mut availables, mut counts, mut lasts) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut ids, mut balances, mut availables, mut counts, mut lasts, mut orders) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (id, change) in changes {
         ids.push(id);
         balances.push(change.balance);
         availables.push(change.available);
         counts.push(change.movements);
         lasts.push(change.last.1);
+        orders.push(change.last.0 as i64);
     }
+    // One statement: the earlier holds resolved (each gives its amount back
+    // to available, at its resolution's place in the run), the new ones
+    // inserted, and every account's summed change; an account's last
+    // position is that of the last event in the run that changed it.
     sqlx::query(
-        "UPDATE balances SET balance = balance + d.balance_change, available = available + d.available_change,
-                version = version + d.n, last_position = d.last
-         FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::bigint[], $5::bigint[])
-              AS d(account_id, balance_change, available_change, n, last)
-         WHERE balances.account_id = d.account_id",
+        "WITH resolved AS (
+             UPDATE holds h SET status = r.status, captured_amount = r.captured, resolved_at = r.resolved_at
+             FROM unnest($1::uuid[], $2::text[], $3::numeric[], $4::timestamptz[], $5::bigint[], $6::bigint[])
+                  AS r(hold_id, status, captured, resolved_at, position, ord)
+             WHERE h.hold_id = r.hold_id AND h.status = 'pending'
+             RETURNING h.from_account, h.amount, r.position, r.ord
+         ), placed AS (
+             INSERT INTO holds (hold_id, from_account, to_account, amount, currency, status, expires_at,
+                                reference, order_id, placed_at, position, captured_amount, resolved_at)
+             SELECT * FROM unnest($7::uuid[], $8::uuid[], $9::uuid[], $10::numeric[], $11::text[], $12::text[],
+                                  $13::timestamptz[], $14::text[], $15::uuid[], $16::timestamptz[], $17::bigint[],
+                                  $18::numeric[], $19::timestamptz[])
+         ), changed AS (
+             SELECT * FROM unnest($20::uuid[], $21::numeric[], $22::numeric[], $23::bigint[], $24::bigint[],
+                                  $25::bigint[]) AS c(account_id, balance_change, available_change, n, last, ord)
+             UNION ALL
+             SELECT from_account, 0, amount, 0, position, ord FROM resolved
+         ), summed AS (
+             SELECT account_id, sum(balance_change) AS balance_change, sum(available_change) AS available_change,
+                    sum(n)::bigint AS n, (array_agg(last ORDER BY ord DESC))[1] AS last
+             FROM changed GROUP BY account_id
+         )
+         UPDATE balances SET balance = balance + s.balance_change, available = available + s.available_change,
+                version = version + s.n, last_position = s.last
+         FROM summed s
+         WHERE balances.account_id = s.account_id",
     )
+    .bind(earlier.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(earlier.iter().map(|r| r.1).collect::<Vec<_>>())
+    .bind(earlier.iter().map(|r| r.2).collect::<Vec<_>>())
+    .bind(earlier.iter().map(|r| r.3.metadata.recorded_at).collect::<Vec<_>>())
+    .bind(earlier.iter().map(|r| r.3.position).collect::<Vec<_>>())
+    .bind(earlier.iter().map(|r| index_of.get(&r.3.position).copied().unwrap_or(0) as i64).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.hold_id).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.from_account).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.to_account).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.amount).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.currency.clone()).collect::<Vec<_>>())
+    .bind(&status)
+    .bind(placed.iter().map(|(_, h)| h.expires_at).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.reference.clone()).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, h)| h.order_id).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(r, _)| r.metadata.recorded_at).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(r, _)| r.position).collect::<Vec<_>>())
+    .bind(&captured)
+    .bind(&resolved_at)
     .bind(&ids)
     .bind(&balances)
     .bind(&availables)
     .bind(&counts)
     .bind(&lasts)
+    .bind(&orders)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -285,10 +285,12 @@ async fn set_based_balances_equal_event_by_event_application() {
     for kind in ["HoldPlaced", "HoldCaptured", "HoldReleased", "HoldExpired", "TransferRecorded"] {
         assert!(kinds.contains(kind), "the log has a {kind}");
     }
-    // Two copies of the tables: one event at a time, and the whole log as one batch.
+    // Copies of the tables: one event at a time, the whole log as one batch
+    // (holds placed and resolved in one run), and batches of three (holds
+    // resolved in a later batch than their placement, beside movements).
     let balances = ledger_projections::Projection::Balances;
     let mut conn = t.pool.acquire().await.unwrap();
-    for (schema, one_by_one) in [("by_event", true), ("as_batch", false)] {
+    for (schema, batch) in [("by_event", 1), ("as_batch", log.len()), ("in_threes", 3)] {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut *conn).await.unwrap();
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut *conn).await.unwrap();
         for table in ["balances", "holds"] {
@@ -299,12 +301,14 @@ async fn set_based_balances_equal_event_by_event_application() {
         }
         let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
         sqlx::query(&format!("SET LOCAL search_path TO {schema}, public")).execute(&mut *tx).await.unwrap();
-        if one_by_one {
+        if batch == 1 {
             for event in &log {
                 balances.apply(&mut tx, event).await.unwrap();
             }
         } else {
-            balances.apply_all(&mut tx, &log).await.unwrap();
+            for events in log.chunks(batch) {
+                balances.apply_all(&mut tx, events).await.unwrap();
+            }
         }
         tx.commit().await.unwrap();
     }
@@ -312,12 +316,14 @@ async fn set_based_balances_equal_event_by_event_application() {
         let dump = |schema: &str| format!("SELECT row_to_json(r)::text FROM {schema}.{table} r ORDER BY {order}");
         let by_event: Vec<String> = sqlx::query_scalar(&dump("by_event")).fetch_all(&mut *conn).await.unwrap();
         let as_batch: Vec<String> = sqlx::query_scalar(&dump("as_batch")).fetch_all(&mut *conn).await.unwrap();
+        let in_threes: Vec<String> = sqlx::query_scalar(&dump("in_threes")).fetch_all(&mut *conn).await.unwrap();
         let live: Vec<String> = sqlx::query_scalar(&dump("public")).fetch_all(&mut *conn).await.unwrap();
         assert!(!by_event.is_empty());
         assert_eq!(as_batch, by_event, "{table}: one batch writes what event by event writes");
+        assert_eq!(in_threes, by_event, "{table}: so do batches of three");
         assert_eq!(live, by_event, "{table}: so does the live projector");
     }
-    for schema in ["by_event", "as_batch"] {
+    for schema in ["by_event", "as_batch", "in_threes"] {
         sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut *conn).await.unwrap();
     }
     drop(conn);
