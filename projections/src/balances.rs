@@ -130,6 +130,25 @@ async fn apply_run(conn: &mut PgConnection, run: &[(&RecordedEvent, &Event)]) ->
         lasts.push(change.last.1);
         orders.push(change.last.0 as i64);
     }
+    if placed.is_empty() && earlier.is_empty() {
+        // Movements only (most runs of `batch`, say): the summed changes
+        // alone, with nothing of the holds' parts to plan or run.
+        sqlx::query(
+            "UPDATE balances SET balance = balance + d.balance_change, available = available + d.available_change,
+                    version = version + d.n, last_position = d.last
+             FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::bigint[], $5::bigint[])
+                  AS d(account_id, balance_change, available_change, n, last)
+             WHERE balances.account_id = d.account_id",
+        )
+        .bind(&ids)
+        .bind(&balances)
+        .bind(&availables)
+        .bind(&counts)
+        .bind(&lasts)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(());
+    }
     // One statement: the earlier holds resolved (each gives its amount back
     // to available, at its resolution's place in the run), the new ones
     // inserted, and every account's summed change; an account's last
