@@ -120,12 +120,10 @@ async fn read_hold(
     command: &LedgerCommand,
     envelope: &CommandEnvelope,
 ) -> Result<HoldRead, StoreError> {
-    let parties = match command {
-        LedgerCommand::PlaceHold { from_account, to_account, .. } => Some((*from_account, *to_account)),
-        LedgerCommand::CaptureHold { hold_id, .. } | LedgerCommand::ReleaseHold { hold_id } => {
-            hold_parties(conn, *hold_id).await?
-        }
-        _ => None,
+    let parties = match (named_parties(command), named_hold(command)) {
+        (Some(parties), _) => Some(parties),
+        (None, Some(hold_id)) => hold_parties(conn, hold_id).await?,
+        (None, None) => None,
     };
     let debited: BTreeSet<Uuid> = parties.iter().map(|(payer, _)| *payer).collect();
     let credited: BTreeSet<Uuid> = parties.iter().map(|(_, payee)| *payee).filter(|p| !debited.contains(p)).collect();
@@ -180,15 +178,7 @@ pub(crate) async fn holds_parties(
 
 /// The payer's and the payee's accounts of a placed hold.
 async fn hold_parties(conn: &mut PgConnection, hold_id: Uuid) -> Result<Option<(Uuid, Uuid)>, StoreError> {
-    let found: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT payload->>'from_account', payload->>'to_account' FROM events
-         WHERE event_type = 'HoldPlaced' AND payload->>'hold_id' = $1",
-    )
-    .bind(hold_id.to_string())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let parse = |s: Option<String>| s.and_then(|s| Uuid::parse_str(&s).ok());
-    Ok(found.and_then(|(from, to)| Some((parse(from)?, parse(to)?))))
+    Ok(holds_parties(conn, &[hold_id]).await?.remove(&hold_id))
 }
 
 /// Decides a hold command on what [`read_hold`] found.

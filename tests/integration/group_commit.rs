@@ -98,6 +98,17 @@ fn detail(outcome: &ledger_commands::Outcome) -> &str {
     outcome.body["detail"].as_str().unwrap_or_default()
 }
 
+/// A hold of `amount` from one account to another, with the default expiry.
+fn place_hold(from_account: Uuid, to_account: Uuid, amount: &str) -> LedgerCommand {
+    LedgerCommand::PlaceHold {
+        from_account,
+        to_account,
+        amount: amount.into(),
+        expires_in_seconds: None,
+        reference: None,
+    }
+}
+
 /// The envelope of an instance's `n`th command, under a key of its own.
 fn turn(actor: Uuid, n: u32) -> CommandEnvelope {
     CommandEnvelope {
@@ -357,13 +368,7 @@ async fn two_instances_placing_and_capturing_holds_on_one_account_never_overdraw
         let envelope = turn(actor, n);
         async move { ledger.execute(&envelope, command, render).await.expect("executed") }
     };
-    let place = |amount: &str| LedgerCommand::PlaceHold {
-        from_account: a_id,
-        to_account: b_id,
-        amount: amount.into(),
-        expires_in_seconds: None,
-        reference: None,
-    };
+    let place = |amount: &str| place_hold(a_id, b_id, amount);
     let first = send(&one, ann_id, 1, place("6.00")).await; // one knows 4.00 available
     assert_eq!(first.status, 201, "{}", first.body);
     let hold_id: Uuid = first.body["hold_id"].as_str().and_then(|h| h.parse().ok()).expect("hold_id");
@@ -424,14 +429,7 @@ async fn a_hold_and_transfers_queued_together_are_decided_in_order_in_one_transa
     t.wait_until_counted(WAITING_ADVISORY).await;
     // ... while these queue behind it, in this order.
     let pause = std::time::Duration::from_millis(50);
-    let place = LedgerCommand::PlaceHold {
-        from_account: id(&a),
-        to_account: id(&b),
-        amount: "6.00".into(),
-        expires_in_seconds: None,
-        reference: None,
-    };
-    let hold = spawn(2, place);
+    let hold = spawn(2, place_hold(id(&a), id(&b), "6.00"));
     tokio::time::sleep(pause).await;
     let fits = spawn(3, transfer(&a, "4.00"));
     tokio::time::sleep(pause).await;
