@@ -2,19 +2,21 @@
 //! the log under load), applied by every read model in one statement: the
 //! balances, the transfers listed, the statement entries, and the
 //! checkpoints moved. The general path takes a statement for each, so a
-//! batch's transaction costs seven round trips; this one costs four (with
-//! the transaction's start, the checkpoints' lock and the commit). Measured
+//! batch's transaction costs seven or eight round trips; this one costs four
+//! (with the transaction's start, the checkpoints' lock and the commit), or
+//! five when the projector's memory lacks an account's last entry. Measured
 //! under a paced bulk load it bought ~3% (BENCHMARKS.md, "The projector's
 //! movements in one statement"): there each statement's execution, not its
 //! round trip, waits for a core. It also spares PostgreSQL three statements'
 //! fixed cost per batch.
 //!
 //! It writes exactly the rows the general path writes: the entries are
-//! numbered from the projector's memory of each account's last entry
-//! (`statements::plan_from_memory`, used only when it knows every account),
-//! and the statement reports how many transfers it listed. If one was
-//! listed already, the plan was wrong for it: the caller rolls the whole
-//! transaction back and takes the general path, which lists each once.
+//! numbered from the projector's memory of each account's last entry, the
+//! accounts it does not know looked up first in one statement
+//! (`statements::plan`, as the general path does), and the statement
+//! reports how many transfers it listed. If one was listed already, the
+//! plan was wrong for it: the caller rolls the whole transaction back and
+//! takes the general path, which lists each once.
 
 use crate::checkpoint::Locked;
 use crate::statements::{self, EntryColumns, LastEntries, Planned, TransferColumns};
@@ -44,16 +46,15 @@ pub fn writes_all_of(projection: Projection) -> bool {
 /// A projector's batch as one run of movements, if it is one: every read
 /// model of the projector (`projections`) applies all of it (none is past
 /// any of it: `work` holds each one's events after its checkpoint), each
-/// is one this statement writes whole, the batch holds nothing but
-/// movements and no transfer twice, and the statements' memory can number
-/// their entries. Else `None`: the batch goes per read model.
+/// is one this statement writes whole, and the batch holds nothing but
+/// movements and no transfer twice. Else `None`: the batch goes per read
+/// model.
 pub fn qualify<'e>(
     projections: &[Projection],
     work: &[(Projection, &Locked, Vec<&'e RecordedEvent>)],
     source: &'e [RecordedEvent],
     decoded: &'e HashMap<LogPoint, Event>,
-    memory: &LastEntries,
-) -> Option<(Movements<'e>, Option<Planned>)> {
+) -> Option<Movements<'e>> {
     if work.len() != projections.len()
         || work.iter().any(|(p, _, mine)| mine.len() != source.len() || !writes_all_of(*p))
     {
@@ -72,11 +73,23 @@ pub fn qualify<'e>(
     if !movements.iter().all(|(_, t)| transfers.insert(t.transfer_id)) {
         return None;
     }
-    let planned = match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
-        Some((_, from, _)) => Some(statements::plan_from_memory(memory, from.at, from.written, &movements)?),
-        None => None,
-    };
-    Some((movements, planned))
+    Some(movements)
+}
+
+/// The statement entries of a qualified run, if the statements read model
+/// is among `work`: numbered from the projector's memory, and from one
+/// lookup for the accounts it does not know (`statements::plan`), under
+/// the checkpoints' lock `work` was read with.
+pub async fn plan(
+    conn: &mut PgConnection,
+    work: &[(Projection, &Locked, Vec<&RecordedEvent>)],
+    movements: &[(&RecordedEvent, &TransferRecorded)],
+    memory: &LastEntries,
+) -> Result<Option<Planned>, sqlx::Error> {
+    match work.iter().find(|(p, _, _)| *p == Projection::Statements) {
+        Some((_, from, _)) => Ok(Some(statements::plan(conn, memory, from.at, from.written, movements).await?)),
+        None => Ok(None),
+    }
 }
 
 /// What went wrong in calling it.

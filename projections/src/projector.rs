@@ -403,15 +403,14 @@ impl Projector {
         }
         let moved: Vec<(Projection, LogPoint)> = work.iter().map(|(p, _, _)| (*p, through)).collect();
         let run = match path {
-            WritePath::OneStatementIfItQualifies => {
-                movement_run::qualify(&self.projections, &work, source, &decoded, last_entries)
-            }
+            WritePath::OneStatementIfItQualifies => movement_run::qualify(&self.projections, &work, source, &decoded),
             WritePath::PerReadModel => None,
         };
         let taken;
         let (saved, statements_applied) = match run {
-            Some((movements, planned)) => {
+            Some(movements) => {
                 taken = "one statement";
+                let planned = movement_run::plan(&mut tx, &work, &movements, last_entries).await?;
                 match movement_run::apply(&mut tx, &movements, &moved, planned).await? {
                     movement_run::Outcome::Applied { saved, statements } => (saved, statements),
                     movement_run::Outcome::AlreadyListed => {

@@ -277,31 +277,64 @@ impl Planned {
     }
 }
 
-/// Plans the movements' entries from memory: `None` unless the memory is
-/// the one this checkpoint's last commit left (`from`, saved at `written`)
-/// and it knows every account the movements touch, so nothing needs
-/// looking up. The plan holds only if none of the movements is listed yet;
-/// the caller checks that as it writes.
-pub fn plan_from_memory(
+/// Plans the movements' entries for `movement_run`: numbered and balanced
+/// from the memory where it knows the account and it is the memory this
+/// checkpoint's last commit left (`from`, saved at `written`), the other
+/// accounts looked up in one statement, as the per-read-model path does.
+/// The caller holds the statements checkpoint's lock, so no other writer
+/// adds entries meanwhile. With a memory of another save of the checkpoint
+/// (a rebuild's swap, another instance) every account is looked up. The
+/// plan holds only if none of the movements is listed yet; the caller
+/// checks that as it writes.
+pub async fn plan(
+    conn: &mut PgConnection,
     memory: &LastEntries,
     from: LogPoint,
     written: DateTime<Utc>,
     movements: &[(&RecordedEvent, &TransferRecorded)],
-) -> Option<Planned> {
-    if memory.at != Some((from, written)) {
-        return None;
+) -> Result<Planned, sqlx::Error> {
+    let (mut last, unknown) = remembered(memory, from, written, movements);
+    if !unknown.is_empty() {
+        last.extend(lookup_last(conn, &unknown).await?);
     }
+    Ok(number(last, movements))
+}
+
+/// The last entries the memory holds for the movements' accounts (only a
+/// memory of this checkpoint's save counts), and the accounts it lacks,
+/// each once.
+fn remembered(
+    memory: &LastEntries,
+    from: LogPoint,
+    written: DateTime<Utc>,
+    movements: &[(&RecordedEvent, &TransferRecorded)],
+) -> (HashMap<Uuid, (i64, Decimal)>, Vec<Uuid>) {
+    let valid = memory.at == Some((from, written));
     let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
+    let mut unknown = Vec::new();
+    let mut seen: HashSet<Uuid> = HashSet::with_capacity(movements.len() * 2);
     for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
-        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
-            slot.insert(*memory.known.get(&account)?);
+        if !seen.insert(account) {
+            continue;
+        }
+        match memory.known.get(&account).filter(|_| valid) {
+            Some(entry) => {
+                last.insert(account, *entry);
+            }
+            None => unknown.push(account),
         }
     }
+    (last, unknown)
+}
+
+/// Every movement's entries, numbered and balanced on from `last`, which
+/// holds each account the movements touch.
+fn number(mut last: HashMap<Uuid, (i64, Decimal)>, movements: &[(&RecordedEvent, &TransferRecorded)]) -> Planned {
     let mut entries = Vec::with_capacity(movements.len() * 2);
     for (recorded, t) in movements {
         entries.extend(next_entries(&mut last, recorded, t));
     }
-    Some(Planned { entries, last })
+    Planned { entries, last }
 }
 
 pub(crate) struct Entry {

@@ -66,11 +66,19 @@ async fn open(t: &TestLedger, accounts: &[Uuid]) {
     }
 }
 
+/// How `project` applies batches.
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    /// Each read model its own statements.
+    PerReadModel,
+    /// In one statement, the accounts the memory lacks looked up first.
+    OneStatement,
+}
+
 /// Applies the batches as a projector does, each in a transaction that
-/// locks and moves both checkpoints; with `one_statement`, by
-/// `movement_run` wherever the memory can number the entries. Returns how
-/// many batches went in one statement, and the memory left.
-async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], one_statement: bool) -> (usize, LastEntries) {
+/// locks and moves both checkpoints, the way `way` says. Returns how many
+/// batches went in one statement, and the memory left.
+async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], way: Way) -> (usize, LastEntries) {
     let mut memory = LastEntries::default();
     let mut in_one = 0;
     for batch in batches {
@@ -79,8 +87,12 @@ async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], one_st
         let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
         let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
         let run = movements(batch);
-        let planned =
-            if one_statement { statements::plan_from_memory(&memory, from.at, from.written, &run) } else { None };
+        let planned = match way {
+            Way::PerReadModel => None,
+            Way::OneStatement => {
+                Some(statements::plan(&mut tx, &memory, from.at, from.written, &run).await.expect("planned"))
+            }
+        };
         let (saved, applied) = match planned {
             Some(planned) => {
                 in_one += 1;
@@ -135,7 +147,7 @@ async fn dump(t: &TestLedger) -> Vec<Vec<String>> {
 async fn a_run_of_movements_in_one_statement_writes_exactly_what_each_read_model_would() {
     let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
     let batches = vec![
-        // Learns a, b and c (looked up: the memory is empty).
+        // Looks a, b and c up: the memory is empty.
         vec![movement(1, a, b, 10_000, TransferKind::Deposit), movement(2, b, c, 2_500, TransferKind::Transfer)],
         // Known accounts, each touched several times, in and out.
         vec![
@@ -144,7 +156,7 @@ async fn a_run_of_movements_in_one_statement_writes_exactly_what_each_read_model
             movement(5, b, a, 7_777, TransferKind::Refund),
             movement(6, a, b, 1, TransferKind::Transfer),
         ],
-        // d is new: its last entry must be looked up.
+        // d is new: only its last entry is looked up.
         vec![movement(7, c, d, 900, TransferKind::Transfer)],
         // All known again.
         vec![movement(8, d, a, 450, TransferKind::Withdrawal), movement(9, a, d, 5, TransferKind::Transfer)],
@@ -156,11 +168,79 @@ async fn a_run_of_movements_in_one_statement_writes_exactly_what_each_read_model
     for t in [&per_model, &one] {
         open(t, &[a, b, c, d]).await;
     }
-    assert_eq!(project(&per_model, &batches, false).await.0, 0);
-    assert_eq!(project(&one, &batches, true).await.0, 3, "the second, fourth and fifth batch go in one statement");
+    assert_eq!(project(&per_model, &batches, Way::PerReadModel).await.0, 0);
+    assert_eq!(project(&one, &batches, Way::OneStatement).await.0, 5, "every batch in one statement");
     let rows = dump(&one).await;
     assert_eq!(rows, dump(&per_model).await, "the same rows in every table, and the same checkpoints");
     assert_eq!(rows[1].len(), 20, "two entries per movement");
+    per_model.cleanup().await;
+    one.cleanup().await;
+}
+
+/// With the accounts the memory lacks looked up first, every batch goes in
+/// one statement, and still writes what each read model would: after a
+/// restart the second batch looks up a, b and c, which have entries, the
+/// third only d; and a memory of another save of the checkpoint is not
+/// trusted for any account.
+#[tokio::test]
+async fn accounts_the_memory_lacks_are_looked_up_and_the_run_still_goes_in_one_statement() {
+    let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
+    let batches = [
+        vec![movement(1, a, b, 10_000, TransferKind::Deposit), movement(2, b, c, 2_500, TransferKind::Transfer)],
+        vec![movement(3, a, c, 1_001, TransferKind::Transfer), movement(4, c, b, 333, TransferKind::Fee)],
+        vec![movement(5, c, d, 900, TransferKind::Transfer), movement(6, d, a, 450, TransferKind::Withdrawal)],
+        vec![movement(7, b, d, 77, TransferKind::Transfer)],
+    ];
+    let per_model = TestLedger::start().await;
+    let one = TestLedger::start().await;
+    for t in [&per_model, &one] {
+        open(t, &[a, b, c, d]).await;
+    }
+    project(&per_model, &batches[..3], Way::PerReadModel).await;
+    // The first batch before a restart: the memory after it starts empty
+    // while a, b and c have entries.
+    project(&one, &batches[..1], Way::PerReadModel).await;
+    let (in_one, memory) = project(&one, &batches[1..3], Way::OneStatement).await;
+    assert_eq!(in_one, 2, "every batch after the restart in one statement");
+    assert_eq!(dump(&one).await, dump(&per_model).await, "the same rows in every table, and the same checkpoints");
+
+    // The last batch with a memory that is not this checkpoint's: a, b and d
+    // are looked up, not taken from it.
+    let last = &batches[3];
+    let through = last[0].0.point();
+    let mut tx = one.pool.begin().await.expect("begin");
+    let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
+    let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
+    assert!(!memory.is_empty(), "the memory knows the accounts");
+    // What it remembers for b is made wrong by another writer's entry.
+    sqlx::query(
+        "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
+                                        balance_after, counterparty_account, kind, reference, recorded_at)
+         SELECT account_id, entry_no + 1, 7, transfer_id, direction, 0, balance_after, counterparty_account,
+                kind, reference, recorded_at
+         FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 1",
+    )
+    .bind(b)
+    .execute(&mut *tx)
+    .await
+    .expect("another writer's entry");
+    let elsewhere = from.written + chrono::Duration::seconds(1);
+    let planned = statements::plan(&mut tx, &memory, from.at, elsewhere, &movements(last)).await.expect("planned");
+    let moved = [(Projection::Balances, through), (Projection::Statements, through)];
+    let Outcome::Applied { .. } =
+        movement_run::apply(&mut tx, &movements(last), &moved, Some(planned)).await.expect("ran")
+    else {
+        panic!("nothing was listed before")
+    };
+    let numbered: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT entry_no, position FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 2",
+    )
+    .bind(b)
+    .fetch_all(&mut *tx)
+    .await
+    .expect("entries");
+    assert_eq!(numbered[0].0, numbered[1].0 + 1, "numbered on from the entry the memory did not know");
+    tx.rollback().await.expect("rollback");
     per_model.cleanup().await;
     one.cleanup().await;
 }
@@ -171,7 +251,7 @@ async fn a_movement_listed_already_sends_the_batch_back_with_nothing_written() {
     let t = TestLedger::start().await;
     open(&t, &[a, b]).await;
     let first = vec![movement(1, a, b, 500, TransferKind::Transfer)];
-    let (_, memory) = project(&t, std::slice::from_ref(&first), false).await;
+    let (_, memory) = project(&t, std::slice::from_ref(&first), Way::PerReadModel).await;
     let before = dump(&t).await;
 
     // Position 1's transfer again (as a rebuild's swap or a repeated event
@@ -184,11 +264,7 @@ async fn a_movement_listed_already_sends_the_batch_back_with_nothing_written() {
     let mut tx = t.pool.begin().await.expect("begin");
     let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
     let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
-    assert!(
-        statements::plan_from_memory(&memory, from.at, chrono::Utc::now(), &movements(&batch)).is_none(),
-        "a memory from another save of the checkpoint is not used"
-    );
-    let planned = statements::plan_from_memory(&memory, from.at, from.written, &movements(&batch)).expect("known");
+    let planned = statements::plan(&mut tx, &memory, from.at, from.written, &movements(&batch)).await.expect("planned");
     let moved = [(Projection::Balances, through), (Projection::Statements, through)];
     let outcome = movement_run::apply(&mut tx, &movements(&batch), &moved, Some(planned)).await.expect("ran");
     assert!(matches!(outcome, Outcome::AlreadyListed), "the repeated transfer is reported");
@@ -264,18 +340,18 @@ async fn the_projector_applies_a_transfer_listed_already_as_a_rebuild_does() {
 
 /// Which batches a projector tries in one statement (`movement_run::qualify`):
 /// only a run of movements, no transfer twice, that every read model of the
-/// projector applies whole, and whose accounts the statements' memory knows.
-/// Everything else goes per read model.
+/// projector applies whole, whether or not the statements' memory knows its
+/// accounts. Everything else goes per read model.
 #[tokio::test]
-async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
+async fn only_a_whole_run_of_movements_qualifies_for_one_statement() {
     use ledger_domain::events::HoldPlaced;
     use std::collections::HashMap;
 
     let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
     let t = TestLedger::start().await;
     open(&t, &[a, b, c]).await;
-    // The memory learns a and b.
-    let (_, memory) = project(&t, &[vec![movement(1, a, b, 1_000, TransferKind::Deposit)]], false).await;
+    // a and b have an entry each, c none.
+    project(&t, &[vec![movement(1, a, b, 1_000, TransferKind::Deposit)]], Way::PerReadModel).await;
 
     let mut tx = t.pool.begin().await.expect("begin");
     let through = ledger_commands::store::LogPoint { transaction_id: 109, position: 9 };
@@ -297,17 +373,16 @@ async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
                 (*p, locked, source.iter().skip(skip).collect::<Vec<_>>())
             })
             .collect();
-        movement_run::qualify(projections, &work, &source, &decoded, &memory)
-            .map(|(movements, planned)| (movements.len(), planned.is_some()))
+        movement_run::qualify(projections, &work, &source, &decoded).map(|movements| movements.len())
     };
     let known = vec![movement(2, a, b, 100, TransferKind::Transfer), movement(3, b, a, 50, TransferKind::Transfer)];
-    assert_eq!(choose(&both, &known, 0), Some((2, true)), "known accounts, movements only: one statement");
-    assert_eq!(choose(&both[..1], &known, 0), Some((2, false)), "balances alone needs no plan");
-    assert_eq!(choose(&Projection::ALL, &known, 0), Some((2, true)), "every read model, as in production");
+    assert_eq!(choose(&both, &known, 0), Some(2), "movements only: one statement");
+    assert_eq!(choose(&both[..1], &known, 0), Some(2), "balances alone");
+    assert_eq!(choose(&Projection::ALL, &known, 0), Some(2), "every read model, as in production");
     assert_eq!(choose(&both, &known, 1), None, "a read model past part of the batch");
 
     let unknown = vec![movement(2, a, c, 100, TransferKind::Transfer)];
-    assert_eq!(choose(&both, &unknown, 0), None, "an account the memory does not know");
+    assert_eq!(choose(&both, &unknown, 0), Some(1), "an account the memory does not know: looked up by the plan");
 
     let (mut again, event) = movement(2, a, b, 100, TransferKind::Transfer);
     let twice = vec![(again.clone(), event.clone()), {
@@ -338,7 +413,7 @@ async fn only_a_whole_run_of_known_movements_qualifies_for_one_statement() {
     let decoded: HashMap<_, _> = known.iter().map(|(r, e)| (r.point(), e.clone())).collect();
     let work = vec![(Projection::Balances, balances_at, source.iter().collect::<Vec<_>>())];
     assert!(
-        movement_run::qualify(&both, &work, &source, &decoded, &memory).is_none(),
+        movement_run::qualify(&both, &work, &source, &decoded).is_none(),
         "the statements read model is past the batch"
     );
     t.cleanup().await;
