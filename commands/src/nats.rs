@@ -6,9 +6,11 @@ pub struct NatsNames {
     prefix: String,
 }
 
-pub const HEADER_POSITION: &str = "Ledger-Position";
-pub const HEADER_TRANSACTION_ID: &str = "Ledger-Transaction-Id";
-pub const HEADER_EVENT_TYPE: &str = "Ledger-Event-Type";
+// Names made without parsing or allocating: the relay sets them on every
+// event it publishes.
+pub const HEADER_POSITION: async_nats::HeaderName = async_nats::HeaderName::from_static("Ledger-Position");
+pub const HEADER_TRANSACTION_ID: async_nats::HeaderName = async_nats::HeaderName::from_static("Ledger-Transaction-Id");
+pub const HEADER_EVENT_TYPE: async_nats::HeaderName = async_nats::HeaderName::from_static("Ledger-Event-Type");
 
 /// The idle heartbeat the read side's durable consumers (projector, payment
 /// processes) ask of JetStream on every pull. A consumer lost without a

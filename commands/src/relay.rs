@@ -212,10 +212,10 @@ impl Relay {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string().as_str());
-            headers.insert(HEADER_POSITION, event.position.to_string().as_str());
-            headers.insert(HEADER_TRANSACTION_ID, event.transaction_id.to_string().as_str());
-            headers.insert(HEADER_EVENT_TYPE, event.event_type.as_str());
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string());
+            headers.insert(HEADER_POSITION, event.position.to_string());
+            headers.insert(HEADER_TRANSACTION_ID, event.transaction_id.to_string());
+            headers.insert(HEADER_EVENT_TYPE, event.event_type.clone());
             let payload = serde_json::to_vec(event).map_err(|e| fail(&e))?;
             let ack = self
                 .js
