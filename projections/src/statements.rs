@@ -119,23 +119,7 @@ async fn apply_knowing(
     if inserted.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
-    let mut unknown: Vec<Uuid> = Vec::new();
-    for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
-        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
-            match known.get(&account) {
-                Some(entry) => {
-                    slot.insert(*entry);
-                }
-                None => unknown.push(account),
-            }
-        }
-    }
-    unknown.sort_unstable();
-    unknown.dedup();
-    if !unknown.is_empty() {
-        last.extend(lookup_last(conn, &unknown).await?);
-    }
+    let mut last = last_entries(conn, known, &movements).await?;
     let mut entries: Vec<Entry> = Vec::with_capacity(inserted.len() * 2);
     // `remove`: a transfer listed twice in one batch gets its entries once, as across batches.
     for (recorded, t) in movements.iter().filter(|(_, t)| inserted.remove(&t.transfer_id)) {
@@ -293,38 +277,37 @@ pub async fn plan(
     written: DateTime<Utc>,
     movements: &[(&RecordedEvent, &TransferRecorded)],
 ) -> Result<Planned, sqlx::Error> {
-    let (mut last, unknown) = remembered(memory, from, written, movements);
+    let nothing = HashMap::new();
+    let known = if memory.at == Some((from, written)) { &memory.known } else { &nothing };
+    Ok(number(last_entries(conn, known, movements).await?, movements))
+}
+
+/// The last (entry number, balance) of every account the movements touch:
+/// from `known` where it holds the account, the others looked up in one
+/// statement.
+async fn last_entries(
+    conn: &mut PgConnection,
+    known: &HashMap<Uuid, (i64, Decimal)>,
+    movements: &[(&RecordedEvent, &TransferRecorded)],
+) -> Result<HashMap<Uuid, (i64, Decimal)>, sqlx::Error> {
+    let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
+    let mut unknown: Vec<Uuid> = Vec::new();
+    for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
+            match known.get(&account) {
+                Some(entry) => {
+                    slot.insert(*entry);
+                }
+                None => unknown.push(account),
+            }
+        }
+    }
+    unknown.sort_unstable();
+    unknown.dedup();
     if !unknown.is_empty() {
         last.extend(lookup_last(conn, &unknown).await?);
     }
-    Ok(number(last, movements))
-}
-
-/// The last entries the memory holds for the movements' accounts (only a
-/// memory of this checkpoint's save counts), and the accounts it lacks,
-/// each once.
-fn remembered(
-    memory: &LastEntries,
-    from: LogPoint,
-    written: DateTime<Utc>,
-    movements: &[(&RecordedEvent, &TransferRecorded)],
-) -> (HashMap<Uuid, (i64, Decimal)>, Vec<Uuid>) {
-    let valid = memory.at == Some((from, written));
-    let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
-    let mut unknown = Vec::new();
-    let mut seen: HashSet<Uuid> = HashSet::with_capacity(movements.len() * 2);
-    for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
-        if !seen.insert(account) {
-            continue;
-        }
-        match memory.known.get(&account).filter(|_| valid) {
-            Some(entry) => {
-                last.insert(account, *entry);
-            }
-            None => unknown.push(account),
-        }
-    }
-    (last, unknown)
+    Ok(last)
 }
 
 /// Every movement's entries, numbered and balanced on from `last`, which
