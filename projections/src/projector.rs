@@ -336,9 +336,10 @@ impl Projector {
     }
 
     /// One batch's transaction. A batch of movements only goes in one
-    /// statement (`movement_run`) if `path` allows and the memory of last
-    /// entries covers it; sent back if that found a movement listed already
-    /// (rolled back: nothing of the batch was written).
+    /// statement (`movement_run`) if `path` allows, the accounts' last
+    /// entries taken from memory or looked up; sent back if that found a
+    /// movement listed already (rolled back: nothing of the batch was
+    /// written).
     async fn apply_in_transaction(
         &self,
         conn: &mut PgConnection,

@@ -25,7 +25,9 @@ pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Even
 /// them, with the statements checkpoint its last commit left: its point and
 /// when it was saved (`updated_at`, which any other writer of the checkpoint
 /// changes, a rebuild's swap that saves the same point included). While the
-/// checkpoint is still that, nobody else has written entries since, so a
+/// checkpoint is still that, nobody else has written entries since (after
+/// a batch that began with another writer's checkpoint, the memory holds
+/// only that batch's accounts, all looked up), so a
 /// batch need not look up the accounts it knows (the lookup was ~9% of
 /// PostgreSQL's time at the bench's peak). Kept for one projector run.
 #[derive(Default)]
@@ -40,17 +42,27 @@ const REMEMBERED_ACCOUNTS: usize = 100_000;
 /// What a batch leaves for `LastEntries::committed`.
 pub struct Applied {
     last: HashMap<Uuid, (i64, Decimal)>,
+    /// Whether the memory was this checkpoint's own when the batch began.
+    /// If not, another writer may have added entries for accounts the batch
+    /// did not touch, and what the memory holds for them is not kept.
+    trusted: bool,
 }
 
 impl LastEntries {
     /// After the batch's transaction committed the checkpoint at `at`,
     /// saved at `written`.
     pub fn committed(&mut self, at: LogPoint, written: DateTime<Utc>, applied: Applied) {
-        if self.known.len() + applied.last.len() > REMEMBERED_ACCOUNTS {
+        if !applied.trusted || self.known.len() + applied.last.len() > REMEMBERED_ACCOUNTS {
             self.known.clear();
         }
         self.known.extend(applied.last);
         self.at = Some((at, written));
+    }
+
+    /// Whether the memory is the one the statements checkpoint `from`,
+    /// saved at `written`, was left with by this projector's last commit.
+    fn trusts(&self, from: LogPoint, written: DateTime<Utc>) -> bool {
+        self.at == Some((from, written))
     }
 
     /// After a failure: the next batch looks every account up.
@@ -80,9 +92,10 @@ pub async fn apply_remembering(
     written: DateTime<Utc>,
 ) -> Result<Applied, sqlx::Error> {
     let nothing = HashMap::new();
-    let known = if memory.at == Some((from, written)) { &memory.known } else { &nothing };
+    let trusted = memory.trusts(from, written);
+    let known = if trusted { &memory.known } else { &nothing };
     let last = apply_knowing(conn, events, known).await?;
-    Ok(Applied { last })
+    Ok(Applied { last, trusted })
 }
 
 /// Applies events, looking up the last entries of the accounts `known` does
@@ -247,17 +260,19 @@ impl EntryColumns {
 }
 
 /// The entries of movements not listed yet, numbered and balanced from a
-/// projector's memory alone (see `LastEntries`), for `movement_run`.
+/// projector's memory (see `LastEntries`) and a lookup of the accounts it
+/// lacks, for `movement_run`.
 pub struct Planned {
     pub(crate) entries: Vec<Entry>,
     last: HashMap<Uuid, (i64, Decimal)>,
+    trusted: bool,
 }
 
 impl Planned {
     /// What `LastEntries::committed` takes once the batch's transaction has
     /// committed these entries.
     pub(crate) fn into_applied(self) -> Applied {
-        Applied { last: self.last }
+        Applied { last: self.last, trusted: self.trusted }
     }
 }
 
@@ -278,8 +293,9 @@ pub async fn plan(
     movements: &[(&RecordedEvent, &TransferRecorded)],
 ) -> Result<Planned, sqlx::Error> {
     let nothing = HashMap::new();
-    let known = if memory.at == Some((from, written)) { &memory.known } else { &nothing };
-    Ok(number(last_entries(conn, known, movements).await?, movements))
+    let trusted = memory.trusts(from, written);
+    let known = if trusted { &memory.known } else { &nothing };
+    Ok(number(last_entries(conn, known, movements).await?, movements, trusted))
 }
 
 /// The last (entry number, balance) of every account the movements touch:
@@ -312,12 +328,16 @@ async fn last_entries(
 
 /// Every movement's entries, numbered and balanced on from `last`, which
 /// holds each account the movements touch.
-fn number(mut last: HashMap<Uuid, (i64, Decimal)>, movements: &[(&RecordedEvent, &TransferRecorded)]) -> Planned {
+fn number(
+    mut last: HashMap<Uuid, (i64, Decimal)>,
+    movements: &[(&RecordedEvent, &TransferRecorded)],
+    trusted: bool,
+) -> Planned {
     let mut entries = Vec::with_capacity(movements.len() * 2);
     for (recorded, t) in movements {
         entries.extend(next_entries(&mut last, recorded, t));
     }
-    Planned { entries, last }
+    Planned { entries, last, trusted }
 }
 
 pub(crate) struct Entry {

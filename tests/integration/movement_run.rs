@@ -204,42 +204,65 @@ async fn accounts_the_memory_lacks_are_looked_up_and_the_run_still_goes_in_one_s
     assert_eq!(in_one, 2, "every batch after the restart in one statement");
     assert_eq!(dump(&one).await, dump(&per_model).await, "the same rows in every table, and the same checkpoints");
 
-    // The last batch with a memory that is not this checkpoint's: a, b and d
+    // The last batch with a memory that is not this checkpoint's: b and d
     // are looked up, not taken from it.
+    let mut memory = memory;
     let last = &batches[3];
     let through = last[0].0.point();
     let mut tx = one.pool.begin().await.expect("begin");
     let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
     let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
-    assert!(!memory.is_empty(), "the memory knows the accounts");
-    // What it remembers for b is made wrong by another writer's entry.
-    sqlx::query(
-        "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
-                                        balance_after, counterparty_account, kind, reference, recorded_at)
-         SELECT account_id, entry_no + 1, 7, transfer_id, direction, 0, balance_after, counterparty_account,
-                kind, reference, recorded_at
-         FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 1",
-    )
-    .bind(b)
-    .execute(&mut *tx)
-    .await
-    .expect("another writer's entry");
+    assert_eq!(memory.len(), 4, "the memory knows every account");
+    // What it remembers for b, and for a, which the batch does not touch,
+    // is made wrong by another writer's entries.
+    for account in [a, b] {
+        sqlx::query(
+            "INSERT INTO statement_entries (account_id, entry_no, position, transfer_id, direction, amount,
+                                            balance_after, counterparty_account, kind, reference, recorded_at)
+             SELECT account_id, entry_no + 1, 7, transfer_id, direction, 0, balance_after, counterparty_account,
+                    kind, reference, recorded_at
+             FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 1",
+        )
+        .bind(account)
+        .execute(&mut *tx)
+        .await
+        .expect("another writer's entry");
+    }
     let elsewhere = from.written + chrono::Duration::seconds(1);
     let planned = statements::plan(&mut tx, &memory, from.at, elsewhere, &movements(last)).await.expect("planned");
     let moved = [(Projection::Balances, through), (Projection::Statements, through)];
-    let Outcome::Applied { .. } =
+    let Outcome::Applied { saved, statements: Some(applied) } =
         movement_run::apply(&mut tx, &movements(last), &moved, Some(planned)).await.expect("ran")
+    else {
+        panic!("nothing was listed before, and the statements moved")
+    };
+    let last_two = |account: Uuid| {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT entry_no, position FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 2",
+        )
+        .bind(account)
+    };
+    let numbered = last_two(b).fetch_all(&mut *tx).await.expect("entries");
+    assert_eq!(numbered[0].0, numbered[1].0 + 1, "numbered on from the entry the memory did not know");
+    tx.commit().await.expect("commit");
+    let written = saved.iter().find(|(name, _)| name == "statements").expect("saved").1;
+    memory.committed(through, written, applied);
+    assert_eq!(memory.len(), 2, "after a batch it did not begin with, only the batch's accounts, b and d, are kept");
+
+    // So the next batch, this projector's own again, looks a up.
+    let next = [movement(8, a, c, 5, TransferKind::Transfer)];
+    let through = next[0].0.point();
+    let mut tx = one.pool.begin().await.expect("begin");
+    let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
+    let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
+    let planned = statements::plan(&mut tx, &memory, from.at, from.written, &movements(&next)).await.expect("planned");
+    let Outcome::Applied { .. } =
+        movement_run::apply(&mut tx, &movements(&next), &moved, Some(planned)).await.expect("ran on from a's last")
     else {
         panic!("nothing was listed before")
     };
-    let numbered: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT entry_no, position FROM statement_entries WHERE account_id = $1 ORDER BY entry_no DESC LIMIT 2",
-    )
-    .bind(b)
-    .fetch_all(&mut *tx)
-    .await
-    .expect("entries");
-    assert_eq!(numbered[0].0, numbered[1].0 + 1, "numbered on from the entry the memory did not know");
+    let numbered = last_two(a).fetch_all(&mut *tx).await.expect("entries");
+    assert_eq!(numbered[0], (numbered[1].0 + 1, 8), "a's entry numbered on from the other writer's");
     tx.rollback().await.expect("rollback");
     per_model.cleanup().await;
     one.cleanup().await;
