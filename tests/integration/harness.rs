@@ -68,6 +68,18 @@ pub struct FundedPair {
     pub payee_account: String,
 }
 
+/// Removes a test's database and JetStream stream, whatever is left of them.
+async fn remove(db: &str, nats_url: &str, nats_prefix: &str) {
+    if let Ok(client) = async_nats::connect(nats_url).await {
+        let js = async_nats::jetstream::new(client);
+        let names = ledger_commands::nats::NatsNames::new(nats_prefix);
+        let _ = js.delete_stream(names.stream()).await;
+    }
+    if let Ok(admin) = PgPool::connect(PG_ADMIN).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await;
+    }
+}
+
 pub struct TestLedger {
     pub base: String,
     pub http: Client,
@@ -75,6 +87,30 @@ pub struct TestLedger {
     pub config: Config,
     pub db: String,
     running: Option<ledger::Running>,
+    /// Set by `cleanup`; else `Drop` removes the database and stream.
+    cleaned: bool,
+}
+
+/// A test that fails (panics) never reaches `cleanup`: its database and
+/// stream are removed here instead, so failed runs do not pile up on the
+/// machine's services. The test's own runtime cannot be blocked on from
+/// inside it, so the removal runs on a thread and runtime of its own,
+/// waited for, at most 10 s.
+impl Drop for TestLedger {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (db, url, prefix) = (self.db.clone(), self.config.nats_url.clone(), self.config.nats_prefix.clone());
+        let removal = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                runtime.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), remove(&db, &url, &prefix)).await;
+                });
+            }
+        });
+        let _ = removal.join();
+    }
 }
 
 impl TestLedger {
@@ -95,7 +131,15 @@ impl TestLedger {
         let running = ledger::start(config.clone(), roles).await.expect("ledger starts");
         let addr = running.addr.expect("http role listens");
         let pool = PgPool::connect(&config.database_url).await.expect("test pool");
-        TestLedger { base: format!("http://{addr}"), http: Client::new(), pool, config, db, running: Some(running) }
+        TestLedger {
+            base: format!("http://{addr}"),
+            http: Client::new(),
+            pool,
+            config,
+            db,
+            running: Some(running),
+            cleaned: false,
+        }
     }
 
     /// Stops the service; its database stays for the test to read.
@@ -111,14 +155,8 @@ impl TestLedger {
             r.stop().await;
         }
         self.pool.close().await;
-        if let Ok(client) = async_nats::connect(&self.config.nats_url).await {
-            let js = async_nats::jetstream::new(client);
-            let names = ledger_commands::nats::NatsNames::new(&self.config.nats_prefix);
-            let _ = js.delete_stream(names.stream()).await;
-        }
-        if let Ok(admin) = PgPool::connect(PG_ADMIN).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db)).execute(&admin).await;
-        }
+        remove(&self.db, &self.config.nats_url, &self.config.nats_prefix).await;
+        self.cleaned = true;
     }
 
     pub async fn request(
