@@ -28,16 +28,26 @@ async fn start_nats(port: u16, dir: &std::path::Path) -> Child {
     panic!("nats-server did not listen on {port}");
 }
 
+/// A NATS server's store directory, removed when this goes out of scope,
+/// also when the test fails.
+struct StoreDir(std::path::PathBuf);
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A NATS server of this test's own on a free port, with its store in a
-/// fresh directory: its port and directory, to restart it or clean up.
-async fn own_nats() -> (Child, u16, std::path::PathBuf) {
+/// fresh directory: its port and directory, to restart it.
+async fn own_nats() -> (Child, u16, StoreDir) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let dir = std::env::temp_dir().join(format!("ledger-nats-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    (start_nats(port, &dir).await, port, dir)
+    let dir = StoreDir(std::env::temp_dir().join(format!("ledger-nats-{}", uuid::Uuid::new_v4().simple())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    (start_nats(port, &dir.0).await, port, dir)
 }
 
 #[tokio::test]
@@ -81,7 +91,7 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
             assert_eq!(v["nats"], "unreachable");
         }
     }
-    nats = start_nats(port, &dir).await;
+    nats = start_nats(port, &dir.0).await;
     let last = *positions.last().unwrap();
     t.settle().await;
     assert_eq!(t.balance(&ann, &a, last).await, "906.00", "1000 - 60 x 1.50 - 4 x 1.00");
@@ -89,7 +99,7 @@ async fn read_side_converges_after_nats_restarts_mid_stream() {
     t.assert_invariants().await;
     t.cleanup().await;
     let _ = nats.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }
 
 /// Sends a process a signal (`kill -STOP`, `-CONT`).
@@ -156,7 +166,7 @@ async fn a_hung_nats_does_not_hold_the_read_side_back() {
     t.assert_invariants().await;
     t.cleanup().await;
     let _ = nats.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }
 
 /// Pooled connections that died while idle (a database restart, a dropped
