@@ -76,9 +76,12 @@ enum Way {
 }
 
 /// Applies the batches as a projector does, each in a transaction that
-/// locks and moves both checkpoints, the way `way` says. Returns how many
-/// batches went in one statement, and the memory left.
+/// locks and moves both checkpoints, the way `way` says; one statement
+/// where the projector's own choice (`movement_run::qualify`) allows it,
+/// planned as it plans (`movement_run::plan`). Returns how many batches
+/// went in one statement, and the memory left.
 async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], way: Way) -> (usize, LastEntries) {
+    let both = [Projection::Balances, Projection::Statements];
     let mut memory = LastEntries::default();
     let mut in_one = 0;
     for batch in batches {
@@ -86,18 +89,26 @@ async fn project(t: &TestLedger, batches: &[Vec<(RecordedEvent, Event)>], way: W
         let mut tx = t.pool.begin().await.expect("begin");
         let locked = checkpoint::lock_counting(&mut tx, &PROJECTIONS, through).await.expect("locked");
         let from = locked.iter().find(|c| c.projection == "statements").expect("statements");
-        let run = movements(batch);
-        let planned = match way {
+        let source: Vec<RecordedEvent> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let decoded: std::collections::HashMap<_, _> = batch.iter().map(|(r, e)| (r.point(), e.clone())).collect();
+        let work: Vec<_> = both
+            .iter()
+            .map(|p| {
+                let name = p.name();
+                (*p, locked.iter().find(|c| c.projection == name).expect("locked"), source.iter().collect::<Vec<_>>())
+            })
+            .collect();
+        let run = match way {
             Way::PerReadModel => None,
-            Way::OneStatement => {
-                Some(statements::plan(&mut tx, &memory, from.at, from.written, &run).await.expect("planned"))
-            }
+            Way::OneStatement => movement_run::qualify(&both, &work, &source, &decoded),
         };
-        let (saved, applied) = match planned {
-            Some(planned) => {
+        let (saved, applied) = match run {
+            Some(run) => {
                 in_one += 1;
+                let planned = movement_run::plan(&mut tx, &work, &run, &memory).await.expect("planned");
+                assert!(planned.is_some(), "the statements read model is planned for");
                 let moved = [(Projection::Balances, through), (Projection::Statements, through)];
-                match movement_run::apply(&mut tx, &run, &moved, Some(planned)).await.expect("applied") {
+                match movement_run::apply(&mut tx, &run, &moved, planned).await.expect("applied") {
                     Outcome::Applied { saved, statements } => (saved, statements.expect("entries")),
                     Outcome::AlreadyListed => panic!("nothing was listed before"),
                 }
