@@ -18,7 +18,7 @@ pub const TABLES: &[&str] = &["statement_entries", "transfers"];
 /// accounts' last entries, and every entry, numbered and balanced in memory
 /// exactly as per-event application would.
 pub async fn apply_all(conn: &mut PgConnection, events: &[(&RecordedEvent, &Event)]) -> Result<(), sqlx::Error> {
-    apply_knowing(conn, events, &HashMap::new()).await.map(|_| ())
+    apply_knowing(conn, events, None).await.map(|_| ())
 }
 
 /// The accounts' last (entry number, balance after) as one projector wrote
@@ -59,10 +59,11 @@ impl LastEntries {
         self.at = Some((at, written));
     }
 
-    /// Whether the memory is the one the statements checkpoint `from`,
-    /// saved at `written`, was left with by this projector's last commit.
-    fn trusts(&self, from: LogPoint, written: DateTime<Utc>) -> bool {
-        self.at == Some((from, written))
+    /// The remembered last entries, if the memory is the one the statements
+    /// checkpoint `from`, saved at `written`, was left with by this
+    /// projector's last commit; else none can be trusted.
+    fn known_at(&self, from: LogPoint, written: DateTime<Utc>) -> Option<&HashMap<Uuid, (i64, Decimal)>> {
+        (self.at == Some((from, written))).then_some(&self.known)
     }
 
     /// After a failure: the next batch looks every account up.
@@ -91,19 +92,17 @@ pub async fn apply_remembering(
     from: LogPoint,
     written: DateTime<Utc>,
 ) -> Result<Applied, sqlx::Error> {
-    let nothing = HashMap::new();
-    let trusted = memory.trusts(from, written);
-    let known = if trusted { &memory.known } else { &nothing };
+    let known = memory.known_at(from, written);
     let last = apply_knowing(conn, events, known).await?;
-    Ok(Applied { last, trusted })
+    Ok(Applied { last, trusted: known.is_some() })
 }
 
-/// Applies events, looking up the last entries of the accounts `known` does
-/// not hold; returns the last entries of every account the events name.
+/// Applies events, looking up the last entries of the accounts `known` (if
+/// any) does not hold; returns the last entries of every account the events name.
 async fn apply_knowing(
     conn: &mut PgConnection,
     events: &[(&RecordedEvent, &Event)],
-    known: &HashMap<Uuid, (i64, Decimal)>,
+    known: Option<&HashMap<Uuid, (i64, Decimal)>>,
 ) -> Result<HashMap<Uuid, (i64, Decimal)>, sqlx::Error> {
     let movements: Vec<(&RecordedEvent, &TransferRecorded)> = events
         .iter()
@@ -292,25 +291,23 @@ pub async fn plan(
     written: DateTime<Utc>,
     movements: &[(&RecordedEvent, &TransferRecorded)],
 ) -> Result<Planned, sqlx::Error> {
-    let nothing = HashMap::new();
-    let trusted = memory.trusts(from, written);
-    let known = if trusted { &memory.known } else { &nothing };
-    Ok(number(last_entries(conn, known, movements).await?, movements, trusted))
+    let known = memory.known_at(from, written);
+    Ok(number(last_entries(conn, known, movements).await?, movements, known.is_some()))
 }
 
 /// The last (entry number, balance) of every account the movements touch:
-/// from `known` where it holds the account, the others looked up in one
+/// from `known` (if any) where it holds the account, the others looked up in one
 /// statement.
 async fn last_entries(
     conn: &mut PgConnection,
-    known: &HashMap<Uuid, (i64, Decimal)>,
+    known: Option<&HashMap<Uuid, (i64, Decimal)>>,
     movements: &[(&RecordedEvent, &TransferRecorded)],
 ) -> Result<HashMap<Uuid, (i64, Decimal)>, sqlx::Error> {
     let mut last: HashMap<Uuid, (i64, Decimal)> = HashMap::with_capacity(movements.len() * 2);
     let mut unknown: Vec<Uuid> = Vec::new();
     for account in movements.iter().flat_map(|(_, t)| [t.from_account, t.to_account]) {
         if let std::collections::hash_map::Entry::Vacant(slot) = last.entry(account) {
-            match known.get(&account) {
+            match known.and_then(|known| known.get(&account)) {
                 Some(entry) => {
                     slot.insert(*entry);
                 }
