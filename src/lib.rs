@@ -165,6 +165,7 @@ pub async fn start(config: Config, roles: Roles) -> anyhow::Result<Running> {
         let sealer = ledger_audit::chain::Sealer {
             pool: pool.clone(),
             interval: config.relay_poll.max(Duration::from_millis(200)),
+            forms: Some(ledger.unsealed_forms()),
         };
         tasks.spawn(sealer.run(shutdown.clone()));
     }

@@ -9,11 +9,20 @@
 //! outside copies that catch that. Events not yet sealed (the last seconds)
 //! are not covered, and an insert that takes a fresh position is sealed like
 //! any other event.
+//!
+//! The sealer links the events this process appended from the canonical
+//! forms their MACs covered, kept at the append (`ledger_commands::unsealed`),
+//! and reads back whole only the rows it has no form of. So a row altered
+//! between its commit and its sealing is sealed as the ledger appended it,
+//! and its link does not recompute either.
 
-use crate::{link_event, AuditError, GENESIS};
+use crate::{link_content, link_event, AuditError, GENESIS};
 use futures::TryStreamExt;
-use ledger_commands::store::{self, recorded_from_row, EventMac, LogPoint, RECORDED_COLUMNS};
+use ledger_commands::store::{self, recorded_from_row, EventMac, LogPoint, RecordedEvent, RECORDED_COLUMNS};
+use ledger_commands::unsealed::UnsealedForms;
 use sqlx::{PgConnection, PgPool, Row};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -43,19 +52,55 @@ async fn last_link(conn: &mut PgConnection) -> Result<(LogPoint, String), AuditE
     }
 }
 
-/// Seals what is settled and not yet sealed, one batch; returns how many.
-pub async fn seal_batch(pool: &PgPool) -> Result<usize, AuditError> {
+/// What one batch of the sealer linked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sealed {
+    /// Events linked.
+    pub linked: usize,
+    /// Of them, events whose rows were read back whole: no form of them
+    /// was kept in this process.
+    pub read_back: usize,
+}
+
+/// Seals what is settled and not yet sealed, one batch. Each event is
+/// linked from the canonical form kept when this process appended it
+/// (`forms`), or from its row, read back, for the others.
+pub async fn seal_batch(pool: &PgPool, forms: Option<&UnsealedForms>) -> Result<Sealed, AuditError> {
     let mut tx = pool.begin().await?;
     let (at, mut hash) = last_link(&mut tx).await?;
-    let events = store::read_settled_after(&mut tx, at, BATCH).await?;
-    if events.is_empty() {
-        return Ok(0);
+    let settled = store::read_settled_ids_after(&mut tx, at, BATCH).await?;
+    if settled.is_empty() {
+        return Ok(Sealed::default());
+    }
+    let ids: Vec<_> = settled.iter().map(|(_, id)| *id).collect();
+    let kept = match forms {
+        Some(forms) => forms.take(&ids),
+        None => vec![None; ids.len()],
+    };
+    let missing: Vec<i64> =
+        settled.iter().zip(&kept).filter(|(_, form)| form.is_none()).map(|((point, _), _)| point.position).collect();
+    let mut rows: HashMap<i64, RecordedEvent> = HashMap::with_capacity(missing.len());
+    if !missing.is_empty() {
+        rows.extend(store::read_at_positions(&mut tx, &missing).await?.into_iter().map(|e| (e.position, e)));
     }
     let (mut positions, mut txids, mut hashes) = (vec![], vec![], vec![]);
-    for e in &events {
-        hash = link_event(&hash, e)?;
-        positions.push(e.position);
-        txids.push(e.transaction_id.to_string());
+    let mut content = Vec::with_capacity(1024);
+    for ((point, _), form) in settled.iter().zip(&kept) {
+        hash = match form {
+            Some(form) => {
+                content.clear();
+                form.with_position(point.position, &mut content);
+                link_content(&hash, &content)
+            }
+            None => {
+                let row = rows.get(&point.position).ok_or_else(|| {
+                    AuditError::Invalid(format!("event {} was settled but could not be read back", point.position))
+                })?;
+                link_event(&hash, row)?
+            }
+        };
+        positions.push(point.position);
+        txids.push(point.transaction_id.to_string());
         hashes.push(hash.clone());
     }
     sqlx::query(
@@ -68,7 +113,7 @@ pub async fn seal_batch(pool: &PgPool) -> Result<usize, AuditError> {
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(events.len())
+    Ok(Sealed { linked: settled.len(), read_back: missing.len() })
 }
 
 /// Follows the log and seals it. Several instances may run: one leads (a
@@ -76,6 +121,21 @@ pub async fn seal_batch(pool: &PgPool) -> Result<usize, AuditError> {
 pub struct Sealer {
     pub pool: PgPool,
     pub interval: Duration,
+    /// Where this process's appends keep their canonical forms, while this
+    /// sealer leads.
+    pub forms: Option<Arc<UnsealedForms>>,
+}
+
+/// Forms are kept while the sealer leads, and dropped when it stops, for
+/// whatever reason (an error, or its future dropped at shutdown).
+struct Keeping<'a>(Option<&'a UnsealedForms>);
+
+impl Drop for Keeping<'_> {
+    fn drop(&mut self) {
+        if let Some(forms) = self.0 {
+            forms.stop_keeping();
+        }
+    }
 }
 
 impl Sealer {
@@ -107,9 +167,17 @@ impl Sealer {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         tracing::info!("chain sealer is leading");
+        let forms = self.forms.as_deref();
+        let _keeping = Keeping(forms);
+        if let Some(forms) = forms {
+            forms.start_keeping();
+        }
         loop {
-            let sealed = seal_batch(&self.pool).await?;
-            if sealed == 0 {
+            let sealed = seal_batch(&self.pool, forms).await?;
+            if sealed.linked > 0 {
+                tracing::debug!(linked = sealed.linked, read_back = sealed.read_back, "sealed");
+            }
+            if sealed.linked == 0 {
                 tokio::time::sleep(self.interval).await;
             }
             // Keep the lock's session alive and detect a lost connection.

@@ -59,11 +59,16 @@ pub fn link_event(previous: &str, e: &RecordedEvent) -> Result<String, AuditErro
     let mut content = Vec::with_capacity(512);
     ledger_commands::store::write_canonical(e, true, &mut content)
         .map_err(|source| AuditError::Invalid(format!("the payload of event {}: {source}", e.position)))?;
+    Ok(link_content(previous, &content))
+}
+
+/// The next link of a chain, given the record's canonical JSON.
+pub fn link_content(previous: &str, canonical: &[u8]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(previous.as_bytes());
     hasher.update(b"\n");
-    hasher.update(&content);
-    Ok(hex::encode(hasher.finalize()))
+    hasher.update(canonical);
+    hex::encode(hasher.finalize())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -230,6 +230,8 @@ pub struct Ledger {
     /// Keys pseudonyms of addresses that belong to nobody (failed logins).
     pub(crate) pseudonym_key: Arc<Vec<u8>>,
     pub(crate) event_mac: Arc<store::EventMac>,
+    /// The canonical forms `event_mac` keeps for this process's chain sealer.
+    pub(crate) unsealed: Arc<crate::unsealed::UnsealedForms>,
     /// Transfers and hold commands go through group commit when it is on.
     pub(crate) group: Option<crate::group_commit::GroupCommit>,
     /// Concurrent session checks are read together when this is on.
@@ -271,6 +273,7 @@ pub(crate) enum Effect {
 impl Ledger {
     pub fn new(pool: PgPool, secret_key: &[u8], policy: IdentityPolicy) -> Ledger {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let unsealed = Arc::new(crate::unsealed::UnsealedForms::default());
         Ledger {
             pool,
             appended: Arc::new(Notify::new()),
@@ -279,7 +282,8 @@ impl Ledger {
             hashing: Arc::new(tokio::sync::Semaphore::new(cores * 2)),
             fees: Arc::new(FeeSchedule::default()),
             pseudonym_key: Arc::new(secret_key.to_vec()),
-            event_mac: Arc::new(store::EventMac::new(secret_key)),
+            event_mac: Arc::new(store::EventMac::new(secret_key).keeping_forms_in(unsealed.clone())),
+            unsealed,
             group: None,
             session_checks: None,
             ended_sessions: Default::default(),
@@ -343,6 +347,12 @@ impl Ledger {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Where this ledger's appends keep their canonical forms for the audit
+    /// chain's sealer in this process (see `unsealed`).
+    pub fn unsealed_forms(&self) -> Arc<crate::unsealed::UnsealedForms> {
+        self.unsealed.clone()
     }
 
     /// Signalled after every commit that appended events; wakes a local relay early.

@@ -18,5 +18,6 @@ pub mod secrets;
 pub mod session_checks;
 pub mod store;
 pub mod totp;
+pub mod unsealed;
 
 pub use ledger::{ClientInfo, CommandEnvelope, CommandError, Ledger, LedgerCommand, Outcome};

@@ -1,5 +1,6 @@
 //! The event store: one append-only `events` table in PostgreSQL.
 
+use crate::unsealed::CanonicalForm;
 use chrono::{DateTime, Utc};
 use ledger_domain::events::EventDecodeError;
 use ledger_domain::Event;
@@ -160,6 +161,9 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub struct EventMac {
     key: [u8; 32],
+    /// Where the canonical forms it builds are kept for this process's
+    /// audit chain sealer, if anywhere.
+    unsealed: Option<std::sync::Arc<crate::unsealed::UnsealedForms>>,
 }
 
 impl EventMac {
@@ -168,7 +172,18 @@ impl EventMac {
         let mut h = Sha256::new();
         h.update(b"ledger event mac v1\0");
         h.update(secret_key);
-        EventMac { key: h.finalize().into() }
+        EventMac { key: h.finalize().into(), unsealed: None }
+    }
+
+    /// Also keeps the canonical form of each event it authenticates in an
+    /// append, in `forms`, while they are wanted there.
+    pub fn keeping_forms_in(self, forms: std::sync::Arc<crate::unsealed::UnsealedForms>) -> EventMac {
+        EventMac { unsealed: Some(forms), ..self }
+    }
+
+    /// Whether forms are wanted now.
+    fn keeps_forms(&self) -> Option<&crate::unsealed::UnsealedForms> {
+        self.unsealed.as_deref().filter(|forms| forms.keeping())
     }
 
     /// The MAC of an event as stored (metadata times at microseconds), over
@@ -183,12 +198,18 @@ impl EventMac {
     /// `of`, with the payload already a tree (`e.payload` is not read): the
     /// append has the tree it serialized.
     fn of_parsed(&self, e: &RecordedEvent, payload: &serde_json::Value) -> String {
+        self.authenticate(e, payload).0
+    }
+
+    /// The MAC, and the canonical form it covers.
+    fn authenticate(&self, e: &RecordedEvent, payload: &serde_json::Value) -> (String, CanonicalForm) {
         use hmac::{Hmac, Mac};
         let mut out: Vec<u8> = Vec::with_capacity(512);
-        write_canonical_parsed(e, payload, false, &mut out);
-        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.key) else { return String::new() };
-        mac.update(&out);
-        hex::encode(mac.finalize().into_bytes())
+        let position_at = write_canonical_parsed(e, payload, false, &mut out);
+        let form = CanonicalForm::new(out, position_at);
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.key) else { return (String::new(), form) };
+        mac.update(form.without_position());
+        (hex::encode(mac.finalize().into_bytes()), form)
     }
 }
 
@@ -202,8 +223,15 @@ pub fn write_canonical(e: &RecordedEvent, with_position: bool, out: &mut Vec<u8>
     Ok(())
 }
 
-/// `write_canonical` with the payload given as a tree (`e.payload` is not read).
-fn write_canonical_parsed(e: &RecordedEvent, payload: &serde_json::Value, with_position: bool, out: &mut Vec<u8>) {
+/// `write_canonical` with the payload given as a tree (`e.payload` is not
+/// read). Returns the offset in `out` where the `position` field begins, or
+/// would begin without it.
+fn write_canonical_parsed(
+    e: &RecordedEvent,
+    payload: &serde_json::Value,
+    with_position: bool,
+    out: &mut Vec<u8>,
+) -> usize {
     use ledger_domain::canonical::{write, write_scalar};
     let recorded_at = e.metadata.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     // Keys in canonical (sorted) order; none needs escaping.
@@ -230,6 +258,7 @@ fn write_canonical_parsed(e: &RecordedEvent, payload: &serde_json::Value, with_p
     write_scalar(&e.event_type, out);
     field(out, "payload");
     write(payload, out);
+    let position_at = out.len();
     if with_position {
         field(out, "position");
         write_scalar(&e.position, out);
@@ -245,6 +274,7 @@ fn write_canonical_parsed(e: &RecordedEvent, payload: &serde_json::Value, with_p
     field(out, "user_agent");
     write_scalar(&e.metadata.user_agent, out);
     out.push(b'}');
+    position_at
 }
 
 /// Appends the events in one statement, inside the caller's transaction.
@@ -336,6 +366,9 @@ impl EventRows {
             client_ips: Vec::with_capacity(count),
             user_agents: Vec::with_capacity(count),
         };
+        // The forms the MACs cover, for this process's audit chain sealer.
+        let keeping = authenticator.keeps_forms();
+        let mut forms = keeping.map(|_| Vec::with_capacity(count));
         for (append, metadata) in appends {
             let append = append.borrow();
             // Stored at microseconds: the MAC covers the value as stored.
@@ -356,7 +389,11 @@ impl EventRows {
                     payload: Payload::of(&payload),
                     metadata: metadata.clone(),
                 };
-                rows.macs.push(authenticator.of_parsed(&recorded, &payload));
+                let (mac, form) = authenticator.authenticate(&recorded, &payload);
+                rows.macs.push(mac);
+                if let Some(forms) = forms.as_mut() {
+                    forms.push((recorded.event_id, form));
+                }
                 rows.ids.push(recorded.event_id);
                 rows.streams.push(recorded.stream_id);
                 rows.versions.push(recorded.stream_version);
@@ -371,6 +408,9 @@ impl EventRows {
                 rows.client_ips.push(metadata.client_ip.clone());
                 rows.user_agents.push(metadata.user_agent.clone());
             }
+        }
+        if let (Some(keeping), Some(forms)) = (keeping, forms) {
+            keeping.keep(forms);
         }
         rows
     }
@@ -529,6 +569,40 @@ pub async fn read_settled_after(
     Ok(rows.iter().map(recorded_from_row).collect::<Result<_, _>>()?)
 }
 
+/// The points and ids of up to `limit` settled events after `after`, in
+/// tailing order: what `read_settled_after` finds, without the rows.
+pub async fn read_settled_ids_after(
+    conn: &mut PgConnection,
+    after: LogPoint,
+    limit: i64,
+) -> Result<Vec<(LogPoint, Uuid)>, StoreError> {
+    let rows: Vec<(String, i64, Uuid)> = sqlx::query_as(
+        "SELECT transaction_id::text, position, event_id FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY events.transaction_id, events.position
+         LIMIT $3",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|(t, position, event_id)| {
+            let transaction_id = t.parse().map_err(|_| sqlx::Error::Protocol(format!("xid8 {t:?}")))?;
+            Ok::<_, StoreError>((LogPoint { transaction_id, position }, event_id))
+        })
+        .collect()
+}
+
+/// The events at these positions, in no particular order.
+pub async fn read_at_positions(conn: &mut PgConnection, positions: &[i64]) -> Result<Vec<RecordedEvent>, StoreError> {
+    let sql = format!("SELECT {RECORDED_COLUMNS} FROM events WHERE position = ANY($1)");
+    let rows = sqlx::query(&sql).bind(positions).fetch_all(&mut *conn).await?;
+    Ok(rows.iter().map(recorded_from_row).collect::<Result<_, _>>()?)
+}
+
 /// Reads the events in the half-open range (after, through], in tailing order.
 pub async fn read_range(
     conn: &mut PgConnection,
@@ -664,10 +738,9 @@ mod tests {
         hex::encode(m.finalize().into_bytes())
     }
 
-    #[test]
-    fn the_mac_written_field_by_field_equals_the_mac_of_the_canonical_tree() {
-        let mac = EventMac::new(b"a key");
-        let mut e = RecordedEvent {
+    /// An event with every kind of field, escapes and all.
+    fn sample_event() -> RecordedEvent {
+        RecordedEvent {
             position: 7,
             transaction_id: 9,
             event_id: Uuid::now_v7(),
@@ -687,11 +760,35 @@ mod tests {
                 client_ip: Some("203.0.113.9".into()),
                 user_agent: Some("agent \"quoted\" \\ \u{1}".into()),
             },
-        };
+        }
+    }
+
+    #[test]
+    fn the_mac_written_field_by_field_equals_the_mac_of_the_canonical_tree() {
+        let mac = EventMac::new(b"a key");
+        let mut e = sample_event();
         assert_eq!(mac.of(&e), Some(reference_mac(&mac, &e)));
         e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
         e.payload = Payload::of(&serde_json::json!({}));
         assert_eq!(mac.of(&e), Some(reference_mac(&mac, &e)));
         assert_ne!(mac.of(&e), EventMac::new(b"another key").of(&e));
+    }
+
+    /// The sealer links an event from the form its MAC covered, with the
+    /// position put in: that must be the chain's record of the row exactly.
+    #[test]
+    fn the_form_a_mac_covers_with_its_position_put_in_is_the_chain_record() {
+        let mac = EventMac::new(b"a key");
+        let mut e = sample_event();
+        for position in [1, 42, i64::MAX] {
+            let (stored, form) = mac.authenticate(&e, &e.payload.to_value().unwrap());
+            e.position = position;
+            assert_eq!(Some(stored), mac.of(&e), "the MAC does not cover the position");
+            let (mut linked, mut read_back) = (vec![], vec![]);
+            form.with_position(position, &mut linked);
+            write_canonical(&e, true, &mut read_back).unwrap();
+            assert_eq!(String::from_utf8(linked).unwrap(), String::from_utf8(read_back).unwrap());
+            e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
+        }
     }
 }

@@ -315,3 +315,116 @@ async fn staff_stream_the_export_over_http_and_users_cannot() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     t.cleanup().await;
 }
+
+/// Opens `names.len()` accounts in one transaction, authenticated by `mac`;
+/// returns their positions.
+async fn open_accounts(t: &TestLedger, mac: &ledger_commands::store::EventMac, names: &[&str]) -> Vec<i64> {
+    use ledger_commands::store::{self, account_stream, EventMetadata, StreamAppend};
+    use ledger_domain::events::{AccountKind, AccountOpened};
+    use ledger_domain::Event;
+    let appends: Vec<StreamAppend> = names
+        .iter()
+        .map(|name| {
+            let account_id = uuid::Uuid::now_v7();
+            StreamAppend {
+                stream_id: account_stream(account_id),
+                expected_version: 0,
+                events: vec![Event::AccountOpened(AccountOpened {
+                    account_id,
+                    owner_id: Some(uuid::Uuid::now_v7()),
+                    currency: "EUR".into(),
+                    kind: AccountKind::User,
+                    name: Some((*name).into()),
+                })],
+            }
+        })
+        .collect();
+    // Metadata with every kind of field, escapes and all.
+    let metadata = EventMetadata {
+        command_id: Some(uuid::Uuid::now_v7()),
+        actor_id: Some(uuid::Uuid::now_v7()),
+        recorded_at: chrono::Utc::now(),
+        client_ip: Some("203.0.113.7".into()),
+        user_agent: Some("agent \"quoted\" \\ \u{1} é".into()),
+        ..Default::default()
+    };
+    let batch: Vec<(&StreamAppend, &EventMetadata)> = appends.iter().map(|a| (a, &metadata)).collect();
+    let mut tx = t.pool.begin().await.unwrap();
+    let positions = store::append_many(&mut tx, &batch, mac).await.unwrap();
+    tx.commit().await.unwrap();
+    positions
+}
+
+/// Seals `events` events, batch after batch: an event is settled only once
+/// every transaction older than its own has ended, in any database of the
+/// server (other tests' among them).
+async fn seal(
+    t: &TestLedger,
+    forms: &ledger_commands::unsealed::UnsealedForms,
+    events: usize,
+) -> ledger_audit::chain::Sealed {
+    let mut sum = ledger_audit::chain::Sealed::default();
+    for _ in 0..200 {
+        let sealed = ledger_audit::chain::seal_batch(&t.pool, Some(forms)).await.unwrap();
+        sum.linked += sealed.linked;
+        sum.read_back += sealed.read_back;
+        if sum.linked >= events {
+            return sum;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} of {events} events sealed", sum.linked);
+}
+
+/// The sealer links what this process appended from the canonical forms
+/// kept at the append, and reads back whole only the rows it has no form
+/// of (another instance's, or written out of band): the chain equals what
+/// reading every row back gives. An event altered between its commit and
+/// its sealing is sealed as it was appended, so the chain alone finds it.
+#[tokio::test]
+async fn the_sealer_links_its_own_appends_from_memory_and_reads_back_the_rest() {
+    use ledger::config::Roles;
+    use ledger_audit::chain::Sealed;
+    use ledger_commands::store::EventMac;
+    use ledger_commands::unsealed::UnsealedForms;
+    use std::sync::Arc;
+
+    // No relay role: no sealer of the service's own runs beside this one.
+    let t = TestLedger::start_with_roles(|_| {}, Roles { relay: false, ..Roles::ALL }).await;
+    let forms = Arc::new(UnsealedForms::default());
+    let here = EventMac::new(&t.config.secret_key).keeping_forms_in(forms.clone());
+    let elsewhere = EventMac::new(&t.config.secret_key);
+    let mac = EventMac::new(&t.config.secret_key);
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&t.pool).await.unwrap();
+
+    // Appended before a sealer leads here: kept nowhere.
+    open_accounts(&t, &here, &["before"]).await;
+    forms.start_keeping();
+    open_accounts(&t, &here, &["a", "b", "c ☃"]).await;
+    open_accounts(&t, &elsewhere, &["d", "e"]).await;
+    open_accounts(&t, &here, &["f", "g"]).await;
+    assert_eq!(forms.len(), 5);
+    let others = before as usize + 1 + 2;
+    assert_eq!(seal(&t, &forms, others + 5).await, Sealed { linked: others + 5, read_back: others });
+    assert!(forms.is_empty(), "the forms are taken as they are linked");
+    let verified = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
+    assert_eq!((verified.first_break, verified.sealed, verified.unsealed), (None, others as u64 + 5, 0));
+
+    // Altered between its commit and its sealing.
+    let positions = open_accounts(&t, &here, &["h", "i"]).await;
+    let mut tx = t.pool.begin().await.unwrap();
+    for sql in [
+        "ALTER TABLE events DISABLE TRIGGER events_append_only_rows",
+        "UPDATE events SET payload = jsonb_set(payload, '{name}', '\"mallory\"') WHERE position = $1",
+        "ALTER TABLE events ENABLE TRIGGER events_append_only_rows",
+    ] {
+        sqlx::query(sql).bind(positions[1]).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(seal(&t, &forms, 2).await, Sealed { linked: 2, read_back: 0 });
+    let chain_only = verify_db(&t.pool, None, |_| {}).await.unwrap();
+    assert_eq!(chain_only.first_break, Some(ChainBreak::Altered { position: positions[1] }));
+    let with_key = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
+    assert_eq!(with_key.first_break, Some(ChainBreak::Unauthenticated { position: positions[1] }));
+    t.cleanup().await;
+}
