@@ -96,7 +96,7 @@ pub async fn seal_batch(pool: &PgPool, forms: Option<&UnsealedForms>) -> Result<
                 let row = rows.get(&point.position).ok_or_else(|| {
                     AuditError::Invalid(format!("event {} was settled but could not be read back", point.position))
                 })?;
-                link_event(&hash, row)?
+                link_event(&hash, row)
             }
         };
         positions.push(point.position);
@@ -267,11 +267,9 @@ pub async fn verify_db(
                 next_link = links.try_next().await?;
             }
             (Some(e), Some(p)) if e.point() == p => {
-                // A row that cannot be linked (its payload does not parse) was
-                // not sealed as it is now: reported as altered, and the check goes on.
-                let linked = link_event(&hash, &e).ok();
+                let linked = link_event(&hash, &e);
                 let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();
-                if linked.as_ref() != Some(&sealed) && result.first_break.is_none() {
+                if linked != sealed && result.first_break.is_none() {
                     result.first_break = Some(ChainBreak::Altered { position: e.position });
                 }
                 // Continue from the sealed hash, so one altered row is reported once.

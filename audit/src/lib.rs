@@ -19,14 +19,14 @@ use sha2::{Digest, Sha256};
 /// The hash before the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The exported form of an event: every column of the log. An error for a
-/// payload that does not parse into a tree (the ledger never writes one).
-pub fn record(e: &RecordedEvent) -> Result<Value, AuditError> {
-    let payload = e
-        .payload
-        .to_value()
-        .map_err(|source| AuditError::Invalid(format!("the payload of event {}: {source}", e.position)))?;
-    Ok(json!({
+/// The exported form of an event: every column of the log. A payload that
+/// does not parse into a tree (nested deeper than the parser goes, or a
+/// number past its range: the ledger never writes one, a forger might) is
+/// carried as its stored text, a JSON string, so that such a row neither
+/// stops the chain's sealer nor fails an export; its MAC never verifies.
+pub fn record(e: &RecordedEvent) -> Value {
+    let payload = e.payload.to_value().unwrap_or_else(|_| Value::String(e.payload.get().to_owned()));
+    json!({
         "position": e.position,
         "event_id": e.event_id,
         "stream_id": e.stream_id,
@@ -41,7 +41,7 @@ pub fn record(e: &RecordedEvent) -> Result<Value, AuditError> {
         "recorded_at": e.metadata.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
         "client_ip": e.metadata.client_ip,
         "user_agent": e.metadata.user_agent,
-    }))
+    })
 }
 
 /// The next link of a chain.
@@ -55,11 +55,13 @@ pub fn link(previous: &str, record: &Value) -> String {
 
 /// `link(previous, &record(e))` without building the record: the chain's
 /// sealer links every event.
-pub fn link_event(previous: &str, e: &RecordedEvent) -> Result<String, AuditError> {
+pub fn link_event(previous: &str, e: &RecordedEvent) -> String {
     let mut content = Vec::with_capacity(512);
-    ledger_commands::store::write_canonical(e, true, &mut content)
-        .map_err(|source| AuditError::Invalid(format!("the payload of event {}: {source}", e.position)))?;
-    Ok(link_content(previous, &content))
+    match ledger_commands::store::write_canonical(e, true, &mut content) {
+        Ok(()) => link_content(previous, &content),
+        // No tree to write field by field: the record carries the text.
+        Err(_) => link(previous, &record(e)),
+    }
 }
 
 /// The next link of a chain, given the record's canonical JSON.
@@ -120,11 +122,13 @@ mod tests {
                 user_agent: Some("agent \"quoted\" \\ \u{1}".into()),
             },
         };
-        assert_eq!(link_event(GENESIS, &e).unwrap(), link(GENESIS, &record(&e).unwrap()));
+        assert_eq!(link_event(GENESIS, &e), link(GENESIS, &record(&e)));
         e.metadata = EventMetadata { recorded_at: e.metadata.recorded_at, ..Default::default() };
-        assert_eq!(
-            link_event(&link_event(GENESIS, &e).unwrap(), &e).unwrap(),
-            link(&link(GENESIS, &record(&e).unwrap()), &record(&e).unwrap())
-        );
+        assert_eq!(link_event(&link_event(GENESIS, &e), &e), link(&link(GENESIS, &record(&e)), &record(&e)));
+        // A payload with no tree (a number past f64's range): the record carries its text.
+        e.payload = serde_json::from_str("{\"a\": 1e400}").unwrap();
+        assert!(e.payload.to_value().is_err());
+        assert_eq!(record(&e)["payload"], json!("{\"a\": 1e400}"));
+        assert_eq!(link_event(GENESIS, &e), link(GENESIS, &record(&e)));
     }
 }

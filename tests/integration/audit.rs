@@ -268,7 +268,9 @@ async fn a_row_a_superuser_inserts_at_the_head_carries_no_valid_mac() {
 
 /// A forger's row whose payload is valid jsonb but no JSON tree (nested
 /// deeper than the MAC's parser goes) and whose MAC is empty: it has no MAC
-/// to match, so it is unauthenticated, not "equal to the empty MAC".
+/// to match, so it is unauthenticated, not "equal to the empty MAC". Nor
+/// does it stop the chain: the sealer links it by its stored text and goes
+/// on, and an export through it verifies (it stopped both once).
 #[tokio::test]
 async fn a_row_whose_payload_cannot_be_parsed_carries_no_valid_mac() {
     let (t, _) = populated().await;
@@ -287,6 +289,31 @@ async fn a_row_whose_payload_cannot_be_parsed_carries_no_valid_mac() {
     .unwrap();
     let found = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
     assert_eq!(found.first_break, Some(ChainBreak::Unauthenticated { position: forged }));
+
+    // The ledger appends after it; the sealer links both.
+    let after = open_accounts(&t, &mac, &["after the forged row"]).await[0];
+    let mut covered = false;
+    for _ in 0..200 {
+        covered = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
+            .bind(after)
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+        if covered {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(covered, "the sealer went on past the forged row");
+    let chain_only = verify_db(&t.pool, None, |_| {}).await.unwrap();
+    assert_eq!((chain_only.first_break, chain_only.unsealed), (None, 0), "sealed as it is, like any insert");
+    let found = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
+    assert_eq!(found.first_break, Some(ChainBreak::Unauthenticated { position: forged }), "the MAC still tells");
+    for format in [Format::Jsonl, Format::Csv] {
+        let text = export_text(&t, &Filter::default(), format).await;
+        let verified = check(&text).expect("an export through the forged row verifies");
+        assert_eq!(verified.last_position, Some(after));
+    }
     t.cleanup().await;
 }
 
