@@ -34,6 +34,22 @@ async fn populated() -> (TestLedger, String) {
     panic!("the chain sealer did not catch up");
 }
 
+/// Whether the service's sealer links the event at `position` within 5 s.
+async fn sealed(t: &TestLedger, position: i64) -> bool {
+    for _ in 0..200 {
+        let sealed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
+            .bind(position)
+            .fetch_one(&t.pool)
+            .await
+            .unwrap();
+        if sealed {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 async fn export_text(t: &TestLedger, filter: &Filter, format: Format) -> String {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let pool = t.pool.clone();
@@ -248,17 +264,7 @@ async fn a_row_a_superuser_inserts_at_the_head_carries_no_valid_mac() {
     .fetch_one(&t.pool)
     .await
     .unwrap();
-    for _ in 0..100 {
-        let sealed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
-            .bind(forged)
-            .fetch_one(&t.pool)
-            .await
-            .unwrap();
-        if sealed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(sealed(&t, forged).await);
     let without_key = verify_db(&t.pool, None, |_| {}).await.unwrap();
     assert_eq!(without_key.first_break, None, "the chain alone cannot tell: the sealer sealed it");
     let with_key = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
@@ -292,19 +298,7 @@ async fn a_row_whose_payload_cannot_be_parsed_carries_no_valid_mac() {
 
     // The ledger appends after it; the sealer links both.
     let after = open_accounts(&t, &mac, &["after the forged row"]).await[0];
-    let mut covered = false;
-    for _ in 0..200 {
-        covered = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
-            .bind(after)
-            .fetch_one(&t.pool)
-            .await
-            .unwrap();
-        if covered {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(covered, "the sealer went on past the forged row");
+    assert!(sealed(&t, after).await, "the sealer went on past the forged row");
     let chain_only = verify_db(&t.pool, None, |_| {}).await.unwrap();
     assert_eq!((chain_only.first_break, chain_only.unsealed), (None, 0), "sealed as it is, like any insert");
     let found = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
