@@ -232,6 +232,7 @@ pub async fn verify_db(
     .fetch(&mut *links_conn);
     let mut result = DbVerification { sealed: 0, unsealed: 0, first_break: None };
     let mut hash = GENESIS.to_owned();
+    let mut content = Vec::with_capacity(1024);
     let mut next_link = links.try_next().await?;
     let mut next_event = events.try_next().await?;
     loop {
@@ -246,10 +247,14 @@ pub async fn verify_db(
             Some(row) => Some(recorded_from_row(row)?),
             None => None,
         };
+        // The form the MAC covers, when checking MACs: the link is made from it too.
+        let mut form = None;
         if let (Some(e), Some(row), Some(auth)) = (&event, &next_event, authenticator) {
             let stored: Option<String> = row.try_get("mac")?;
+            let (mac, canonical) = auth.of_with_form(e).unzip();
+            form = canonical;
             // A payload with no MAC (one that does not parse) is never valid.
-            let valid = stored.is_some() && stored == auth.of(e);
+            let valid = stored.is_some() && stored == mac;
             if stored.is_some() && valid {
                 authenticated_seen = true;
             } else if stored.is_some() || authenticated_seen {
@@ -267,7 +272,14 @@ pub async fn verify_db(
                 next_link = links.try_next().await?;
             }
             (Some(e), Some(p)) if e.point() == p => {
-                let linked = link_event(&hash, &e);
+                let linked = match &form {
+                    Some(form) => {
+                        content.clear();
+                        form.with_position(e.position, &mut content);
+                        link_content(&hash, &content)
+                    }
+                    None => link_event(&hash, &e),
+                };
                 let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();
                 if linked != sealed && result.first_break.is_none() {
                     result.first_break = Some(ChainBreak::Altered { position: e.position });

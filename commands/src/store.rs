@@ -191,14 +191,15 @@ impl EventMac {
     /// that does not parse into a tree (deeper than serde_json nests, say):
     /// the ledger never wrote it, so it is not authentic whatever its MAC.
     pub fn of(&self, e: &RecordedEvent) -> Option<String> {
-        let payload = e.payload.to_value().ok()?;
-        Some(self.of_parsed(e, &payload))
+        self.of_with_form(e).map(|(mac, _)| mac)
     }
 
-    /// `of`, with the payload already a tree (`e.payload` is not read): the
-    /// append has the tree it serialized.
-    fn of_parsed(&self, e: &RecordedEvent, payload: &serde_json::Value) -> String {
-        self.authenticate(e, payload).0
+    /// `of`, and the canonical form the MAC covers: a verifier links the
+    /// chain from it (`CanonicalForm::with_position`) without parsing the
+    /// payload a second time.
+    pub fn of_with_form(&self, e: &RecordedEvent) -> Option<(String, CanonicalForm)> {
+        let payload = e.payload.to_value().ok()?;
+        Some(self.authenticate(e, &payload))
     }
 
     /// The MAC, and the canonical form it covers.
