@@ -65,8 +65,8 @@ pub struct Sealed {
 /// Seals what is settled and not yet sealed, one batch. Each event is
 /// linked from the canonical form kept when this process appended it
 /// (`forms`), or from its row, read back, for the others.
-pub async fn seal_batch(pool: &PgPool, forms: Option<&UnsealedForms>) -> Result<Sealed, AuditError> {
-    let mut tx = pool.begin().await?;
+pub async fn seal_batch(conn: &mut PgConnection, forms: Option<&UnsealedForms>) -> Result<Sealed, AuditError> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     let (at, mut hash) = last_link(&mut tx).await?;
     let settled = store::read_settled_ids_after(&mut tx, at, BATCH).await?;
     if settled.is_empty() {
@@ -172,16 +172,16 @@ impl Sealer {
         if let Some(forms) = forms {
             forms.start_keeping();
         }
+        // The batches are sealed on the lock's own connection: no pool
+        // acquire and release (a ping each) per batch, and the batches'
+        // statements keep the session alive and find a lost connection.
         loop {
-            let sealed = seal_batch(&self.pool, forms).await?;
+            let sealed = seal_batch(&mut conn, forms).await?;
             if sealed.linked > 0 {
                 tracing::debug!(linked = sealed.linked, read_back = sealed.read_back, "sealed");
-            }
-            if sealed.linked == 0 {
+            } else {
                 tokio::time::sleep(self.interval).await;
             }
-            // Keep the lock's session alive and detect a lost connection.
-            sqlx::query("SELECT 1").execute(&mut conn).await?;
         }
     }
 }

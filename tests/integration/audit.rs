@@ -386,7 +386,8 @@ async fn seal(
 ) -> ledger_audit::chain::Sealed {
     let mut sum = ledger_audit::chain::Sealed::default();
     for _ in 0..200 {
-        let sealed = ledger_audit::chain::seal_batch(&t.pool, Some(forms)).await.unwrap();
+        let mut conn = t.pool.acquire().await.unwrap();
+        let sealed = ledger_audit::chain::seal_batch(&mut conn, Some(forms)).await.unwrap();
         sum.linked += sealed.linked;
         sum.read_back += sealed.read_back;
         if sum.linked >= events {
