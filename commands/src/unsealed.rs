@@ -5,7 +5,7 @@
 //! builds that record (all of it but `position`) for the event's MAC. Kept
 //! here, the sealer reads back only each settled event's place in the log
 //! and its id, not the whole row (the payload's JSON out of PostgreSQL,
-//! parsed and written canonically again): that was ~7% of the machine per
+//! parsed and written canonically again): that was ~9% of the machine's CPU per
 //! transfer under a bulk load (BENCHMARKS.md, "The chain sealed from the
 //! writer's forms").
 //!
