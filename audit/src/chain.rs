@@ -70,6 +70,10 @@ pub async fn seal_batch(conn: &mut PgConnection, forms: Option<&UnsealedForms>) 
     let (at, mut hash) = last_link(&mut tx).await?;
     let settled = store::read_settled_ids_after(&mut tx, at, BATCH).await?;
     if settled.is_empty() {
+        // Ended now, not when the connection is next used: the sealer's own
+        // connection would otherwise sit idle in this transaction through
+        // its wait, holding its locks on the log.
+        tx.rollback().await?;
         return Ok(Sealed::default());
     }
     let ids: Vec<_> = settled.iter().map(|(_, id)| *id).collect();

@@ -24,6 +24,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// number past its range: the ledger never writes one, a forger might) is
 /// carried as its stored text, a JSON string, so that such a row neither
 /// stops the chain's sealer nor fails an export; its MAC never verifies.
+/// Such a row's record is the same as that of a row whose payload is that
+/// text as a JSON string: the chain and an export do not tell the two
+/// apart, the MAC does (neither can carry a valid one).
 pub fn record(e: &RecordedEvent) -> Value {
     let payload = e.payload.to_value().unwrap_or_else(|_| Value::String(e.payload.get().to_owned()));
     json!({

@@ -125,6 +125,43 @@ pub fn verify(reader: impl BufRead) -> Result<Verified, VerifyError> {
     }
 }
 
+/// The deepest line `parse_line` takes: a payload linked as a tree is at
+/// most 127 deep (serde_json's own limit, where the ledger's parse of the
+/// payload stops), and its line two more.
+const MAX_LINE_DEPTH: usize = 256;
+
+/// A line as JSON. serde_json stops at 128 levels, which an event's line
+/// reaches two levels before its payload does: a forged row's payload 126
+/// or 127 deep is linked as a tree, and its export must verify too. So the
+/// depth is counted first (refused past `MAX_LINE_DEPTH`, which bounds the
+/// parser's stack) and the line parsed without serde_json's limit.
+fn parse_line(line: &str) -> Result<Value, String> {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in line.bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            (false, _, _) => {}
+        }
+    }
+    if deepest > MAX_LINE_DEPTH {
+        return Err(format!("nested deeper than {MAX_LINE_DEPTH} levels"));
+    }
+    let mut parser = serde_json::Deserializer::from_str(line);
+    parser.disable_recursion_limit();
+    let value = serde::Deserialize::deserialize(&mut parser).map_err(|e: serde_json::Error| e.to_string())?;
+    parser.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
 fn verify_jsonl(first: String, lines: impl Iterator<Item = std::io::Result<String>>) -> Result<Verified, VerifyError> {
     let mut chain = Chain::new();
     let mut manifest = None;
@@ -135,7 +172,7 @@ fn verify_jsonl(first: String, lines: impl Iterator<Item = std::io::Result<Strin
         if manifest.is_some() {
             return Err(record_error(n, None, "a line after the manifest"));
         }
-        let v: Value = serde_json::from_str(&line).map_err(|e| record_error(n, None, format!("not JSON: {e}")))?;
+        let v = parse_line(&line).map_err(|e| record_error(n, None, format!("not JSON: {e}")))?;
         let position = v["event"]["position"].as_i64();
         if ledger_domain::canonical::to_string(&v) != line {
             return Err(record_error(n, position, "not in canonical form (reformatted, or duplicate keys)"));
@@ -226,4 +263,22 @@ fn verify_csv(header: &str, lines: impl Iterator<Item = std::io::Result<String>>
         chain.push(n, &record, row.get(14).unwrap_or(""))?;
     }
     chain.finish(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_parsed_past_serde_json_s_depth_but_within_a_bound() {
+        let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        assert!(serde_json::from_str::<Value>(&nested(130)).is_err(), "serde_json's own limit");
+        let parsed = parse_line(&nested(MAX_LINE_DEPTH)).expect("within the bound");
+        assert_eq!(ledger_domain::canonical::to_string(&parsed), nested(MAX_LINE_DEPTH));
+        assert!(parse_line(&nested(MAX_LINE_DEPTH + 1)).unwrap_err().contains("nested deeper"));
+        // Brackets and escaped quotes inside strings are not nesting.
+        let text = format!("[\"{}\\\"{}\"]", "[".repeat(300), "{".repeat(300));
+        assert_eq!(parse_line(&text).expect("one level")[0].as_str().map(str::len), Some(601));
+        assert!(parse_line("[1] 2").is_err(), "trailing data");
+    }
 }

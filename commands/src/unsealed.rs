@@ -41,6 +41,7 @@ impl CanonicalForm {
     /// `position_at` the offset where its field belongs: after `payload`,
     /// before `recorded_at` (keys are sorted).
     pub(crate) fn new(bytes: Vec<u8>, position_at: usize) -> CanonicalForm {
+        debug_assert!(position_at <= bytes.len());
         CanonicalForm { bytes, position_at }
     }
 
@@ -103,6 +104,11 @@ impl UnsealedForms {
             return;
         }
         let mut kept = self.lock();
+        // Checked again under the lock: a sealer that stopped leading since
+        // has cleared the forms and wants none.
+        if !self.keeping() {
+            return;
+        }
         for (event_id, form) in forms {
             kept.by_event.insert(event_id, form);
             kept.order.push_back(event_id);

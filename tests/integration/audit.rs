@@ -34,9 +34,11 @@ async fn populated() -> (TestLedger, String) {
     panic!("the chain sealer did not catch up");
 }
 
-/// Whether the service's sealer links the event at `position` within 5 s.
+/// Whether the service's sealer links the event at `position` within 30 s
+/// (an event is settled only once every older transaction of the server's
+/// databases, other tests' among them, has ended).
 async fn sealed(t: &TestLedger, position: i64) -> bool {
-    for _ in 0..200 {
+    for _ in 0..1200 {
         let sealed: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_chain WHERE position = $1)")
             .bind(position)
             .fetch_one(&t.pool)
@@ -282,19 +284,24 @@ async fn a_row_whose_payload_cannot_be_parsed_carries_no_valid_mac() {
     let (t, _) = populated().await;
     let mac = ledger_commands::store::EventMac::new(&t.config.secret_key);
     assert_eq!(verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap().first_break, None);
-    let forged: i64 = sqlx::query_scalar(
-        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, command_id,
-                             correlation_id, actor_id, mac)
-         VALUES (gen_random_uuid(), 'transfer-' || gen_random_uuid(), 1, 'TransferRecorded', 3,
-                 ('{\"deep\": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb,
-                 gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), '')
-         RETURNING position",
-    )
-    .fetch_one(&t.pool)
-    .await
-    .unwrap();
+    // A payload `levels` deep: 200 is past the parser's limit; 127 is at it,
+    // a tree for the chain, and two levels deeper on its export's line.
+    let forge = |levels: usize| {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, payload, command_id,
+                                 correlation_id, actor_id, mac)
+             VALUES (gen_random_uuid(), 'transfer-' || gen_random_uuid(), 1, 'TransferRecorded', 3,
+                     ('{\"deep\": ' || repeat('[', $1) || repeat(']', $1) || '}')::jsonb,
+                     gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), '')
+             RETURNING position",
+        )
+        .bind(levels as i32 - 1)
+        .fetch_one(&t.pool)
+    };
+    let forged = forge(201).await.unwrap();
     let found = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
     assert_eq!(found.first_break, Some(ChainBreak::Unauthenticated { position: forged }));
+    forge(127).await.unwrap();
 
     // The ledger appends after it; the sealer links both.
     let after = open_accounts(&t, &mac, &["after the forged row"]).await[0];
@@ -385,7 +392,7 @@ async fn seal(
     events: usize,
 ) -> ledger_audit::chain::Sealed {
     let mut sum = ledger_audit::chain::Sealed::default();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         let mut conn = t.pool.acquire().await.unwrap();
         let sealed = ledger_audit::chain::seal_batch(&mut conn, Some(forms)).await.unwrap();
         sum.linked += sealed.linked;
@@ -448,5 +455,9 @@ async fn the_sealer_links_its_own_appends_from_memory_and_reads_back_the_rest() 
     assert_eq!(chain_only.first_break, Some(ChainBreak::Altered { position: positions[1] }));
     let with_key = verify_db(&t.pool, Some(&mac), |_| {}).await.unwrap();
     assert_eq!(with_key.first_break, Some(ChainBreak::Unauthenticated { position: positions[1] }));
+    // A whole-log export hashes the row as it is now: its end no longer
+    // meets the database's chain.
+    let text = export_text(&t, &Filter::default(), Format::Jsonl).await;
+    assert!(matches!(check(&text), Err(VerifyError::Manifest(m)) if m.contains("chain_anchor")));
     t.cleanup().await;
 }
