@@ -461,3 +461,26 @@ async fn the_sealer_links_its_own_appends_from_memory_and_reads_back_the_rest() 
     assert!(matches!(check(&text), Err(VerifyError::Manifest(m)) if m.contains("chain_anchor")));
     t.cleanup().await;
 }
+
+/// An idle sealer holds no transaction open between its looks at the log:
+/// one left open would hold its locks on `events` (a migration's
+/// `ALTER TABLE` would queue behind it, and every statement behind that).
+#[tokio::test]
+async fn an_idle_sealer_leaves_no_transaction_open() {
+    let (t, _) = populated().await;
+    let mut open = 0;
+    for _ in 0..20 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'idle in transaction'
+               AND query LIKE '%event_id FROM events%'",
+        )
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+        open += n;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(open <= 2, "the sealer was seen idle in a transaction in {open} of 20 looks");
+    t.cleanup().await;
+}
