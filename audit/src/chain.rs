@@ -16,7 +16,7 @@
 //! between its commit and its sealing is sealed as the ledger appended it,
 //! and its link does not recompute either.
 
-use crate::{link_content, link_event, AuditError, GENESIS};
+use crate::{link_event, link_form, AuditError, GENESIS};
 use futures::TryStreamExt;
 use ledger_commands::store::{self, recorded_from_row, EventMac, LogPoint, RecordedEvent, RECORDED_COLUMNS};
 use ledger_commands::unsealed::UnsealedForms;
@@ -91,11 +91,7 @@ pub async fn seal_batch(conn: &mut PgConnection, forms: Option<&UnsealedForms>) 
     let mut content = Vec::with_capacity(1024);
     for ((point, _), form) in settled.iter().zip(&kept) {
         hash = match form {
-            Some(form) => {
-                content.clear();
-                form.with_position(point.position, &mut content);
-                link_content(&hash, &content)
-            }
+            Some(form) => link_form(&hash, form, point.position, &mut content),
             None => {
                 let row = rows.get(&point.position).ok_or_else(|| {
                     AuditError::Invalid(format!("event {} was settled but could not be read back", point.position))
@@ -277,11 +273,7 @@ pub async fn verify_db(
             }
             (Some(e), Some(p)) if e.point() == p => {
                 let linked = match &form {
-                    Some(form) => {
-                        content.clear();
-                        form.with_position(e.position, &mut content);
-                        link_content(&hash, &content)
-                    }
+                    Some(form) => link_form(&hash, form, e.position, &mut content),
                     None => link_event(&hash, &e),
                 };
                 let sealed: String = next_link.as_ref().map(|l| l.try_get("hash")).transpose()?.unwrap_or_default();

@@ -67,6 +67,19 @@ pub fn link_event(previous: &str, e: &RecordedEvent) -> String {
     }
 }
 
+/// The next link of a chain, from an event's canonical form (as its MAC
+/// covers it) with `position` put in; `buffer` is reused between calls.
+pub fn link_form(
+    previous: &str,
+    form: &ledger_commands::unsealed::CanonicalForm,
+    position: i64,
+    buffer: &mut Vec<u8>,
+) -> String {
+    buffer.clear();
+    form.with_position(position, buffer);
+    link_content(previous, buffer)
+}
+
 /// The next link of a chain, given the record's canonical JSON.
 pub fn link_content(previous: &str, canonical: &[u8]) -> String {
     let mut hasher = Sha256::new();
