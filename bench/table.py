@@ -32,8 +32,8 @@ uniform = median(rows["uniform"], lambda r: r["transfers_per_sec"]) if "uniform"
 print(f"median of {len(base)} run(s); baseline: {single:.0f} transfers/s one per transaction, "
       f"{batched:.0f} transfers/s 100 per transaction\n")
 print("| scenario | req/s | transfers/s | vs pgbench | p50 ms | p90 ms | p99 ms | p99.9 ms "
-      "| lag p50 ms | lag p99 ms | lag p99 1st/2nd half | errors | checks | steal % |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "| lag p50 ms | lag p99 ms | lag p99 1st/2nd half | errors | checks | steal % | write-back MB/s max |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, rs in rows.items():
     tps = median(rs, lambda r: r["transfers_per_sec"])
     ref = batched if name.startswith("batch") else single
@@ -60,6 +60,10 @@ for name, rs in rows.items():
         halves += f" ({failed} probes past 5 s)"
     # Time the hypervisor gave to others while measuring: each run's, in run order.
     steal = " / ".join(f"{r['machine']['steal_percent']:.0f}" if r.get("machine") else "-" for r in rs)
+    # The kernel's largest second of write-back while measuring, each run's: a
+    # burst stalls commits behind it (older results have no such figure).
+    burst = " / ".join(f"{max(w):.0f}" if (w := (r.get("machine") or {}).get("written_back_mb_by_second")) else "-"
+                       for r in rs)
     print(f"| {name} | {median(rs, lambda r: r['requests_per_sec']):.0f} | {tps:.0f} | {ratio} "
           f"| {lat('p50'):.1f} | {lat('p90'):.1f} | {lat('p99'):.1f} | {lat('p999'):.1f} "
-          f"| {lag50} | {lag99} | {halves} | {sum(errors.values()) or 'none'} | {checks} | {steal} |")
+          f"| {lag50} | {lag99} | {halves} | {sum(errors.values()) or 'none'} | {checks} | {steal} | {burst} |")

@@ -1,7 +1,10 @@
-//! What the machine did during a measured window, from `/proc/stat`: how
-//! busy its CPUs were and how much time the hypervisor stole from them. On a
-//! shared virtual machine, stolen time is a tail no code change removes; a
-//! result is read next to it.
+//! What the machine did during a measured window, from `/proc/stat` and
+//! `/proc/vmstat`: how busy its CPUs were, how much time the hypervisor stole
+//! from them, and what the kernel wrote back to disk each second. On a
+//! shared virtual machine, stolen time is a tail no code change removes; so
+//! are the kernel's bursts of write-back (pages dirtied ~30 s earlier, written
+//! out every ~5 s), which stall the commits' WAL flushes behind them. A
+//! result is read next to both.
 
 /// The aggregate `cpu` line's counters (clock ticks since boot).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,14 +35,42 @@ impl CpuTicks {
     }
 }
 
+/// The size of the pages `/proc/vmstat` counts (4 KiB on the machines the
+/// bench runs on: x86-64 and most arm64 kernels).
+const PAGE_BYTES: u64 = 4096;
+
+/// Pages the kernel has written back to disk since boot (`nr_written`).
+pub fn written_pages(vmstat: &str) -> Option<u64> {
+    vmstat.lines().find_map(|line| line.strip_prefix("nr_written ")?.trim().parse().ok())
+}
+
+/// Now, on Linux; `None` where `/proc/vmstat` is not there.
+pub fn written_pages_now() -> Option<u64> {
+    written_pages(&std::fs::read_to_string("/proc/vmstat").ok()?)
+}
+
+/// Megabytes written back in each second, from readings of `written_pages` a
+/// second apart (a missing reading leaves its seconds out).
+pub fn written_back_mb(readings: &[Option<u64>]) -> Vec<f64> {
+    readings
+        .windows(2)
+        .filter_map(|w| match (w[0], w[1]) {
+            (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 * PAGE_BYTES as f64 / 1e6),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The machine over a window.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MachineUse {
     /// Cores busy on average (of `cores`).
     pub busy_cores: f64,
     pub cores: usize,
     /// Share of all CPU time the hypervisor gave to others, percent.
     pub steal_percent: f64,
+    /// Megabytes the kernel wrote back to disk in each second of the window.
+    pub written_back_mb_by_second: Vec<f64>,
 }
 
 impl MachineUse {
@@ -55,6 +86,7 @@ impl MachineUse {
             busy_cores: busy as f64 / total as f64 * cores as f64,
             cores,
             steal_percent: steal as f64 * 100.0 / total as f64,
+            written_back_mb_by_second: Vec::new(),
         })
     }
 }
@@ -69,6 +101,19 @@ mod tests {
         assert_eq!(CpuTicks::parse(stat), Some(CpuTicks { busy: 160, idle: 820, steal: 40 }));
         assert_eq!(CpuTicks::parse("cpu0 1 2 3\n"), None);
         assert_eq!(CpuTicks::parse("cpu 1 2 x 4 5 6 7 8\n"), None);
+    }
+
+    #[test]
+    fn reads_the_pages_written_back_and_makes_megabytes_per_second() {
+        let vmstat = "nr_dirty 1200\nnr_writeback 3\nnr_written 48213\nnr_written_total 9\n";
+        assert_eq!(written_pages(vmstat), Some(48_213));
+        assert_eq!(written_pages("nr_dirty 1200\n"), None);
+        assert_eq!(written_pages("nr_written x\n"), None);
+        let mb = written_back_mb(&[Some(1_000), Some(1_000), Some(26_600), None, Some(30_000), Some(30_244)]);
+        assert_eq!(mb.len(), 3, "a missing reading leaves its seconds out: {mb:?}");
+        assert_eq!(mb[0], 0.0);
+        assert!((mb[1] - 104.8576).abs() < 1e-9, "{mb:?}");
+        assert!((mb[2] - 0.999424).abs() < 1e-9, "{mb:?}");
     }
 
     #[test]

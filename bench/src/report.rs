@@ -47,11 +47,20 @@ pub fn print(r: &RunResult, check: Option<&CheckResult>) {
         r.lag_failures
     );
     println!("slow (> {} ms) by second: {}", SLOW_MICROS / 1000, timeline(&r.by_second));
-    if let Some(m) = r.machine {
+    if let Some(m) = &r.machine {
         println!(
             "machine: {:.2} of {} cores busy, {:.1}% stolen by the hypervisor",
             m.busy_cores, m.cores, m.steal_percent
         );
+        if !m.written_back_mb_by_second.is_empty() {
+            // Read beside the slow seconds above: a burst of write-back stalls the commits.
+            let seconds: Vec<String> = m.written_back_mb_by_second.iter().map(|mb| format!("{mb:.0}")).collect();
+            println!(
+                "written back to disk by the kernel, MB by second: {} ({:.0} MB in all)",
+                seconds.join(" "),
+                m.written_back_mb_by_second.iter().sum::<f64>()
+            );
+        }
     }
     if r.errors.is_empty() {
         println!("errors: none");
@@ -103,7 +112,12 @@ pub fn append_json(path: &std::path::Path, r: &RunResult, check: Option<&CheckRe
                     "failed": r.lag_failures },
         "errors": r.errors,
         "checks_passed": check.map(CheckResult::passed),
-        "machine": r.machine.map(|m| json!({ "busy_cores": m.busy_cores, "cores": m.cores, "steal_percent": m.steal_percent })),
+        "machine": r.machine.as_ref().map(|m| json!({
+            "busy_cores": m.busy_cores,
+            "cores": m.cores,
+            "steal_percent": m.steal_percent,
+            "written_back_mb_by_second": m.written_back_mb_by_second,
+        })),
         "by_second": r.by_second.iter().map(|s| json!([s.requests, s.slow, s.max_micros / 1000])).collect::<Vec<_>>(),
     });
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;

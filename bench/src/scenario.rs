@@ -1,7 +1,7 @@
 //! The scenarios and the load loop that drives them.
 
 use crate::client::{Answer, Http};
-use crate::machine::{CpuTicks, MachineUse};
+use crate::machine::{self, CpuTicks, MachineUse};
 use crate::setup::World;
 use crate::wire::Wire;
 use crate::Args;
@@ -226,13 +226,22 @@ pub async fn run(http: &Http, world: &World, args: &Args, scenario: Scenario) ->
         }
         while set.join_next().await.is_some() {}
     });
-    // The machine's counters at the measured window's ends.
+    // The machine's counters at the measured window's ends, and the pages
+    // written back at each of its seconds.
     let machine = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
         let before = CpuTicks::now();
-        tokio::time::sleep_until(end.into()).await;
+        let mut written = vec![machine::written_pages_now()];
+        let mut second = measure_from;
+        while second < end {
+            second = (second + Duration::from_secs(1)).min(end);
+            tokio::time::sleep_until(second.into()).await;
+            written.push(machine::written_pages_now());
+        }
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        MachineUse::between(before?, CpuTicks::now()?, cores)
+        let mut used = MachineUse::between(before?, CpuTicks::now()?, cores)?;
+        used.written_back_mb_by_second = machine::written_back_mb(&written);
+        Some(used)
     });
     let tallies = futures::future::join_all(workers).await;
     let _ = prober.await;
